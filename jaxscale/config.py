@@ -1,0 +1,96 @@
+"""The base config: every key a run may set, with the tiny default that trains in minutes on a CPU.
+
+Experiment files in `configs/` start from `base_config()` and change a few fields; a key that is not
+here is a mistake and `validate` says so before anything runs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxscale.errors import UserError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Return the complete default config (a tiny Llama on the embedded corpus)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.run_dir = "runs/default"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 512  # byte tokenizer (257 ids) padded so every mesh axis divides it
+    c.model.d_model = 128
+    c.model.n_layers = 4
+    c.model.n_heads = 8
+    c.model.n_kv_heads = 4
+    c.model.head_dim = 16
+    c.model.d_ff = 384
+    c.model.max_seq_len = 128
+    c.model.rope_theta = 10000.0
+    c.model.norm_eps = 1e-5
+    c.model.tie_embeddings = False
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.remat = "none"  # none | full | save_dots | save:<name>,<name> (names: see models/llama.py)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: fill the devices left over by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.pipeline = 1
+    c.mesh.expert = 1
+    c.mesh.context = 1
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.zero_stage = 0  # extra sharding over the `data` axis: 1 opt state, 2 +grads, 3 +params
+    c.parallel.sequence_parallel = False  # shard the residual stream's sequence over `tensor`
+    c.parallel.rules = ()  # ((logical, mesh_axes), ...) overriding the default rules
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "embedded"  # "embedded" or a path to a .txt / .jsonl file or a directory of them
+    c.data.text_key = "text"  # field read from .jsonl records
+    c.data.tokenizer = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    c.data.seq_len = 128
+    c.data.shuffle = True
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 300
+    c.train.global_batch_size = 16
+    c.train.grad_accum_steps = 1
+    c.train.log_every = 20
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-3
+    c.optim.min_lr_ratio = 0.1
+    c.optim.warmup_steps = 30
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.clip_norm = 1.0
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise `UserError` for a key that the base config does not have or a value of the wrong type."""
+    _check_keys(config, base_config(), "")
+
+
+def _check_keys(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict, prefix: str) -> None:
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in ref:
+            close = [k for k in ref.keys() if k[:3] == key[:3]]
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise UserError(f"unknown config key '{name}'{hint}; valid keys in this section: "
+                            f"{', '.join(sorted(ref.keys()))}")
+        value, want = cfg[key], ref[key]
+        if isinstance(want, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise UserError(f"config key '{name}' must be a section, got {value!r}")
+            _check_keys(value, want, name + ".")
+        elif isinstance(want, bool) and not isinstance(value, bool):
+            raise UserError(f"config key '{name}' must be true or false, got {value!r}")
+        elif isinstance(want, int | float) and not isinstance(value, int | float):
+            raise UserError(f"config key '{name}' must be a number, got {value!r}")
+        elif isinstance(want, str) and not isinstance(value, str):
+            raise UserError(f"config key '{name}' must be a string, got {value!r}")
