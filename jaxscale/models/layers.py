@@ -1,0 +1,61 @@
+"""Building blocks shared by the models: parameters with logical axes, RMSNorm, RoPE, remat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxscale.errors import UserError
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], std: float) -> nnx.Param:
+    """A float32 parameter drawn from N(0, std²) (truncated at 2σ) that names its logical axes."""
+    init = jax.nn.initializers.truncated_normal(std)
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm, computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding of `x` [batch, seq, heads, head_dim] at `positions` [batch, seq].
+
+    Rotates the two halves of the head dimension (the Llama / Hugging Face convention).
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None, None] * freq  # [b, s, 1, half]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def remat_policy(name: str) -> Callable | None:
+    """The `jax.checkpoint` policy for `model.remat`; None means no rematerialisation."""
+    policies = jax.checkpoint_policies
+    if name == "none":
+        return None
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "save_dots":
+        return policies.checkpoint_dots_with_no_batch_dims
+    if name.startswith("save:"):
+        names = [n.strip() for n in name[5:].split(",") if n.strip()]
+        if names:
+            return policies.save_only_these_names(*names)
+    raise UserError(f"model.remat={name!r} is not a policy; use none, full, save_dots or "
+                     f"save:<name>,<name>")

@@ -1,0 +1,135 @@
+"""A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
+
+Parameters and activations carry logical axis names only; how they map onto a mesh is decided
+by `jaxscale.sharding`. Activations tagged for `model.remat="save:..."`: `qkv`, `attn_out`,
+`mlp_hidden`, `mlp_out`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxscale.models.layers import RMSNorm, param, remat_policy, rope
+from jaxscale.sharding import constrain
+
+RESIDUAL = ("batch", "res_seq", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    remat: str = "none"
+
+    @classmethod
+    def from_config(cls, model_cfg) -> LlamaConfig:
+        """From the config's `model` section (an ml_collections ConfigDict or a dict)."""
+        return cls(**{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)})
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        std, out_std = c.d_model**-0.5, (c.n_heads * c.head_dim) ** -0.5 / math.sqrt(2 * c.n_layers)
+        self.wq = param(rngs, (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), std)
+        kv_axes = ("embed", "kv_heads", "head_dim")
+        self.wk = param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), kv_axes, std)
+        self.wv = param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), kv_axes, std)
+        self.wo = param(rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"),
+                        out_std)
+        self.c = c
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        dt = x.dtype
+        q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))
+        k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))
+        v = jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt))
+        q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+        k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+        q, k = rope(q, positions, self.c.rope_theta), rope(k, positions, self.c.rope_theta)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
+        return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        std, out_std = c.d_model**-0.5, c.d_ff**-0.5 / math.sqrt(2 * c.n_layers)
+        self.w_gate = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std)
+        self.w_up = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std)
+        self.w_down = param(rngs, (c.d_ff, c.d_model), ("mlp", "embed"), out_std)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = jnp.einsum("bse,ef->bsf", x, self.w_gate[...].astype(dt))
+        up = jnp.einsum("bse,ef->bsf", x, self.w_up[...].astype(dt))
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        h = checkpoint_name(h, "mlp_hidden")
+        return checkpoint_name(jnp.einsum("bsf,fe->bse", h, self.w_down[...].astype(dt)), "mlp_out")
+
+
+class Block(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.attn = Attention(c, rngs)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.mlp = MLP(c, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        x = constrain(x + self.attn(self.attn_norm(x), positions, mask), RESIDUAL)
+        return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
+
+
+def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    return block(x, positions, mask)
+
+
+class Llama(nnx.Module):
+    """Decoder-only language model; `__call__` maps token ids [batch, seq] to float32 logits."""
+
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        self.config = c
+        self.embed = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), 0.02)
+        self.blocks = nnx.List([Block(c, rngs) for _ in range(c.n_layers)])
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps)
+        if not c.tie_embeddings:
+            self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model**-0.5)
+        remat_policy(c.remat)  # reject a bad policy name at construction time
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        mask = None
+        if segment_ids is not None:  # packed rows: attend only within the same document
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        table = constrain(self.embed[...], ("vocab", None))  # gathered whole over `fsdp` for use
+        x = constrain(jnp.take(table, tokens, axis=0).astype(dt), RESIDUAL)
+        block_fn = _run_block
+        if c.remat != "none":
+            block_fn = nnx.remat(_run_block, policy=remat_policy(c.remat), prevent_cse=True)
+        for block in self.blocks:
+            x = block_fn(block, x, positions, mask)
+        x = self.final_norm(x)
+        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bse,ev->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab"))

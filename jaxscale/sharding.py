@@ -1,0 +1,170 @@
+"""Logical axis names -> mesh axes: the one place that decides how arrays are laid out.
+
+Models name the axes of every parameter (`nnx.Param(..., logical_axes=("embed", "mlp"))`) and call
+`constrain(x, ("batch", "seq", "embed"))` on activations. `Layout` holds a mesh and a rules table
+and turns those names into `PartitionSpec`s. Each rule maps a logical name to a mesh axis, a tuple
+of mesh axes, or None. Within one array a mesh axis is used at most once: a dimension whose axes
+are already taken by an earlier dimension stays unsharded (so the activation `("batch", "seq",
+"embed")` is not sharded over `fsdp` twice under the parameter rule `embed -> fsdp`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxscale.errors import UserError
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),  # parameters: ZeRO-3 / FSDP over `fsdp`
+    ("mlp", "tensor"),  # Megatron column-parallel in, row-parallel out
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("seq", None),
+    ("res_seq", None),  # the residual stream's sequence: `tensor` under sequence parallelism
+)
+SEQUENCE_PARALLEL_RULES: Rules = (("res_seq", "tensor"),)
+
+
+def merge_rules(base: Rules, overrides: Sequence[Sequence]) -> Rules:
+    """Rules with `overrides` replacing (or adding) the entries of the same logical names."""
+    over = {}
+    for item in overrides:
+        if len(item) != 2 or not isinstance(item[0], str):
+            raise UserError(f"axis rule {tuple(item)!r} must be (logical_name, mesh_axes)")
+        axes = item[1]
+        over[item[0]] = tuple(axes) if isinstance(axes, list | tuple) else axes
+    out = [(name, over.pop(name, axes)) for name, axes in base]
+    return tuple(out) + tuple(over.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh plus logical-axis rules, with the ZeRO stage that adds sharding over `data`."""
+
+    mesh: Mesh
+    rules: Rules = DEFAULT_RULES
+    zero_stage: int = 0
+
+    def __post_init__(self) -> None:
+        axes = set(self.mesh.axis_names)
+        for name, target in self.rules:
+            for a in _as_tuple(target):
+                if a not in axes:
+                    raise UserError(f"axis rule ({name!r}, {target!r}) names mesh axis {a!r}; "
+                                    f"the mesh has {', '.join(self.mesh.axis_names)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"parallel.zero_stage={self.zero_stage} is invalid; use 0, 1, 2 or 3")
+
+    def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None,
+             where: str = "array") -> PartitionSpec:
+        """PartitionSpec for an array whose dims carry `names`.
+
+        With `shape`, a dimension that its mesh axes do not divide raises `UserError` naming
+        `where`; without it no check is made.
+        """
+        table = dict(self.rules)
+        used: set[str] = set()
+        out = []
+        for i, name in enumerate(names):
+            if name is not None and name not in table:
+                raise UserError(f"{where}: logical axis {name!r} has no rule; add "
+                                f"({name!r}, <mesh axes or None>) to parallel.rules")
+            axes = tuple(a for a in _as_tuple(table.get(name)) if self.mesh.shape[a] > 1)
+            if any(a in used for a in axes):
+                axes = ()
+            if shape is not None and axes and shape[i] % self.size(axes):
+                raise UserError(
+                    f"{where}: dimension {i} ({name}={shape[i]}) is not divisible by mesh axes "
+                    f"{'x'.join(axes)}={self.size(axes)}; change the model size or the mesh")
+            used.update(axes)
+            out.append(axes[0] if len(axes) == 1 else (axes or None))
+        return PartitionSpec(*out)
+
+    def size(self, axes: Sequence[str]) -> int:
+        return math.prod(self.mesh.shape[a] for a in axes)
+
+    def sharding(self, spec: PartitionSpec) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def zero_spec(self, spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpec:
+        """`spec` with `data` added to the first dimension it divides (ZeRO over data parallel).
+
+        Arrays too small to split stay as they were (their size is negligible).
+        """
+        n = self.mesh.shape["data"]
+        dims = list(spec) + [None] * (len(shape) - len(spec))
+        if n == 1 or any("data" in _as_tuple(d) for d in dims):
+            return spec
+        for i, d in enumerate(dims):
+            if shape[i] % (self.size(_as_tuple(d)) * n) == 0:
+                dims[i] = _as_tuple(d) + ("data",) if d else "data"
+                return PartitionSpec(*dims)
+        return spec
+
+    def param_specs(self, tree, *, zero_from_stage: int = 4):
+        """Specs for a tree of `nnx.Variable`s (params, or optimizer state mirroring them).
+
+        Variables use their `logical_axes` metadata; other leaves (step counters) are replicated.
+        When `zero_stage >= zero_from_stage` the spec gains the `data` axis (`zero_spec`).
+        """
+
+        def one(path, leaf):
+            if not isinstance(leaf, nnx.Variable):
+                return PartitionSpec()
+            names = leaf.get_metadata().get("logical_axes")
+            where = "parameter " + jax.tree_util.keystr(path, simple=True, separator="/")
+            if names is None or len(names) != leaf.ndim:
+                raise ValueError(f"{where} of shape {leaf.shape} has logical_axes={names!r}")
+            s = self.spec(names, leaf.shape, where)
+            return self.zero_spec(s, leaf.shape) if self.zero_stage >= zero_from_stage else s
+
+        return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def shardings(self, specs):
+        return jax.tree.map(self.sharding, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return tuple(axes) if isinstance(axes, list | tuple) else (axes,)
+
+
+_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout", default=None)
+
+
+@contextlib.contextmanager
+def use_layout(layout: Layout) -> Iterator[Layout]:
+    """Make `constrain` apply `layout` while tracing inside this block."""
+    token = _ACTIVE.set(layout)
+    try:
+        yield layout
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's layout by logical names; a no-op outside `use_layout`.
+
+    Mesh axes that do not divide a dimension (a batch of 1 at decode time) are left out.
+    """
+    layout = _ACTIVE.get()
+    if layout is None:
+        return x
+    spec = layout.spec(names)
+    dims = [d if d and x.shape[i] % layout.size(_as_tuple(d)) == 0 else None
+            for i, d in enumerate(spec)]
+    return jax.lax.with_sharding_constraint(x, layout.sharding(PartitionSpec(*dims)))

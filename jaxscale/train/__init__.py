@@ -1,0 +1,1 @@
+"""Training: optimizer, train step, trainer (parallelism applied from the config), loop."""

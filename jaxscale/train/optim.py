@@ -1,0 +1,27 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping, from the config's `optim`."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+    warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                         optax.Schedule]:
+    """The optimizer and its learning-rate schedule. Weight decay skips vectors (norm scales)."""
+    schedule = make_schedule(optim_cfg, total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim_cfg.clip_norm),
+        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                    weight_decay=optim_cfg.weight_decay,
+                    mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params)),
+    )
+    return tx, schedule

@@ -1,0 +1,79 @@
+"""The training step: loss, gradients (with accumulation), optimizer update, step metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from jaxscale.sharding import constrain
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes from step to step (what a checkpoint holds, with the data state)."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array,
+                                                                                jax.Array]:
+    """Sum of token cross-entropies weighted by `loss_mask`, and the sum of the weights."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    return jnp.sum(xent * mask), jnp.sum(mask)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int,
+                    grad_shardings) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Build `step(state, batch) -> (state, metrics)`, ready for `jax.jit`.
+
+    With accumulation the global batch is split into `grad_accum_steps` micro-batches of
+    interleaved rows, so every micro-batch stays spread over all data-parallel devices; the
+    gradient is that of the mean loss over the whole batch, as without accumulation.
+    `grad_shardings` pins the (accumulated) gradients: sharded over `data` under ZeRO-2/3.
+    """
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+
+    def pin(grads):
+        return jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+    def compute_grads(params, batch):
+        if grad_accum_steps == 1:
+            (loss_sum, count), grads = grad_fn(params, batch)
+            return loss_sum, count, pin(grads)
+
+        def split(x):  # [B, ...] -> [accum, B/accum, ...], micro-batch i = rows i, i+accum, ...
+            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+            return constrain(jnp.swapaxes(x, 0, 1), (None, "batch") + (None,) * (x.ndim - 2))
+
+        def body(carry, micro):
+            loss_sum, count, grads = carry
+            (ls, c), g = grad_fn(params, micro)
+            return (loss_sum + ls, count + c, pin(jax.tree.map(jnp.add, grads, g))), None
+
+        zeros = pin(jax.tree.map(jnp.zeros_like, params))
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+        (loss_sum, count, grads), _ = jax.lax.scan(body, init, jax.tree.map(split, batch))
+        return loss_sum, count, grads
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        loss_sum, count, grads = compute_grads(state.params, batch)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step), "tokens": count}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step

@@ -1,0 +1,159 @@
+"""Put a model, its optimizer and a train step on a mesh: shardings, sharded init, compiled step.
+
+This is where the parallelism strategy is applied, from the config alone:
+parameters follow the logical-axis rules (FSDP/ZeRO-3 over `fsdp`, Megatron TP over `tensor`),
+the batch is split over `data` x `fsdp`, and `parallel.zero_stage` additionally shards the
+optimizer state (1), gradients (2) and parameters (3) over `data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxscale.errors import UserError
+from jaxscale.models import Llama, LlamaConfig
+from jaxscale.sharding import DEFAULT_RULES, SEQUENCE_PARALLEL_RULES, Layout, merge_rules, use_layout
+from jaxscale.train.optim import make_optimizer
+from jaxscale.train.step import Batch, TrainState, make_train_step
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def make_layout(config, mesh: Mesh) -> Layout:
+    """The Layout a config asks for: default rules, sequence parallelism, user overrides."""
+    rules = DEFAULT_RULES
+    if config.parallel.sequence_parallel:
+        rules = merge_rules(rules, SEQUENCE_PARALLEL_RULES)
+    rules = merge_rules(rules, config.parallel.rules)
+    return Layout(mesh, rules, config.parallel.zero_stage)
+
+
+def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and parameter shapes of the model, without allocating anything."""
+    c = LlamaConfig.from_config(model_cfg)
+    return nnx.split(nnx.eval_shape(lambda: Llama(c, nnx.Rngs(0))))
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A model, optimizer and mesh bound together; `step` is jitted with explicit shardings."""
+
+    config: object
+    layout: Layout
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_specs: TrainState
+    grad_specs: nnx.State
+    batch_spec: PartitionSpec
+    _step: Callable = dataclasses.field(repr=False, default=None)
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.layout.mesh
+
+    @property
+    def state_shardings(self) -> TrainState:
+        return self.layout.shardings(self.state_specs)
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return self.layout.sharding(self.batch_spec)
+
+    def init(self, seed: int | None = None) -> TrainState:
+        """Initialise parameters and optimizer state directly in their shards (never whole)."""
+        c = LlamaConfig.from_config(self.config.model)
+        seed = self.config.seed if seed is None else seed
+
+        @partial(jax.jit, out_shardings=self.state_shardings)
+        def init_fn(key):
+            params = nnx.state(Llama(c, nnx.Rngs(params=key)))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=self.tx.init(params))
+
+        with use_layout(self.layout):
+            return init_fn(jax.random.key(seed))
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs of the state, with shardings (for AOT compiles and restores)."""
+        shapes = jax.eval_shape(
+            lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
+            abstract_model(self.config.model)[1])
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+    def abstract_batch(self) -> Batch:
+        cfg = self.config
+        shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+        return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+    def compile(self):
+        """Ahead-of-time compile of one step (for memory analysis, HLO and timing)."""
+        with use_layout(self.layout):
+            return self._step.lower(self.abstract_state(), self.abstract_batch()).compile()
+
+    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        """One optimizer step; `state` is donated."""
+        with use_layout(self.layout):
+            return self._step(state, batch)
+
+
+def build_trainer(config, mesh: Mesh) -> Trainer:
+    """Check the config against the mesh (clear errors before any compile) and build a Trainer."""
+    layout = make_layout(config, mesh)
+    graphdef, params = abstract_model(config.model)
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    _check_batch(config, layout)
+
+    opt_shapes = jax.eval_shape(tx.init, params)
+    param_specs = layout.param_specs(params, zero_from_stage=3)
+    state_specs = TrainState(step=PartitionSpec(), params=param_specs,
+                             opt_state=layout.param_specs(opt_shapes, zero_from_stage=1))
+    grad_specs = layout.param_specs(params, zero_from_stage=2)
+    batch_spec = layout.spec(("batch", None))
+
+    step_fn = make_train_step(graphdef, tx, schedule, config.train.grad_accum_steps,
+                              layout.shardings(grad_specs))
+    shardings = layout.shardings(state_specs)
+    jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(batch_spec)),
+                     out_shardings=(shardings, None), donate_argnums=0)
+    return Trainer(config, layout, graphdef, tx, schedule, state_specs, grad_specs, batch_spec,
+                   jitted)
+
+
+def _check_batch(config, layout: Layout) -> None:
+    batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
+    dp = layout.size([a for a in ("data", "fsdp") if layout.mesh.shape[a] > 1])
+    if accum < 1 or batch % accum:
+        raise UserError(f"train.global_batch_size={batch} is not divisible by "
+                        f"train.grad_accum_steps={accum}")
+    if (batch // accum) % dp:
+        raise UserError(f"micro-batch {batch // accum} (train.global_batch_size / "
+                        f"grad_accum_steps) is not divisible by the data-parallel size {dp} "
+                        f"(data x fsdp); change the batch size or the mesh")
+    if config.data.seq_len > config.model.max_seq_len:
+        raise UserError(f"data.seq_len={config.data.seq_len} exceeds "
+                        f"model.max_seq_len={config.model.max_seq_len}")
+
+
+def bytes_per_device(specs, shapes, mesh_shape: dict[str, int]) -> int:
+    """Bytes one device holds of arrays with these specs (works for abstract meshes too)."""
+    total = 0
+    for spec, s in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+                       jax.tree.leaves(shapes), strict=True):
+        shard = list(s.shape)
+        for i, axes in enumerate(spec):
+            for a in (axes,) if isinstance(axes, str) else (axes or ()):
+                shard[i] = -(-shard[i] // mesh_shape[a])
+        total += int(np.prod(shard)) * jnp.dtype(s.dtype).itemsize
+    return total
