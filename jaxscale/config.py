@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shuffle = True
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 300
+    c.train.steps = 500
     c.train.global_batch_size = 16
     c.train.grad_accum_steps = 1
     c.train.log_every = 20

@@ -21,7 +21,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.errors import UserError
 from jaxscale.models import Llama, LlamaConfig
-from jaxscale.sharding import DEFAULT_RULES, SEQUENCE_PARALLEL_RULES, Layout, merge_rules, use_layout
+from jaxscale.sharding import (
+    DEFAULT_RULES,
+    SEQUENCE_PARALLEL_RULES,
+    Layout,
+    merge_rules,
+    use_layout,
+)
 from jaxscale.train.optim import make_optimizer
 from jaxscale.train.step import Batch, TrainState, make_train_step
 
@@ -88,8 +94,10 @@ class Trainer:
         shapes = jax.eval_shape(
             lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
             abstract_model(self.config.model)[1])
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.state_shardings)
+        leaves, treedef = jax.tree.flatten(shapes)
+        shardings = jax.tree.leaves(self.state_shardings)
+        return treedef.unflatten([jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+                                  for s, sh in zip(leaves, shardings, strict=True)])
 
     def abstract_batch(self) -> Batch:
         cfg = self.config

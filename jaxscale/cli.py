@@ -1,0 +1,107 @@
+"""`jaxscale train|info [--config configs/x.py] [--config.key=value ...]`.
+
+Without `--config` the embedded default (`jaxscale.config.base_config`) is used. Mistakes a user
+can fix are printed as one line `jaxscale: error: ...` with exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from jaxscale.errors import UserError
+
+USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...] [--num_devices N]
+
+  train   train the model the config describes (default: a tiny Llama on the embedded corpus)
+  info    parameter count and per-device memory of the config under its mesh, without allocating;
+          --num_devices N plans for N devices instead of the ones present
+"""
+
+
+def _parse(argv: list[str]):
+    fv = flags.FlagValues()
+    default = os.path.join(os.path.dirname(__file__), "default_config.py")
+    args = ["jaxscale", *argv]
+    try:
+        config_flags.DEFINE_config_file("config", default, "experiment config file",
+                                        flag_values=fv, sys_argv=args)
+        flags.DEFINE_integer("num_devices", None, "devices to plan for (info)", flag_values=fv)
+        fv(args)
+        path = fv["config"].config_filename
+        if not os.path.isfile(path):
+            raise UserError(f"config file {path!r} not found; pass --config configs/<name>.py")
+        config = fv.config
+        config.keys()  # a config file that failed to load raises here
+    except (KeyError, AttributeError) as e:
+        raise UserError(_unknown_override(args) or _first_line(e)) from None
+    except (flags.Error, TypeError, ValueError, OSError) as e:
+        raise UserError(_first_line(e)) from None
+    return config, fv.num_devices
+
+
+def _unknown_override(args: list[str]) -> str | None:
+    """The message for the first `--config.a.b=v` whose key the base config does not have."""
+    from jaxscale.config import base_config
+
+    for arg in args:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        node = base_config()
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                return (f"unknown config key '{key}' in {arg}; the valid keys are those of "
+                        f"jaxscale/config.py")
+            node = node[part]
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().strip('"').splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logger = logging.getLogger("jaxscale")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        if command not in ("train", "info"):
+            raise UserError(f"unknown command {command!r}; use 'train' or 'info'")
+        config, num_devices = _parse(rest)
+        if command == "train":
+            from jaxscale.train.loop import train
+
+            history = train(config)
+            print(f"done: step {history[-1]['step']} loss {history[-1]['loss']:.4f}; "
+                  f"metrics in {config.run_dir}")
+        else:
+            from jaxscale.plan import report
+
+            print(report(config, num_devices))
+    except UserError as e:
+        print(f"jaxscale: error: {e}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:
+        print(f"jaxscale: not implemented: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxscale: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

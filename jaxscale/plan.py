@@ -1,0 +1,57 @@
+"""Size a config under a mesh without allocating: parameter count and per-device state bytes."""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import AbstractMesh, AxisType
+
+from jaxscale.config import validate
+from jaxscale.mesh import AXES, resolve_axis_sizes
+from jaxscale.metrics import flops_per_token
+from jaxscale.train.optim import make_optimizer
+from jaxscale.train.trainer import abstract_model, bytes_per_device, make_layout
+
+
+def plan(config, num_devices: int | None = None) -> dict:
+    """Parameter count and per-device bytes of params, gradients and optimizer state.
+
+    The mesh is abstract, so any device count can be planned for (default: the devices present).
+    """
+    validate(config)
+    n = jax.device_count() if num_devices is None else num_devices
+    sizes = resolve_axis_sizes({a: config.mesh[a] for a in AXES}, n)
+    mesh = AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    layout = make_layout(config, mesh)
+    _, params = abstract_model(config.model)
+    tx, _ = make_optimizer(config.optim, config.train.steps)
+    opt = jax.eval_shape(tx.init, params)
+    param_count = sum(p.size for p in jax.tree.leaves(params))
+    return {
+        "mesh": {a: s for a, s in sizes.items() if s > 1} or {"single device": 1},
+        "params": param_count,
+        "param_bytes_total": sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params)),
+        "param_bytes_per_device": bytes_per_device(
+            layout.param_specs(params, zero_from_stage=3), params, sizes),
+        "grad_bytes_per_device": bytes_per_device(
+            layout.param_specs(params, zero_from_stage=2), params, sizes),
+        "opt_bytes_per_device": bytes_per_device(
+            layout.param_specs(opt, zero_from_stage=1), opt, sizes),
+        "flops_per_token": flops_per_token(config.model, config.data.seq_len),
+    }
+
+
+def report(config, num_devices: int | None = None) -> str:
+    """`plan` as a few human-readable lines."""
+    p = plan(config, num_devices)
+    gib = 2.0**30
+    state = p["param_bytes_per_device"] + p["grad_bytes_per_device"] + p["opt_bytes_per_device"]
+    mesh = " x ".join(f"{a}={s}" for a, s in p["mesh"].items())
+    return "\n".join([
+        f"parameters          {p['params']:,} ({p['param_bytes_total'] / gib:.2f} GiB float32)",
+        f"mesh                {mesh}",
+        f"params / device     {p['param_bytes_per_device'] / gib:.2f} GiB",
+        f"grads / device      {p['grad_bytes_per_device'] / gib:.2f} GiB",
+        f"optimizer / device  {p['opt_bytes_per_device'] / gib:.2f} GiB",
+        f"state / device      {state / gib:.2f} GiB (activations not included)",
+        f"train FLOPs / token {p['flops_per_token']:.3e}",
+    ])
