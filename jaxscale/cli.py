@@ -41,6 +41,8 @@ def _parse(argv: list[str]):
         raise UserError(_unknown_override(args) or _first_line(e)) from None
     except (flags.Error, TypeError, ValueError, OSError) as e:
         raise UserError(_first_line(e)) from None
+    except Exception as e:  # noqa: BLE001 - an error inside the user's config file
+        raise UserError(f"failed to load the config: {type(e).__name__}: {_first_line(e)}") from None
     return config, fv.num_devices
 
 

@@ -102,14 +102,16 @@ class Layout:
     def zero_spec(self, spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpec:
         """`spec` with `data` added to the first dimension it divides (ZeRO over data parallel).
 
-        Arrays too small to split stay as they were (their size is negligible).
+        Only dimensions that are unsharded or sharded over `fsdp` alone are candidates, so data
+        parallel and model parallel axes never share a dimension. Arrays too small to split stay
+        as they were (their size is negligible).
         """
         n = self.mesh.shape["data"]
         dims = list(spec) + [None] * (len(shape) - len(spec))
         if n == 1 or any("data" in _as_tuple(d) for d in dims):
             return spec
         for i, d in enumerate(dims):
-            if shape[i] % (self.size(_as_tuple(d)) * n) == 0:
+            if set(_as_tuple(d)) <= {"fsdp"} and shape[i] % (self.size(_as_tuple(d)) * n) == 0:
                 dims[i] = _as_tuple(d) + ("data",) if d else "data"
                 return PartitionSpec(*dims)
         return spec
@@ -148,10 +150,11 @@ _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout"
 
 @contextlib.contextmanager
 def use_layout(layout: Layout) -> Iterator[Layout]:
-    """Make `constrain` apply `layout` while tracing inside this block."""
+    """Make `layout.mesh` the current mesh and `constrain` apply `layout` inside this block."""
     token = _ACTIVE.set(layout)
     try:
-        yield layout
+        with jax.set_mesh(layout.mesh):
+            yield layout
     finally:
         _ACTIVE.reset(token)
 
@@ -164,7 +167,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     layout = _ACTIVE.get()
     if layout is None:
         return x
-    spec = layout.spec(names)
-    dims = [d if d and x.shape[i] % layout.size(_as_tuple(d)) == 0 else None
-            for i, d in enumerate(spec)]
-    return jax.lax.with_sharding_constraint(x, layout.sharding(PartitionSpec(*dims)))
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = set(mesh.manual_axes) if not mesh.empty else set()
+    dims = []
+    for i, d in enumerate(layout.spec(names)):
+        axes = tuple(a for a in _as_tuple(d) if a not in manual)
+        ok = axes and x.shape[i] % layout.size(axes) == 0
+        dims.append((axes[0] if len(axes) == 1 else axes) if ok else None)
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(layout.mesh if mesh.empty else mesh, PartitionSpec(*dims)))

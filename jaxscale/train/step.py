@@ -32,17 +32,20 @@ def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[
     return jnp.sum(xent * mask), jnp.sum(mask)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
                     grad_shardings) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build `step(state, batch) -> (state, metrics)`, ready for `jax.jit`.
 
+    `loss_fn(params, batch) -> (loss_sum, count)` is `loss_sums` bound to a model graph,
+    possibly wrapped by a parallelism strategy.
+
     With accumulation the global batch is split into `grad_accum_steps` micro-batches of
     interleaved rows, so every micro-batch stays spread over all data-parallel devices; the
     gradient is that of the mean loss over the whole batch, as without accumulation.
-    `grad_shardings` pins the (accumulated) gradients: sharded over `data` under ZeRO-2/3.
+    `grad_shardings` pins the (accumulated) gradients to the parameters' layout.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def pin(grads):
         return jax.lax.with_sharding_constraint(grads, grad_shardings)

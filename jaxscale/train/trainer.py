@@ -1,9 +1,10 @@
 """Put a model, its optimizer and a train step on a mesh: shardings, sharded init, compiled step.
 
-This is where the parallelism strategy is applied, from the config alone:
-parameters follow the logical-axis rules (FSDP/ZeRO-3 over `fsdp`, Megatron TP over `tensor`),
-the batch is split over `data` x `fsdp`, and `parallel.zero_stage` additionally shards the
-optimizer state (1), gradients (2) and parameters (3) over `data`.
+This is where the parallelism strategy is applied, from the config alone: parameters follow
+the logical-axis rules (FSDP over `fsdp`, Megatron TP over `tensor`), the batch is split over
+`data` x `fsdp`, and `parallel.zero_stage` adds sharding over `data`: 1 the optimizer state;
+2 also parameters and gradients between steps (gathered once per step, like PyTorch FSDP's
+SHARD_GRAD_OP); 3 also re-gathers each parameter in the backward pass (FULL_SHARD).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.errors import UserError
 from jaxscale.models import Llama, LlamaConfig
+from jaxscale.parallel.data_parallel import data_parallel_loss
 from jaxscale.sharding import (
     DEFAULT_RULES,
     SEQUENCE_PARALLEL_RULES,
@@ -29,7 +31,7 @@ from jaxscale.sharding import (
     use_layout,
 )
 from jaxscale.train.optim import make_optimizer
-from jaxscale.train.step import Batch, TrainState, make_train_step
+from jaxscale.train.step import Batch, TrainState, loss_sums, make_train_step
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -59,7 +61,6 @@ class Trainer:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     state_specs: TrainState
-    grad_specs: nnx.State
     batch_spec: PartitionSpec
     _step: Callable = dataclasses.field(repr=False, default=None)
 
@@ -124,19 +125,20 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     _check_batch(config, layout)
 
     opt_shapes = jax.eval_shape(tx.init, params)
-    param_specs = layout.param_specs(params, zero_from_stage=3)
+    param_specs = layout.param_specs(params, zero_from_stage=2)
     state_specs = TrainState(step=PartitionSpec(), params=param_specs,
                              opt_state=layout.param_specs(opt_shapes, zero_from_stage=1))
-    grad_specs = layout.param_specs(params, zero_from_stage=2)
     batch_spec = layout.spec(("batch", None))
 
-    step_fn = make_train_step(graphdef, tx, schedule, config.train.grad_accum_steps,
-                              layout.shardings(grad_specs))
+    regather = layout.mesh.shape["fsdp"] > 1 or layout.zero_stage == 3
+    loss_fn = data_parallel_loss(partial(loss_sums, graphdef), layout, param_specs,
+                                 regather=regather)
+    step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,
+                              layout.shardings(param_specs))
     shardings = layout.shardings(state_specs)
     jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(batch_spec)),
                      out_shardings=(shardings, None), donate_argnums=0)
-    return Trainer(config, layout, graphdef, tx, schedule, state_specs, grad_specs, batch_spec,
-                   jitted)
+    return Trainer(config, layout, graphdef, tx, schedule, state_specs, batch_spec, jitted)
 
 
 def _check_batch(config, layout: Layout) -> None:

@@ -1,0 +1,1 @@
+"""Parallelism strategies applied from outside the models, one module per strategy."""
