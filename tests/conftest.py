@@ -9,3 +9,30 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxscale.config import base_config  # noqa: E402
+
+
+def tiny_config(**mesh):
+    """A 2-layer model small enough to compile in seconds; `mesh` sets mesh/parallel/train keys."""
+    c = base_config()
+    c.model.update(vocab_size=264, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8,
+                   d_ff=128, max_seq_len=64)
+    c.data.seq_len = 32
+    c.train.update(steps=5, global_batch_size=16, log_every=1)
+    c.optim.update(warmup_steps=2)
+    c.mesh.data = 1
+    for key, value in mesh.items():
+        section = next(s for s in ("mesh", "parallel", "train") if key in c[s])
+        c[section][key] = value
+    return c
+
+
+def devices_or_skip(n: int) -> list:
+    """The first `n` devices, or skip the test saying how many it needs."""
+    if jax.device_count() < n:
+        pytest.skip(f"needs {n} devices, {jax.device_count()} present")
+    return jax.devices()[:n]

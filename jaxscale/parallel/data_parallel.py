@@ -69,7 +69,13 @@ def data_parallel_loss(loss_fn: Callable, layout: Layout, param_specs,
 
     def gather(x, spec):
         fn = partial(_gather, spec=spec)
-        return jax.checkpoint(fn)(x) if regather and any(spec) else fn(x)
+        x = jax.checkpoint(fn)(x) if regather and any(spec) else fn(x)
+        # Mark the full-precision value as varying here, so the gradient's psum over the
+        # replicated axes happens in the parameter dtype (not in a bf16 compute copy).
+        # (Inputs vary over the axes of their spec, and stay varying through `all_gather`.)
+        sharded = {a for d in spec for a in ((d,) if isinstance(d, str) else d or ())}
+        missing = tuple(a for a in axes if a not in sharded)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
 
     def local(params, batch):
         leaves, treedef = jax.tree.flatten(params)

@@ -75,7 +75,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step), "tokens": count}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

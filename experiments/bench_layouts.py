@@ -1,0 +1,354 @@
+"""Benchmark mesh layouts of one small Llama: throughput, MFU, compiled memory and collectives.
+
+    python3 experiments/bench_layouts.py [--steps N] [--out docs/results/layouts.md]
+
+For each layout (single device, DP, ZeRO-1/2/3, FSDP, TP, TP+SP, hybrid) the jaxscale train step is
+compiled ahead of time, its memory and the collectives in its optimized HLO are recorded, and it
+is timed on real batches. Then a single-device jaxscale step is timed against a minimal hand-written
+`jax.jit` step of the same model. On a CPU-only host 8 devices are emulated (unless XLA_FLAGS is
+already set); they share the host's cores, so the numbers measure plumbing and communication volume,
+not accelerator performance.
+"""
+
+# ruff: noqa: E402  (XLA_FLAGS must be set before jax is imported)
+
+import importlib.metadata
+import importlib.util
+import os
+
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+
+
+def _cpu_only() -> bool:
+    """Whether jax will only find the CPU: JAX_PLATFORMS says so, or no accelerator plugin exists."""
+    platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME") or ""
+    if platforms:
+        return platforms.strip().lower() == "cpu"
+    plugins = importlib.metadata.entry_points(group="jax_plugins")
+    return not plugins and not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
+
+
+if _cpu_only():
+    os.environ.setdefault("XLA_FLAGS", HOST_DEVICES_FLAG)
+
+import argparse
+import datetime
+import math
+import re
+import statistics
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxscale import metrics
+from jaxscale.config import base_config, validate
+from jaxscale.data import build_data, make_global_batch
+from jaxscale.mesh import AXES, describe, mesh_from_config
+from jaxscale.models import Llama, LlamaConfig
+from jaxscale.train.optim import make_optimizer
+from jaxscale.train.trainer import build_trainer
+
+WARMUP_STEPS = 2
+OVERHEAD_ROUNDS, OVERHEAD_STEPS_PER_ROUND = 5, 3
+MIB = 2**20
+COLLECTIVES = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
+               "collective-permute": "CP"}
+# `%name = SHAPE op(` or `op-start(`; SHAPE is one array or a (possibly nested) tuple of them.
+_OP_RE = re.compile(r"^\s*(?:ROOT\s+)?%?\S+\s*=\s*(?P<shape>\(.*?\)|\S+)\s+"
+                    rf"(?P<op>{'|'.join(COLLECTIVES)})(?P<start>-start)?\(", re.MULTILINE)
+_ARRAY_RE = re.compile(r"\b([a-z]\w*)\[([\d,<=]*)\]")
+
+
+class Case(NamedTuple):
+    """One layout: mesh axis sizes (others 1) and the parallel settings."""
+
+    name: str
+    mesh: dict[str, int]
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.mesh.values())
+
+
+CASES = (
+    Case("single device", {}),
+    Case("DP", {"data": 8}),
+    Case("ZeRO-1", {"data": 8}, zero_stage=1),
+    Case("ZeRO-2", {"data": 8}, zero_stage=2),
+    Case("ZeRO-3", {"data": 8}, zero_stage=3),
+    Case("FSDP", {"fsdp": 8}),
+    Case("TP", {"data": 2, "tensor": 4}),
+    Case("TP+SP", {"data": 2, "tensor": 4}, sequence_parallel=True),
+    Case("hybrid", {"data": 2, "fsdp": 2, "tensor": 2}),
+)
+
+
+def bench_config():
+    """The fixed model and batch shared by every layout."""
+    c = base_config()
+    c.model.update(vocab_size=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32,
+                   d_ff=768, max_seq_len=256)
+    c.data.seq_len = 256
+    c.train.global_batch_size = 16
+    return c
+
+
+def case_config(base, case: Case):
+    """`base` with the case's mesh and parallel settings."""
+    c = base.copy_and_resolve_references()
+    for axis in AXES:
+        c.mesh[axis] = case.mesh.get(axis, 1)
+    c.parallel.zero_stage = case.zero_stage
+    c.parallel.sequence_parallel = case.sequence_parallel
+    validate(c)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives in the compiled HLO
+
+
+def _top_level(shape: str) -> list[str]:
+    """The top-level elements of a tuple shape; a single array is its own only element."""
+    if not shape.startswith("("):
+        return [shape]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(shape):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 1:
+            parts.append(shape[start:i])
+            start = i + 1
+    return parts + [shape[start:-1]]
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape such as `f32[64,128]{1,0}` or a tuple `(f32[8], bf16[2,4])`."""
+    bits = 0
+    for dtype, dims in _ARRAY_RE.findall(shape):
+        width = re.search(r"\d+", dtype)
+        size = 8 if dtype == "pred" else int(width.group()) if width else 0
+        bits += size * math.prod(int(d) for d in dims.replace("<=", "").split(",") if d)
+    return bits // 8
+
+
+def collectives(hlo: str) -> dict[str, tuple[int, int]]:
+    """`{op: (count, bytes)}` of the collectives in HLO text (each op's per-device result size).
+
+    Async `-start` forms count once; for all-gather-start and collective-permute-start, whose result
+    is an (operands, outputs, ...) tuple, only the outputs are counted. Ops in loops count once.
+    """
+    out: dict[str, tuple[int, int]] = {}
+    for m in _OP_RE.finditer(hlo):
+        op, shape = m["op"], m["shape"]
+        if m["start"] and op in ("all-gather", "collective-permute") and shape.startswith("("):
+            shape = _top_level(shape)[1]
+        count, total = out.get(op, (0, 0))
+        out[op] = (count + 1, total + shape_bytes(shape))
+    return out
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("MiB", MIB), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_collectives(found: dict[str, tuple[int, int]]) -> str:
+    """`AR 1 (1.2 MiB), AG 21 (3.4 MiB)` in the order of `COLLECTIVES`; `none` when empty."""
+    parts = [f"{abbrev} {found[op][0]} ({_fmt_bytes(found[op][1])})"
+             for op, abbrev in COLLECTIVES.items() if op in found]
+    return ", ".join(parts) or "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+
+
+def run_case(config, case: Case, data, steps: int, peak: float) -> dict:
+    """Compile, measure and time one layout; return a table row."""
+    mesh = mesh_from_config(config.mesh, jax.devices()[:case.num_devices])
+    trainer = build_trainer(config, mesh)
+    compiled = trainer.compile()
+    mem = compiled.memory_analysis()
+    found = collectives(compiled.as_text())
+
+    state = trainer.init()
+    for _ in range(WARMUP_STEPS):
+        state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
+    jax.block_until_ready((state, out))
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
+    jax.block_until_ready((state, out))
+    seconds = time.perf_counter() - start
+
+    tokens = steps * config.train.global_batch_size * config.data.seq_len
+    fpt = metrics.flops_per_token(config.model, config.data.seq_len)
+    tput = metrics.throughput_metrics(tokens, seconds, fpt, mesh.size, peak)
+    return {"layout": case.name, "mesh": describe(mesh), "zero": case.zero_stage,
+            "step_s": seconds / steps, **tput,
+            "mem_mib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / MIB,
+            "collectives": format_collectives(found)}
+
+
+def run_cases(base, steps: int, peak: float) -> tuple[list[dict], list[str]]:
+    """Rows for every layout that fits the devices present, and why the others were skipped."""
+    _, data = build_data(base)
+    rows, skipped = [], []
+    for case in CASES:
+        if case.num_devices > jax.device_count():
+            why = f"{case.name}: needs {case.num_devices} devices, {jax.device_count()} present"
+            print(f"skip {why}", flush=True)
+            skipped.append(why)
+            continue
+        row = run_case(case_config(base, case), case, data, steps, peak)
+        print(f"{row['layout']:>14}: {row['step_s'] * 1e3:8.1f} ms/step  "
+              f"{row['tokens_per_s']:9.0f} tok/s  {row['collectives']}", flush=True)
+        rows.append(row)
+    return rows, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Overhead: jaxscale's step against a hand-written jit step, on one device
+
+
+def hand_written_step(config):
+    """A minimal jitted AdamW step of the same model: no sharding, no shard_map. Returns (step, state)."""
+    model = Llama(LlamaConfig.from_config(config.model), nnx.Rngs(params=config.seed))
+    graphdef, params = nnx.split(model)
+    tx, _ = make_optimizer(config.optim, config.train.steps)
+
+    def loss_fn(params, batch):
+        logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return jnp.sum(xent * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
+
+    def step(state, batch):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    return jax.jit(step, donate_argnums=0), (params, tx.init(params))
+
+
+def _timed_steps(step, state, batches):
+    """Run `step` once per batch; return the final state and each step's wall time."""
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        state, out = step(state, batch)
+        jax.block_until_ready((state, out))
+        times.append(time.perf_counter() - start)
+    return state, times
+
+
+def overhead_ratio(base) -> dict:
+    """Median step times of jaxscale and the hand-written step, timed in interleaved rounds."""
+    config = case_config(base, CASES[0])
+    trainer = build_trainer(config, mesh_from_config(config.mesh, jax.devices()[:1]))
+    _, data = build_data(config)
+    batches = [make_global_batch(next(data), trainer.batch_sharding)
+               for _ in range(OVERHEAD_STEPS_PER_ROUND)]
+    hand, hand_state = hand_written_step(config)
+    steps = {"jaxscale": trainer.step, "hand-written": hand}
+    states = {"jaxscale": trainer.init(), "hand-written": hand_state}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for name in steps:  # warm-up: compile and first runs
+        states[name], _ = _timed_steps(steps[name], states[name], batches[:WARMUP_STEPS])
+    for r in range(OVERHEAD_ROUNDS):
+        for name in list(steps)[::1 if r % 2 == 0 else -1]:  # alternate who goes first
+            states[name], t = _timed_steps(steps[name], states[name], batches)
+            times[name] += t
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {"jaxscale_s": med["jaxscale"], "hand_s": med["hand-written"],
+            "ratio": med["hand-written"] / med["jaxscale"], "samples": len(times["jaxscale"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def model_shape(c) -> str:
+    m = c.model
+    return (f"Llama, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv, "
+            f"head_dim {m.head_dim}), d_ff {m.d_ff}, vocab {m.vocab_size}, seq_len {c.data.seq_len}, "
+            f"global batch {c.train.global_batch_size}, {m.dtype}; "
+            f"{metrics.param_count(m) / 1e6:.2f}M parameters, "
+            f"{metrics.flops_per_token(m, c.data.seq_len) / 1e6:.1f} MFLOP/token")
+
+
+def header(config, steps: int, peak: float, peak_source: str) -> list[str]:
+    dev = jax.devices()[0]
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Mesh layouts: throughput, memory and collectives", "",
+        "Generated by `python3 experiments/bench_layouts.py --steps "
+        f"{steps}` ({WARMUP_STEPS} warm-up steps, then {steps} timed steps per layout).", "",
+        f"- Device: {dev.device_kind} x {jax.device_count()} ({dev.platform}); "
+        f"jax {jax.__version__}; {now}",
+        f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`",
+        f"- Model: {model_shape(config)}",
+        f"- Peak: {peak / 1e12:.4g} TFLOP/s per device ({peak_source})",
+    ]
+    if dev.platform == "cpu":
+        lines.append("- Note: an emulated CPU mesh measures plumbing and communication volume, not "
+                     f"accelerator performance: the {jax.device_count()} \"devices\" share "
+                     f"{os.cpu_count()} cores, so a collective is a memory copy and more devices do "
+                     "not mean more compute.")
+    return lines + [""]
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| layout | mesh | zero stage | tokens/s | TFLOP/s/device | MFU | memory/device (MiB) "
+             "| collectives |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['layout']} | {r['mesh']} | {r['zero']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tflops_per_device']:.3g} | {r['mfu']:.1%} | {r['mem_mib']:.1f} | "
+                     f"{r['collectives']} |")
+    return lines
+
+
+def footer(skipped: list[str], overhead: dict, seconds: float) -> list[str]:
+    lines = ["", "Memory is the compiled step's argument + temporary bytes per device "
+             "(`memory_analysis()`). Collectives are counted in the optimized HLO (`op(` and "
+             "`op-start(`), with each op's per-device result bytes; AR all-reduce, AG all-gather, "
+             "RS reduce-scatter, A2A all-to-all, CP collective-permute."]
+    if skipped:
+        lines += [""] + [f"Skipped {why}." for why in skipped]
+    lines += ["", f"Overhead ratio (one device, hand-written `jax.jit` step time / jaxscale step "
+              f"time, medians of {overhead['samples']} interleaved steps each): "
+              f"{overhead['hand_s'] * 1e3:.1f} ms / {overhead['jaxscale_s'] * 1e3:.1f} ms = "
+              f"**{overhead['ratio']:.3f}** (goal >= 0.97).",
+              "", f"Script run time: {seconds:.0f} s."]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout")
+    parser.add_argument("--out", default="docs/results/layouts.md", help="markdown file to write")
+    args = parser.parse_args()
+    begin = time.perf_counter()
+    config = bench_config()
+    peak, peak_source = metrics.peak_flops_per_device(dtype=config.model.dtype)
+    rows, skipped = run_cases(config, args.steps, peak)
+    overhead = overhead_ratio(config)
+    report = header(config, args.steps, peak, peak_source) + table(rows) + footer(
+        skipped, overhead, time.perf_counter() - begin)
+    text = "\n".join(report) + "\n"
+    print("\n" + text)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

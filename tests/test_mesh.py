@@ -1,0 +1,82 @@
+"""Meshes from axis sizes and logical-axis rules: fills, errors, specs, ZeRO sharding."""
+
+import pytest
+from conftest import devices_or_skip
+from jax.sharding import PartitionSpec as P
+
+from jaxscale.errors import UserError
+from jaxscale.mesh import make_mesh, resolve_axis_sizes
+from jaxscale.sharding import DEFAULT_RULES, Layout, merge_rules
+
+
+def test_minus_one_fills_the_remaining_devices():
+    sizes = resolve_axis_sizes({"data": 2, "fsdp": -1, "tensor": 2}, 16)
+    assert (sizes["data"], sizes["fsdp"], sizes["tensor"], sizes["pipeline"]) == (2, 4, 2, 1)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"data": 3}, "needs 3 devices but 8 are present"),
+    ({"data": -1, "tensor": 3}, "does not divide 8"),
+    ({"data": -1, "fsdp": -1}, "at most one axis may be -1"),
+    ({"data": 0}, "data=0 is invalid"),
+    ({"model": 8}, "unknown mesh axis 'model'"),
+])
+def test_bad_mesh_sizes_say_what_is_wrong(sizes, message):
+    with pytest.raises(UserError, match=message):
+        resolve_axis_sizes(sizes, 8)
+
+
+def test_unimplemented_axes_raise_not_implemented():
+    devices = devices_or_skip(2)
+    with pytest.raises(NotImplementedError, match="pipeline parallelism"):
+        make_mesh({"pipeline": 2, "data": 1}, devices)
+
+
+def test_mesh_shape_and_axis_order():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices_or_skip(8))
+    assert mesh.axis_names == ("pipeline", "data", "fsdp", "expert", "context", "tensor")
+    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 2, "expert": 1, "context": 1,
+                                "tensor": 2}
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return Layout(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices_or_skip(8)))
+
+
+def test_specs_follow_rules_and_use_each_mesh_axis_once(layout):
+    assert layout.spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert layout.spec(("batch", "seq", "embed")) == P(("data", "fsdp"), None, None)
+    assert layout.spec(("vocab", "embed")) == P("tensor", "fsdp")
+
+
+def test_size_one_axes_are_dropped():
+    lay = Layout(make_mesh({"data": 1, "fsdp": 8}, devices_or_skip(8)))
+    assert lay.spec(("batch", "mlp")) == P("fsdp", None)
+
+
+def test_indivisible_dimension_is_reported_before_compiling(layout):
+    with pytest.raises(UserError, match=r"dimension 1 \(mlp=5\) is not divisible by mesh axes tensor=2"):
+        layout.spec(("embed", "mlp"), (8, 5), "parameter w")
+
+
+def test_unknown_logical_axis_and_unknown_mesh_axis(layout):
+    with pytest.raises(UserError, match="logical axis 'experts' has no rule"):
+        layout.spec(("experts",))
+    with pytest.raises(UserError, match="names mesh axis 'model'"):
+        Layout(layout.mesh, merge_rules(DEFAULT_RULES, [("mlp", "model")]))
+
+
+def test_user_rules_override_defaults(layout):
+    rules = merge_rules(DEFAULT_RULES, [("mlp", None), ("embed", ["fsdp", "data"])])
+    lay = Layout(layout.mesh, rules)
+    assert lay.spec(("embed", "mlp")) == P(("fsdp", "data"), None)
+
+
+def test_zero_adds_data_to_a_data_parallel_dimension_only():
+    mesh = make_mesh({"data": 4, "tensor": 2}, devices_or_skip(8))
+    lay = Layout(mesh, zero_stage=1)
+    assert lay.zero_spec(P(None, "tensor"), (16, 8)) == P("data", "tensor")
+    assert lay.zero_spec(P("tensor", None), (16, 8)) == P("tensor", "data")
+    assert lay.zero_spec(P("tensor"), (16,)) == P("tensor")  # no candidate: stays as it was
+    assert lay.zero_spec(P(None), (6,)) == P(None)  # 4 does not divide 6

@@ -1,0 +1,138 @@
+"""Every parallelism is a config change: same losses, sharded memory, the expected collectives."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import devices_or_skip, tiny_config
+
+from jaxscale.data import build_data, make_global_batch
+from jaxscale.hlo import collective_stats
+from jaxscale.mesh import mesh_from_config
+from jaxscale.train.trainer import build_trainer
+
+STEPS = 5
+
+
+def train_losses(config, devices) -> list[float]:
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices))
+    _, data = build_data(config)
+    state, losses = trainer.init(), []
+    for _ in range(STEPS):
+        state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
+        losses.append(float(out["loss"]))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def reference_losses():
+    return train_losses(tiny_config(), jax.devices()[:1])
+
+
+# tensor=4 is the largest tensor-parallel size the tiny model allows (4 KV heads).
+LAYOUTS = {
+    "dp8": dict(data=8),
+    "fsdp8": dict(fsdp=8),
+    "tp4_dp2": dict(data=2, tensor=4),
+    "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2),
+    "dp2_fsdp2_tp2_sp": dict(data=2, fsdp=2, tensor=2, sequence_parallel=True),
+    "zero1": dict(data=8, zero_stage=1),
+    "zero2": dict(data=8, zero_stage=2),
+    "zero3": dict(data=8, zero_stage=3),
+    "dp4_accum2": dict(data=4, fsdp=2, grad_accum_steps=2),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_loss_matches_single_device(name, reference_losses):
+    devices = devices_or_skip(8)
+    losses = train_losses(tiny_config(**LAYOUTS[name]), devices)
+    assert reference_losses[-1] < reference_losses[0] - 0.5  # the model is really learning
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+
+
+def nbytes_per_device(tree) -> int:
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+def nbytes_total(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def state_and_memory(**layout):
+    config = tiny_config(**layout)
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(8)))
+    batch_bytes = sum(np.prod(b.shape) * b.dtype.itemsize // 8
+                      for b in trainer.abstract_batch().values())
+    args = trainer.compile().memory_analysis().argument_size_in_bytes - batch_bytes
+    return trainer.init(), args
+
+
+def test_fsdp_shards_params_and_optimizer_state():
+    state, compiled_args = state_and_memory(fsdp=8)
+    total = nbytes_total(state.params) + nbytes_total(state.opt_state)
+    per_device = nbytes_per_device(state.params) + nbytes_per_device(state.opt_state)
+    assert per_device <= 1.15 * total / 8
+    assert compiled_args <= 1.15 * total / 8
+
+
+def test_zero1_shards_only_the_optimizer_state():
+    state, compiled_args = state_and_memory(data=8, zero_stage=1)
+    params, opt = nbytes_total(state.params), nbytes_total(state.opt_state)
+    assert nbytes_per_device(state.params) == params  # replicated
+    assert nbytes_per_device(state.opt_state) <= 1.15 * opt / 8
+    assert params + opt / 8 <= compiled_args <= 1.15 * (params + opt / 8)
+    dp_state, dp_args = state_and_memory(data=8)
+    assert nbytes_per_device(dp_state.opt_state) == opt  # plain DP replicates it
+    assert compiled_args < 0.6 * dp_args
+
+
+def compiled_collectives(devices, **layout):
+    config = tiny_config(**layout)
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices))
+    return collective_stats(trainer.compile().as_text()), trainer
+
+
+def param_bytes(trainer) -> int:
+    return sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(trainer.abstract_state().params))
+
+
+def test_dp_all_reduces_gradients_once():
+    stats, trainer = compiled_collectives(devices_or_skip(8), data=8)
+    count, nbytes = stats["all-reduce"]
+    assert count >= 1 and nbytes >= param_bytes(trainer)  # every gradient, plus the loss sums
+    assert stats["all-gather"][0] == stats["reduce-scatter"][0] == 0
+
+
+@pytest.mark.parametrize("layout", [dict(fsdp=8), dict(data=8, zero_stage=2),
+                                    dict(data=8, zero_stage=3)])
+def test_fsdp_and_zero23_gather_params_and_reduce_scatter_grads(layout):
+    stats, trainer = compiled_collectives(devices_or_skip(8), **layout)
+    n_params = len(jax.tree.leaves(trainer.abstract_state().params))
+    assert stats["all-gather"][0] >= n_params and stats["reduce-scatter"][0] >= n_params
+    assert stats["all-gather"][1] >= param_bytes(trainer)  # every parameter is gathered whole
+    # gradients never travel whole: what is all-reduced is scalars (loss, token count, norm)
+    assert stats["all-reduce"][1] < param_bytes(trainer) / 100
+
+
+def test_zero1_all_reduces_grads_then_gathers_updated_params():
+    stats, trainer = compiled_collectives(devices_or_skip(8), data=8, zero_stage=1)
+    assert stats["all-reduce"][1] >= param_bytes(trainer)
+    assert stats["all-gather"][1] >= param_bytes(trainer) * 7 / 8
+    assert stats["reduce-scatter"][0] == 0
+
+
+def test_tensor_parallel_all_reduces_each_block():
+    stats, trainer = compiled_collectives(devices_or_skip(4), tensor=4)
+    layers = trainer.config.model.n_layers
+    # forward: attention and MLP outputs; backward: their input gradients.
+    assert stats["all-reduce"][0] >= 4 * layers
+    assert stats["all-gather"][0] == stats["reduce-scatter"][0] == 0
+
+
+def test_sequence_parallel_gathers_the_sequence_before_each_block():
+    devices = devices_or_skip(4)
+    stats, trainer = compiled_collectives(devices, tensor=4, sequence_parallel=True)
+    layers = trainer.config.model.n_layers
+    assert stats["all-gather"][0] >= 2 * layers
+    if devices[0].platform != "cpu":  # XLA:CPU lowers reduce-scatter as all-reduce + slice
+        assert stats["reduce-scatter"][0] >= 2 * layers
