@@ -27,14 +27,17 @@ def _parse(argv: list[str]):
     fv = flags.FlagValues()
     default = os.path.join(os.path.dirname(__file__), "default_config.py")
     args = ["jaxscale", *argv]
+    for i, arg in enumerate(argv):
+        path = arg[len("--config="):] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"config file {path!r} not found; pass --config configs/<name>.py")
     try:
         config_flags.DEFINE_config_file("config", default, "experiment config file",
                                         flag_values=fv, sys_argv=args)
         flags.DEFINE_integer("num_devices", None, "devices to plan for (info)", flag_values=fv)
         fv(args)
-        path = fv["config"].config_filename
-        if not os.path.isfile(path):
-            raise UserError(f"config file {path!r} not found; pass --config configs/<name>.py")
         config = fv.config
         config.keys()  # a config file that failed to load raises here
     except (KeyError, AttributeError) as e:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from conftest import devices_or_skip, tiny_config
 from flax import nnx
+from test_parallel import train_losses
 
 from jaxscale.metrics import param_count
 from jaxscale.models import Llama, LlamaConfig
 from jaxscale.models.layers import rope
 from jaxscale.train.step import loss_sums
-from test_parallel import train_losses
 
 BASE = LlamaConfig.from_config(tiny_config().model)
 

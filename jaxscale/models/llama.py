@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxscale.errors import UserError
 from jaxscale.models.layers import RMSNorm, param, remat_policy, rope
 from jaxscale.sharding import constrain
 
@@ -36,6 +37,15 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"
     remat: str = "none"
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"model.n_heads={self.n_heads} is not a multiple of "
+                            f"model.n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise UserError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"model.dtype={self.dtype!r}; use float32 or bfloat16")
 
     @classmethod
     def from_config(cls, model_cfg) -> LlamaConfig:

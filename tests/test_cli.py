@@ -1,0 +1,88 @@
+"""The command line as a user meets it: the README's main job, `info`, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jaxscale(*args: str, cwd: Path = ROOT, single_device: bool = False, timeout: int = 600):
+    env = dict(os.environ)
+    if single_device:  # as the README's command runs on a plain CPU machine
+        env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "jaxscale.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_events(path: Path) -> list:
+    from tensorboardX.proto import event_pb2
+
+    events, data = [], path.read_bytes()
+    while data:  # TFRecord: u64 length, u32 crc, payload, u32 crc
+        n = int.from_bytes(data[:8], "little")
+        events.append(event_pb2.Event.FromString(data[12:12 + n]))
+        data = data[16 + n:]
+    return events
+
+
+@pytest.mark.slow
+def test_default_training_lowers_the_loss_and_writes_metrics(tmp_path):
+    """`jaxscale train` exactly as in the README (embedded default config), in a fresh run dir."""
+    result = jaxscale("train", f"--config.run_dir={tmp_path}/run", single_device=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[-1]["step"] == 500
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]  # ~5.6 (uniform over bytes) to below 2
+    assert {"grad_norm", "lr", "tokens_per_s", "tflops_per_device", "mfu"} <= set(rows[-1])
+    assert 0 < rows[-1]["mfu"] < 1
+    (events_file,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    tags = {v.tag for e in read_events(events_file) for v in e.summary.value}
+    assert {"loss", "tokens_per_s", "mfu"} <= tags
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["d_model"] == 128
+
+
+def test_overrides_and_mesh_apply_to_a_sharded_run(tmp_path):
+    result = jaxscale("train", "--config", str(ROOT / "configs/default.py"),
+                      f"--config.run_dir={tmp_path}", "--config.train.steps=3",
+                      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                      "--config.parallel.zero_stage=1", "--config.model.n_layers=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "data=2 x fsdp=2 x tensor=2" in result.stderr
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["n_layers"] == 1 and config["parallel"]["zero_stage"] == 1
+
+
+def test_info_sizes_llama3_70b_without_allocating():
+    result = jaxscale("info", "--config", "configs/llama3_70b.py", "--num_devices", "64")
+    assert result.returncode == 0, result.stderr
+    assert "70,553,706,496" in result.stdout
+    assert "fsdp=8 x tensor=8" in result.stdout
+    # float32 params / 64 devices = 4.11 GiB; Adam's two moments twice that.
+    assert "params / device     4.11 GiB" in result.stdout
+    assert "optimizer / device  8.21 GiB" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--config.model.d_modle=64"], "unknown config key 'model.d_modle'"),
+    (["train", "--config.mesh.tensor=3"], "mesh data=-1 x tensor=3 cannot fill 8 devices"),
+    (["train", "--config.mesh.data=16"], "needs 16 devices but 8 are present"),
+    (["train", "--config.data.source=/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    (["train", "--config", "configs/missing.py"], "config file 'configs/missing.py' not found"),
+    (["train", "--config.model.d_model=big"], "--config.model.d_model=big"),
+    (["train", "--config.model.n_kv_heads=3", "--config.mesh.tensor=2"], "kv_heads=3"),
+    (["train", "--config.mesh.pipeline=2"], "pipeline parallelism (mesh axis 'pipeline') is not"),
+    (["serve"], "unknown command 'serve'"),
+])
+def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message, tmp_path):
+    result = jaxscale(*args, f"--config.run_dir={tmp_path}/run", cwd=ROOT) if args[0] == "train" \
+        else jaxscale(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("jaxscale:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,0 +1,83 @@
+"""Shipped configs load and validate; presets have the published sizes; validation errors."""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jaxscale.config import base_config, validate
+from jaxscale.errors import UserError
+from jaxscale.plan import plan
+from jaxscale.train.optim import make_optimizer, make_schedule
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.py"))
+
+
+def load(path: Path) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_file_is_valid(path):
+    validate(load(path))
+
+
+@pytest.mark.parametrize("name, params", [("llama3_1b", 1_235_814_400),
+                                          ("llama3_8b", 8_030_261_248),
+                                          ("llama3_70b", 70_553_706_496),
+                                          ("gpt2_small", 123_587_328)])
+def test_presets_build_abstractly_with_published_sizes(name, params):
+    config = load(next(p for p in CONFIGS if p.stem == name))
+    p = plan(config, num_devices=256)
+    assert p["params"] == params
+    assert p["param_bytes_total"] == 4 * params
+
+
+def test_plan_divides_state_over_the_mesh():
+    config = load(next(p for p in CONFIGS if p.stem == "llama3_8b"))
+    p = plan(config, num_devices=8)  # fsdp=8: every tensor of Llama-3-8B divides by 8
+    assert p["mesh"] == {"fsdp": 8}
+    assert p["param_bytes_per_device"] == p["param_bytes_total"] // 8
+    moments = 2 * p["param_bytes_total"] // 8  # Adam's mu and nu, sharded like the params
+    assert moments <= p["opt_bytes_per_device"] <= moments + 16  # plus replicated step counters
+
+
+def test_unknown_key_and_wrong_type_are_reported():
+    config = base_config()
+    config.model.d_modle = 3
+    with pytest.raises(UserError, match="unknown config key 'model.d_modle' .did you mean model.d_model"):
+        validate(config)
+    raw = base_config().to_dict()
+    raw["train"]["steps"] = "many"
+    config = ml_collections.ConfigDict(raw)
+    with pytest.raises(UserError, match="'train.steps' must be a number"):
+        validate(config)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    optim = base_config().optim
+    schedule = make_schedule(optim, total_steps=100)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(optim.warmup_steps)), optim.lr, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(100)), optim.lr * optim.min_lr_ratio, rtol=1e-6)
+    assert float(schedule(60)) < float(schedule(40))
+
+
+def test_optimizer_clips_and_skips_decay_for_vectors():
+    optim = base_config().optim
+    optim.update(lr=1.0, warmup_steps=0, clip_norm=1.0, weight_decay=0.5, min_lr_ratio=1.0)
+    tx, _ = make_optimizer(optim, total_steps=10)
+    params = {"w": np.ones((2, 2), np.float32), "scale": np.ones((2,), np.float32)}
+    zero = {k: np.zeros_like(v) for k, v in params.items()}
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.5 * params["w"])  # decoupled weight decay
+    np.testing.assert_allclose(updates["scale"], 0.0)  # no decay on norm scales
+    huge = {k: 1e6 * np.ones_like(v) for k, v in params.items()}
+    clipped = optax.clip_by_global_norm(optim.clip_norm).update(huge, None)[0]
+    assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
