@@ -34,7 +34,6 @@ if _cpu_only():
 import argparse
 import datetime
 import math
-import re
 import statistics
 import time
 from typing import NamedTuple
@@ -47,6 +46,7 @@ from flax import nnx
 from jaxscale import metrics
 from jaxscale.config import base_config, validate
 from jaxscale.data import build_data, make_global_batch
+from jaxscale.hlo import collective_stats
 from jaxscale.mesh import AXES, describe, mesh_from_config
 from jaxscale.models import Llama, LlamaConfig
 from jaxscale.train.optim import make_optimizer
@@ -55,12 +55,8 @@ from jaxscale.train.trainer import build_trainer
 WARMUP_STEPS = 2
 OVERHEAD_ROUNDS = 20  # one step of each per round, alternating which goes first
 MIB = 2**20
-COLLECTIVES = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
-               "collective-permute": "CP"}
-# `%name = SHAPE op(` or `op-start(`; SHAPE is one array or a (possibly nested) tuple of them.
-_OP_RE = re.compile(r"^\s*(?:ROOT\s+)?%?\S+\s*=\s*(?P<shape>\(.*?\)|\S+)\s+"
-                    rf"(?P<op>{'|'.join(COLLECTIVES)})(?P<start>-start)?\(", re.MULTILINE)
-_ARRAY_RE = re.compile(r"\b([a-z]\w*)\[([\d,<=]*)\]")
+ABBREVIATIONS = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
+                 "collective-permute": "CP"}
 
 
 class Case(NamedTuple):
@@ -114,45 +110,6 @@ def case_config(base, case: Case):
 # Collectives in the compiled HLO
 
 
-def _top_level(shape: str) -> list[str]:
-    """The top-level elements of a tuple shape; a single array is its own only element."""
-    if not shape.startswith("("):
-        return [shape]
-    parts, depth, start = [], 0, 1
-    for i, ch in enumerate(shape):
-        depth += (ch in "([{") - (ch in ")]}")
-        if ch == "," and depth == 1:
-            parts.append(shape[start:i])
-            start = i + 1
-    return parts + [shape[start:-1]]
-
-
-def shape_bytes(shape: str) -> int:
-    """Bytes of an HLO shape such as `f32[64,128]{1,0}` or a tuple `(f32[8], bf16[2,4])`."""
-    bits = 0
-    for dtype, dims in _ARRAY_RE.findall(shape):
-        width = re.search(r"\d+", dtype)
-        size = 8 if dtype == "pred" else int(width.group()) if width else 0
-        bits += size * math.prod(int(d) for d in dims.replace("<=", "").split(",") if d)
-    return bits // 8
-
-
-def collectives(hlo: str) -> dict[str, tuple[int, int]]:
-    """`{op: (count, bytes)}` of the collectives in HLO text (each op's per-device result size).
-
-    Async `-start` forms count once; for all-gather-start and collective-permute-start, whose result
-    is an (operands, outputs, ...) tuple, only the outputs are counted. Ops in loops count once.
-    """
-    out: dict[str, tuple[int, int]] = {}
-    for m in _OP_RE.finditer(hlo):
-        op, shape = m["op"], m["shape"]
-        if m["start"] and op in ("all-gather", "collective-permute") and shape.startswith("("):
-            shape = _top_level(shape)[1]
-        count, total = out.get(op, (0, 0))
-        out[op] = (count + 1, total + shape_bytes(shape))
-    return out
-
-
 def _fmt_bytes(n: float) -> str:
     for unit, size in (("MiB", MIB), ("KiB", 1024)):
         if n >= size:
@@ -161,9 +118,9 @@ def _fmt_bytes(n: float) -> str:
 
 
 def format_collectives(found: dict[str, tuple[int, int]]) -> str:
-    """`AR 1 (1.2 MiB), AG 21 (3.4 MiB)` in the order of `COLLECTIVES`; `none` when empty."""
-    parts = [f"{abbrev} {found[op][0]} ({_fmt_bytes(found[op][1])})"
-             for op, abbrev in COLLECTIVES.items() if op in found]
+    """`AR 1 (1.2 MiB), AG 21 (3.4 MiB)` from `collective_stats`; `none` when there are none."""
+    parts = [f"{ABBREVIATIONS[op]} {count} ({_fmt_bytes(size)})"
+             for op, (count, size) in found.items() if count]
     return ", ".join(parts) or "none"
 
 
@@ -188,7 +145,7 @@ def run_case(config, case: Case, data, steps: int, peak: float) -> dict:
     trainer = build_trainer(config, mesh)
     compiled = trainer.compile()
     mem = compiled.memory_analysis()
-    found = collectives(compiled.as_text())
+    found = collective_stats(compiled.as_text())
 
     state = trainer.init()
     for _ in range(WARMUP_STEPS):
@@ -216,6 +173,8 @@ def run_cases(base, steps: int, peak: float) -> tuple[list[dict], list[str]]:
     for case in CASES:
         if case.num_devices > jax.device_count():
             why = f"{case.name}: needs {case.num_devices} devices, {jax.device_count()} present"
+            if jax.devices()[0].platform == "cpu":
+                why += f" (XLA_FLAGS={HOST_DEVICES_FLAG} emulates 8)"
             print(f"skip {why}", flush=True)
             skipped.append(why)
             continue
@@ -334,10 +293,10 @@ def table(rows: list[dict]) -> list[str]:
 
 def footer(skipped: list[str], overhead: dict, seconds: float) -> list[str]:
     lines = ["", "Memory is the compiled step's argument + temporary bytes per device "
-             "(`memory_analysis()`). Collectives are counted in the optimized HLO (`op(` and "
-             "`op-start(` forms; an op inside a loop counts once), with each op's per-device result "
-             "bytes; AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all, CP "
-             "collective-permute."]
+             "(`memory_analysis()`). Collectives are counted in the optimized HLO by "
+             "`jaxscale.hlo.collective_stats` (`op(` and `op-start(` forms; an op inside a loop counts "
+             "once), with the bytes of each op's per-device result; AR all-reduce, AG all-gather, "
+             "RS reduce-scatter, A2A all-to-all, CP collective-permute."]
     if skipped:
         lines += [""] + [f"Skipped {why}." for why in skipped]
     lines += ["", f"Overhead ratio (one device; hand-written `jax.jit` step time / jaxscale step time; "
