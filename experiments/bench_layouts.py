@@ -128,18 +128,7 @@ def format_collectives(found: dict[str, tuple[int, int]]) -> str:
 # Layouts
 
 
-def mesh_peak(peak: float, mesh_size: int) -> float:
-    """Per-device peak within a mesh: on CPU the host's peak is shared by the mesh's devices only.
-
-    `metrics.peak_flops_per_device` splits the host over every local CPU device, which holds when the
-    mesh uses them all; a smaller mesh (one device) gets the host's cores to itself.
-    """
-    if jax.devices()[0].platform != "cpu":
-        return peak
-    return peak * jax.local_device_count() / mesh_size
-
-
-def run_case(config, case: Case, data, steps: int, peak: float) -> dict:
+def run_case(config, case: Case, data, steps: int) -> dict:
     """Compile, measure and time one layout; return a table row."""
     mesh = mesh_from_config(config.mesh, jax.devices()[:case.num_devices])
     trainer = build_trainer(config, mesh)
@@ -159,14 +148,15 @@ def run_case(config, case: Case, data, steps: int, peak: float) -> dict:
 
     tokens = steps * config.train.global_batch_size * config.data.seq_len
     fpt = metrics.flops_per_token(config.model, config.data.seq_len)
-    tput = metrics.throughput_metrics(tokens, seconds, fpt, mesh.size, mesh_peak(peak, mesh.size))
+    mesh_peak, _ = metrics.peak_flops_per_device(dtype=config.model.dtype, cpu_devices=mesh.size)
+    tput = metrics.throughput_metrics(tokens, seconds, fpt, mesh.size, mesh_peak)
     return {"layout": case.name, "mesh": describe(mesh), "zero": case.zero_stage,
             "step_s": seconds / steps, **tput,
             "mem_mib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / MIB,
             "collectives": format_collectives(found)}
 
 
-def run_cases(base, steps: int, peak: float) -> tuple[list[dict], list[str]]:
+def run_cases(base, steps: int) -> tuple[list[dict], list[str]]:
     """Rows for every layout that fits the devices present, and why the others were skipped."""
     _, data = build_data(base)
     rows, skipped = [], []
@@ -178,7 +168,7 @@ def run_cases(base, steps: int, peak: float) -> tuple[list[dict], list[str]]:
             print(f"skip {why}", flush=True)
             skipped.append(why)
             continue
-        row = run_case(case_config(base, case), case, data, steps, peak)
+        row = run_case(case_config(base, case), case, data, steps)
         print(f"{row['layout']:>14}: {row['step_s'] * 1e3:8.1f} ms/step  "
               f"{row['tokens_per_s']:9.0f} tok/s  {row['collectives']}", flush=True)
         rows.append(row)
@@ -315,7 +305,7 @@ def main() -> None:
     begin, load = time.perf_counter(), os.getloadavg()[0]
     config = bench_config()
     peak, peak_source = metrics.peak_flops_per_device(dtype=config.model.dtype)
-    rows, skipped = run_cases(config, args.steps, peak)
+    rows, skipped = run_cases(config, args.steps)
     overhead = overhead_ratio(config)
     report = (header(config, args.steps, peak, peak_source, load) + table(rows)
               + footer(skipped, overhead, time.perf_counter() - begin))

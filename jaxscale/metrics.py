@@ -99,7 +99,7 @@ def _device_gemm_flops(device: jax.Device, dtype: str) -> float:
 
 
 def peak_flops_per_device(
-    device: jax.Device | None = None, dtype: str = "bfloat16"
+    device: jax.Device | None = None, dtype: str = "bfloat16", cpu_devices: int | None = None
 ) -> tuple[float, str]:
     """Return (dense peak FLOP/s of one device for `dtype`, where the figure comes from).
 
@@ -112,7 +112,7 @@ def peak_flops_per_device(
     if dtype not in _DTYPES:
         raise UserError(f"no peak FLOP/s for dtype '{dtype}'; use one of {', '.join(_DTYPES)}")
     if device.platform == "cpu":
-        n = len(jax.local_devices(backend="cpu"))
+        n = cpu_devices or len(jax.local_devices(backend="cpu"))
         host = _host_gemm_flops()
         return host / n, f"measured CPU GEMM: {host / 1e9:.1f} GFLOP/s host / {n} devices"
     kind = device.device_kind

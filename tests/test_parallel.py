@@ -4,10 +4,13 @@ import jax
 import numpy as np
 import pytest
 from conftest import devices_or_skip, tiny_config
+from flax import nnx
 
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.hlo import collective_stats
 from jaxscale.mesh import mesh_from_config
+from jaxscale.models.llama import Block, LlamaConfig
+from jaxscale.sharding import use_layout
 from jaxscale.train.trainer import build_trainer
 
 STEPS = 5
@@ -136,3 +139,30 @@ def test_sequence_parallel_gathers_the_sequence_before_each_block():
     assert stats["all-gather"][0] >= 2 * layers
     if devices[0].platform != "cpu":  # XLA:CPU lowers reduce-scatter as all-reduce + slice
         assert stats["reduce-scatter"][0] >= 2 * layers
+
+
+def gathers_in_program(**layout) -> int:
+    """all_gather ops in the program handed to XLA (before backend passes)."""
+    config = tiny_config(**layout)
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(8)))
+    with use_layout(trainer.layout):
+        jaxpr = jax.make_jaxpr(trainer._step)(trainer.abstract_state(), trainer.abstract_batch())
+    return str(jaxpr).count("all_gather[")
+
+
+def test_zero3_regathers_block_params_in_the_backward_and_zero2_does_not():
+    n_block_params = len(jax.tree.leaves(nnx.state(Block(
+        LlamaConfig.from_config(tiny_config().model), nnx.Rngs(0)))))
+    layers = tiny_config().model.n_layers
+    zero2, zero3 = gathers_in_program(data=8, zero_stage=2), gathers_in_program(data=8, zero_stage=3)
+    assert zero2 == n_block_params * layers + 3  # blocks, embedding, final norm, LM head: once
+    # the matmul weights (not the norm scales, whose gradients need no weight) are gathered again
+    assert zero3 - zero2 >= (n_block_params - 2) * layers
+    assert gathers_in_program(fsdp=8) == zero3
+
+
+def test_remat_composes_with_fsdp_regathering():
+    base = train_losses(tiny_config(fsdp=8), devices_or_skip(8))
+    config = tiny_config(fsdp=8)
+    config.model.remat = "full"
+    np.testing.assert_allclose(train_losses(config, devices_or_skip(8)), base, rtol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,7 @@ class Block(nnx.Module):
         return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
 
 
-def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+def apply_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     return block(x, positions, mask)
 
 
@@ -124,7 +125,10 @@ class Llama(nnx.Module):
         remat_policy(c.remat)  # reject a bad policy name at construction time
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None,
+                 apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
+        """Logits for `tokens`. `apply_block(block, x, positions, mask)` runs one block: a
+        parallelism strategy may pass its own (to gather a block's parameters just in time)."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         if positions is None:
@@ -134,11 +138,10 @@ class Llama(nnx.Module):
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         table = constrain(self.embed[...], ("vocab", None))  # gathered whole over `fsdp` for use
         x = constrain(jnp.take(table, tokens, axis=0).astype(dt), RESIDUAL)
-        block_fn = _run_block
         if c.remat != "none":
-            block_fn = nnx.remat(_run_block, policy=remat_policy(c.remat), prevent_cse=True)
+            apply_block = nnx.remat(apply_block, policy=remat_policy(c.remat), prevent_cse=True)
         for block in self.blocks:
-            x = block_fn(block, x, positions, mask)
+            x = apply_block(block, x, positions, mask)
         x = self.final_norm(x)
         head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("bse,ev->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)

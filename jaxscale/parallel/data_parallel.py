@@ -8,8 +8,10 @@ out rather than left to backend passes (which differ: CPU XLA never forms reduce
   gather into a `psum_scatter` (reduce-scatter) of its gradient;
 - a parameter replicated over a data-parallel axis gets its gradient `psum`med (all-reduce) over
   it, from shard_map's transpose;
-- `regather=True` (FSDP / ZeRO-3) rematerialises each gather in the backward pass, so gathered
-  parameters are freed after their use in the forward; `regather=False` (ZeRO-2) keeps them.
+- `regather=True` (FSDP / ZeRO-3) gathers each block's parameters inside the block, under a
+  `jax.checkpoint` policy that saves everything but them, so the backward pass gathers them again
+  instead of holding every layer's full parameters; `regather=False` (ZeRO-2) gathers once per
+  step and keeps them.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
 from jaxscale.sharding import Layout
+from jaxscale.train.step import loss_sums
 
 DP_AXES = ("data", "fsdp")
 
@@ -50,42 +54,63 @@ def _gather(x: jax.Array, spec: PartitionSpec) -> jax.Array:
     return x
 
 
-def data_parallel_loss(loss_fn: Callable, layout: Layout, param_specs,
-                       *, regather: bool) -> Callable:
-    """Wrap `loss_fn(params, batch) -> (loss_sum, count)` to run manual over data-parallel axes.
+def _not_gathered(prim, *_, **__) -> bool:
+    """Remat policy: save everything but gathered parameters (and their aliases and casts)."""
+    return prim.name not in ("all_gather", "pvary", "pcast", "name")
 
-    `param_specs` are the stored layouts of the parameters; their data-parallel parts decide what
-    is gathered. The batch's leading dimension is split over the data-parallel axes. Sums are
-    `psum`med, so the result is the global `(loss_sum, count)`. Differentiable in `params`.
+
+def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs,
+                       *, regather: bool) -> Callable:
+    """`loss_sums` of the model, run manual over the data-parallel axes.
+
+    Returns `loss(params, batch) -> (loss_sum, count)`, the global sums, differentiable in
+    `params`. `param_specs` are the stored layouts of the parameters: their data-parallel parts
+    decide what is gathered. The batch's leading dimension is split over the data-parallel axes.
+    With `regather`, each block's parameters are gathered inside the block and gathered again in
+    the backward pass instead of being kept (the model's `blocks` must share one structure).
     """
     axes = dp_axes(layout)
     if not axes:
-        return loss_fn
+        return partial(loss_sums, graphdef)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     manual = jax.tree.map(lambda s: _manual_part(s, axes, "a parameter rule"), param_specs,
                           is_leaf=is_spec)
-    manual_leaves = jax.tree.leaves(manual, is_leaf=is_spec)
-    batch_spec = PartitionSpec(axes)
 
     def gather(x, spec):
-        fn = partial(_gather, spec=spec)
-        x = jax.checkpoint(fn)(x) if regather and any(spec) else fn(x)
+        x = _gather(x, spec)
         # Mark the full-precision value as varying here, so the gradient's psum over the
         # replicated axes happens in the parameter dtype (not in a bf16 compute copy).
         # (Inputs vary over the axes of their spec, and stay varying through `all_gather`.)
         sharded = {a for d in spec for a in ((d,) if isinstance(d, str) else d or ())}
         missing = tuple(a for a in axes if a not in sharded)
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
+        x = jax.lax.pcast(x, missing, to="varying") if missing else x
+        return x
+
+    def gather_tree(tree, specs):
+        leaves, treedef = jax.tree.flatten(tree)
+        specs = jax.tree.leaves(specs, is_leaf=is_spec)
+        return treedef.unflatten([gather(x, s) for x, s in zip(leaves, specs, strict=True)])
+
+    def regathered_block(block, x, positions, mask):
+        block_graph, shards = nnx.split(block)
+
+        def run(shards, x, positions, mask):
+            return nnx.merge(block_graph, gather_tree(shards, manual["blocks"][0]))(x, positions, mask)
+
+        return jax.checkpoint(run, policy=_not_gathered)(shards, x, positions, mask)
 
     def local(params, batch):
-        leaves, treedef = jax.tree.flatten(params)
-        full = treedef.unflatten([gather(x, s) for x, s in zip(leaves, manual_leaves,
-                                                                 strict=True)])
-        loss_sum, count = loss_fn(full, batch)
+        if regather:
+            rest = {k: v for k, v in params.items() if k != "blocks"}
+            full = nnx.State({**gather_tree(nnx.State(rest), nnx.State(
+                {k: v for k, v in manual.items() if k != "blocks"})), "blocks": params["blocks"]})
+            loss_sum, count = loss_sums(graphdef, full, batch, apply_block=regathered_block)
+        else:
+            loss_sum, count = loss_sums(graphdef, gather_tree(params, manual), batch)
         return jax.lax.psum(loss_sum, axes), jax.lax.psum(count, axes)
 
     def wrapped(params, batch):
-        batch_specs = jax.tree.map(lambda _: batch_spec, batch)
+        batch_specs = jax.tree.map(lambda _: PartitionSpec(axes), batch)
         fn = jax.shard_map(local, mesh=layout.mesh, in_specs=(manual, batch_specs),
                            out_specs=(PartitionSpec(), PartitionSpec()), axis_names=set(axes))
         return fn(params, batch)

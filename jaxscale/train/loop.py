@@ -32,7 +32,8 @@ def train(config, *, progress: bool = True) -> list[dict]:
     state = trainer.init()
     seq_len, steps = config.data.seq_len, config.train.steps
     flops_per_token = metrics.flops_per_token(config.model, seq_len)
-    peak, peak_source = metrics.peak_flops_per_device(dtype=config.model.dtype)
+    peak, peak_source = metrics.peak_flops_per_device(dtype=config.model.dtype,
+                                                      cpu_devices=mesh.local_mesh.size)
     log.info("peak %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
     timer = metrics.StepTimer()
     history = []

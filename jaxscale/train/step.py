@@ -22,11 +22,11 @@ class TrainState(struct.PyTreeNode):
     opt_state: optax.OptState
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array,
-                                                                                jax.Array]:
+def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+              **model_kwargs) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies weighted by `loss_mask`, and the sum of the weights."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], **model_kwargs)
     xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"]
     return jnp.sum(xent * mask), jnp.sum(mask)

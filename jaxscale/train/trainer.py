@@ -31,7 +31,7 @@ from jaxscale.sharding import (
     use_layout,
 )
 from jaxscale.train.optim import make_optimizer
-from jaxscale.train.step import Batch, TrainState, loss_sums, make_train_step
+from jaxscale.train.step import Batch, TrainState, make_train_step
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -131,8 +131,7 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     batch_spec = layout.spec(("batch", None))
 
     regather = layout.mesh.shape["fsdp"] > 1 or layout.zero_stage == 3
-    loss_fn = data_parallel_loss(partial(loss_sums, graphdef), layout, param_specs,
-                                 regather=regather)
+    loss_fn = data_parallel_loss(graphdef, layout, param_specs, regather=regather)
     step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,
                               layout.shardings(param_specs))
     shardings = layout.shardings(state_specs)
