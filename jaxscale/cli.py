@@ -11,15 +11,19 @@ import os
 import sys
 
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxscale.errors import UserError
 
 USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...] [--num_devices N]
+       jaxscale inspect CHECKPOINT_DIR
 
-  train   train the model the config describes (default: a tiny Llama on the embedded corpus)
-  info    parameter count and per-device memory of the config under its mesh, without allocating;
-          --num_devices N plans for N devices instead of the ones present
+  train    train the model the config describes (default: a tiny Llama on the embedded corpus);
+           resumes from the run's latest checkpoint; SIGTERM/SIGINT save one and exit cleanly
+  info     parameter count and per-device memory of the config under its mesh, without allocating;
+           --num_devices N plans for N devices instead of the ones present
+  inspect  the steps, sizes, parameter tree and config of a checkpoint directory
 """
 
 
@@ -77,14 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info chatter; ours is below
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     logger = logging.getLogger("jaxscale")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        if command not in ("train", "info"):
-            raise UserError(f"unknown command {command!r}; use 'train' or 'info'")
+        if command not in ("train", "info", "inspect"):
+            raise UserError(f"unknown command {command!r}; use 'train', 'info' or 'inspect'")
+        if command == "inspect":
+            if len(rest) != 1:
+                raise UserError("usage: jaxscale inspect CHECKPOINT_DIR")
+            from jaxscale.checkpoint import describe
+
+            print(describe(rest[0]))
+            return 0
         config, num_devices = _parse(rest)
         if command == "train":
             from jaxscale.train.loop import train

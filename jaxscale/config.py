@@ -58,6 +58,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1
     c.train.log_every = 20
 
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.dir = ""  # default: <run_dir>/checkpoints; any path Orbax/tensorstore supports
+    c.checkpoint.every = 100  # save every N steps (0: only at the end and on SIGTERM/SIGINT)
+    c.checkpoint.keep = 3  # keep the last K (0: all)
+    c.checkpoint.keep_every = 0  # and also every M-th step for good (0: none)
+    c.checkpoint.async_save = True  # training goes on while a save is written
+    c.checkpoint.resume_step = -1  # -1: resume from the latest complete checkpoint, if any
+    c.checkpoint.init_params_from = ""  # a checkpoint directory to take parameters from
+
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3
     c.optim.min_lr_ratio = 0.1

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
 
 import jax
 from tqdm import tqdm
 
 from jaxscale import metrics
+from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import validate
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.mesh import describe, mesh_from_config
@@ -16,49 +21,110 @@ from jaxscale.train.trainer import build_trainer
 log = logging.getLogger("jaxscale")
 
 
-def train(config, *, progress: bool = True) -> list[dict]:
-    """Train as the config says; return the logged metrics (also in `<run_dir>/metrics.jsonl`)."""
+def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[dict]:
+    """Train as the config says; return the metrics logged by this call.
+
+    Resumes from the run's latest complete checkpoint when there is one. SIGTERM or SIGINT
+    saves a checkpoint at the current step and returns. `stop_at` ends the run after that step
+    (with a checkpoint), as a preemption would.
+    """
     validate(config)
     mesh = mesh_from_config(config.mesh)
     _, data = build_data(config)
     trainer = build_trainer(config, mesh)
-    compiled = trainer.compile()
-    mem = compiled.memory_analysis()
-    log.info("mesh %s on %d %s devices; step needs %.1f MiB per device (args %.1f, temp %.1f)",
-             describe(mesh), mesh.size, jax.devices()[0].platform,
-             _mib(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
-             _mib(mem.argument_size_in_bytes), _mib(mem.temp_size_in_bytes))
-
-    state = trainer.init()
-    seq_len, steps = config.data.seq_len, config.train.steps
-    flops_per_token = metrics.flops_per_token(config.model, seq_len)
-    peak, peak_source = metrics.peak_flops_per_device(dtype=config.model.dtype,
-                                                      cpu_devices=mesh.local_mesh.size)
-    log.info("peak %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
-    timer = metrics.StepTimer()
-    history = []
-    with metrics.MetricsWriter(config.run_dir) as writer:
-        writer.write_config(config.to_json_best_effort(indent=2))
-        bar = tqdm(range(steps), desc="train", disable=not progress, dynamic_ncols=True)
+    ckpt_cfg = config.checkpoint
+    ckpt = Checkpointer(ckpt_cfg.dir or os.path.join(config.run_dir, "checkpoints"),
+                        keep=ckpt_cfg.keep, keep_every=ckpt_cfg.keep_every,
+                        async_save=ckpt_cfg.async_save)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ckpt)
+        state = _initial_state(config, trainer, data, ckpt)  # fails before anything is written
+        writer = stack.enter_context(metrics.MetricsWriter(config.run_dir))
+        signals = stack.enter_context(_Signals())
+        config_json = config.to_json_best_effort(indent=2)
+        writer.write_config(config_json)
+        compiled = trainer.compile()
+        mem = compiled.memory_analysis()
+        log.info("mesh %s on %d %s devices; step needs %.1f MiB per device (args %.1f, temp %.1f)",
+                 describe(mesh), mesh.size, jax.devices()[0].platform,
+                 _mib(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
+                 _mib(mem.argument_size_in_bytes), _mib(mem.temp_size_in_bytes))
+        seq_len, steps, first = config.data.seq_len, config.train.steps, int(state.step)
+        last = min(steps, stop_at) if stop_at is not None else steps
+        flops_per_token = metrics.flops_per_token(config.model, seq_len)
+        peak, peak_source = metrics.peak_flops_per_device(dtype=config.model.dtype,
+                                                          cpu_devices=mesh.local_mesh.size)
+        log.info("peak %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
+        timer = metrics.StepTimer()
+        history = []
+        bar = tqdm(range(first, last), desc="train", disable=not progress, dynamic_ncols=True,
+                   initial=first, total=steps)
         for i in bar:
             batch = make_global_batch(next(data), trainer.batch_sharding)
             state, out = trainer.step(state, batch)
             timer.add(config.train.global_batch_size * seq_len)
-            if i == 0:  # keep dispatch and first-run costs out of the throughput window
+            if i == first:  # keep dispatch and first-run costs out of the throughput window
                 jax.block_until_ready(out)
                 timer.reset()
-            if i == 0 or (i + 1) % config.train.log_every == 0 or i + 1 == steps:
+            done = i + 1
+            if i == first or done % config.train.log_every == 0 or done == last:
                 row = {k: float(v) for k, v in jax.device_get(out).items()}
                 tokens, seconds = timer.lap()
                 if tokens and seconds > 0:
                     row.update(metrics.throughput_metrics(tokens, seconds, flops_per_token,
                                                           mesh.size, peak))
                 row.update(metrics.device_memory_stats())
-                writer.write(i + 1, row)
-                history.append({"step": i + 1, **row})
+                writer.write(done, row)
+                history.append({"step": done, **row})
                 bar.set_postfix(loss=f"{row['loss']:.3f}",
                                 tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+            periodic = ckpt_cfg.every and done % ckpt_cfg.every == 0
+            if periodic or done == last or signals.received:
+                ckpt.save(done, state, data.get_state(), config_json)
+            if signals.received:
+                log.info("received %s: saved a checkpoint at step %d; exiting",
+                         signals.received, done)
+                break
+        bar.close()
     return history
+
+
+def _initial_state(config, trainer, data, ckpt: Checkpointer):
+    """Resume from the latest (or `checkpoint.resume_step`) checkpoint, else initialise."""
+    ckpt_cfg = config.checkpoint
+    step = ckpt_cfg.resume_step if ckpt_cfg.resume_step >= 0 else None
+    if ckpt.steps() or step is not None:
+        state, data_state, step = ckpt.restore(trainer.abstract_state(), step)
+        data.set_state(data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, step)
+        return state
+    state = trainer.init()
+    if ckpt_cfg.init_params_from:
+        source = Checkpointer(ckpt_cfg.init_params_from, read_only=True)
+        params = source.restore_params(trainer.abstract_state().params)
+        log.info("initialised parameters from %s", source.directory)
+        state = state.replace(params=params)
+    return state
+
+
+class _Signals:
+    """Record SIGTERM / SIGINT (what schedulers send before preemption) instead of dying."""
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def _handle(self, signum, _frame):
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> _Signals:
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
 
 
 def _mib(n: int) -> float:

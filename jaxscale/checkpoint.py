@@ -1,0 +1,184 @@
+"""Orbax checkpoints of a training run: async saves, keep-K, exact resume, resharding restore.
+
+A checkpoint step holds three items: `state` (step, parameters, optimizer state), `data` (the data
+iterator's position and seed) and `config` (the run's config as JSON). Orbax writes each step to a
+temporary directory and renames it when complete, so a step is visible only once it is whole.
+Restores read into the shardings of the *current* mesh (`Trainer.abstract_state()`), so a run saved
+on one layout resumes on another without the full model ever being on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxscale.errors import UserError
+
+log = logging.getLogger("jaxscale")
+
+
+def _names(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{dotted.path: (shape, dtype)}` for the leaves of a pytree of arrays or ShapeDtypeStructs."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+        out[name] = (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+    return out
+
+
+def _saved_names(metadata_tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    leaves = jax.tree.leaves(metadata_tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {m.name: (tuple(m.shape), str(np.dtype(m.dtype))) for m in leaves}
+
+
+def check_compatible(saved: dict, wanted: dict, where: str) -> None:
+    """Raise `UserError` naming the first differences between a checkpoint's tree and the model's."""
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    changed = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if not (missing or extra or changed):
+        return
+    if changed:
+        k = changed[0]
+        what = (f"{k} is {saved[k][1]}{list(saved[k][0])} in the checkpoint but "
+                f"{wanted[k][1]}{list(wanted[k][0])} in the model")
+    else:
+        what = (f"missing from the checkpoint: {missing[0]}" if missing
+                else f"not in the model: {extra[0]}")
+    count = len(missing) + len(extra) + len(changed)
+    raise UserError(f"{where} does not match the model: {what}"
+                    f"{f' ({count - 1} more differences)' if count > 1 else ''}; use the config it "
+                    f"was saved with (its config.json) or a fresh run_dir")
+
+
+class Checkpointer:
+    """Save and restore a run's checkpoints under `directory` (see `checkpoint` in the config)."""
+
+    def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
+                 async_save: bool = True, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        if read_only and not os.path.isdir(self.directory):
+            raise UserError(f"checkpoint directory {directory!r} does not exist")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep or None, keep_period=keep_every or None,
+            save_interval_steps=0 if read_only else 1, create=not read_only,
+            enable_async_checkpointing=async_save, read_only=read_only)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
+
+    def steps(self) -> list[int]:
+        """Complete checkpoint steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, config_json: str) -> None:
+        """Start saving `step` (returns once the arrays are copied off the devices)."""
+        if step in self._manager.all_steps():
+            return  # already saved (a final save right after a periodic one)
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+
+    def restore(self, abstract_state, step: int | None = None):
+        """`(state, data_state, step)` from `step`, or from the latest step that reads back whole.
+
+        `abstract_state` gives the target shapes, dtypes and shardings. With `step=None` an
+        unreadable latest step is skipped with a warning and the one before it is used.
+        """
+        steps = self.steps()
+        if not steps:
+            raise UserError(f"no complete checkpoint in {self.directory}")
+        if step is not None and step not in steps:
+            raise UserError(f"no checkpoint at step {step} in {self.directory}; steps present: "
+                            f"{', '.join(map(str, steps))}")
+        candidates = [step] if step is not None else steps[::-1]
+        for i, s in enumerate(candidates):
+            try:
+                return self._restore_step(abstract_state, s)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
+                problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                if i + 1 == len(candidates):
+                    raise UserError(f"checkpoint step {s} in {self.directory} is unreadable "
+                                    f"({problem})") from None
+                log.warning("checkpoint step %d is unreadable (%s); using step %d", s, problem,
+                            candidates[i + 1])
+        raise AssertionError("unreachable")
+
+    def _restore_step(self, abstract_state, step: int):
+        metadata = self._manager.item_metadata(step)
+        if metadata is None or metadata.state is None:
+            raise ValueError(f"step {step} has no state metadata")
+        check_compatible(_saved_names(metadata.state), _names(abstract_state),
+                         f"checkpoint step {step} in {self.directory}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored.state, restored.data, step
+
+    def restore_params(self, abstract_params, step: int | None = None):
+        """Only the parameters (for fine-tuning from another run's checkpoint)."""
+        steps = self.steps()
+        if not steps or (step is not None and step not in steps):
+            raise UserError(f"no complete checkpoint {'at step ' + str(step) + ' ' if step else ''}"
+                            f"in {self.directory}")
+        step = steps[-1] if step is None else step
+        saved = {k[len("params."):]: v for k, v in
+                 _saved_names(self._manager.item_metadata(step).state).items()
+                 if k.startswith("params.")}
+        check_compatible(saved, _names(abstract_params), f"checkpoint step {step} in "
+                         f"{self.directory}")
+        target = {"params": abstract_params}
+        reader = ocp.CheckpointManager(  # the PyTree handler can read a subtree of the state
+            self.directory, options=ocp.CheckpointManagerOptions(read_only=True,
+                                                                 save_interval_steps=0),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+        reader.close()
+        return restored.state["params"]
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def describe(directory: str) -> str:
+    """A checkpoint directory in a few lines: steps, size on disk, parameter tree, config."""
+    ckpt = Checkpointer(directory, read_only=True)
+    steps = ckpt.steps()
+    if not steps:
+        raise UserError(f"no complete checkpoint in {directory!r}")
+    lines = [f"checkpoints in {ckpt.directory}"]
+    for s in steps:
+        size = sum(f.stat().st_size for f in Path(ckpt.directory, str(s)).rglob("*") if f.is_file())
+        lines.append(f"  step {s:>8}  {size / 2**20:10.2f} MiB")
+    latest = steps[-1]
+    metadata = ckpt._manager.item_metadata(latest)
+    params = {k: v for k, v in _saved_names(metadata.state).items() if k.startswith("params.")}
+    total = sum(int(np.prod(shape)) for shape, _ in params.values())
+    lines.append(f"parameters at step {latest}: {total:,}")
+    lines += [f"  {k[len('params.'):].removesuffix('.value'):<40} {dtype:<8} {list(shape)}"
+              for k, (shape, dtype) in sorted(params.items())]
+    config = ckpt._manager.restore(latest, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore())).config
+    lines.append("config: " + json.dumps(config, sort_keys=True))
+    return "\n".join(lines)
