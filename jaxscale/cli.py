@@ -102,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             from jaxscale.train.loop import train
 
             history = train(config)
-            print(f"done: step {history[-1]['step']} loss {history[-1]['loss']:.4f}; "
-                  f"metrics in {config.run_dir}")
+            if history:
+                print(f"done: step {history[-1]['step']} loss {history[-1]['loss']:.4f}; "
+                      f"metrics in {config.run_dir}")
+            else:
+                print(f"nothing to do: {config.run_dir} is already at train.steps="
+                      f"{config.train.steps}; raise train.steps or use another run_dir")
         else:
             from jaxscale.plan import report
 
