@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     logger = logging.getLogger("jaxscale")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # one line per message, whatever else configured the root logger
     try:
         if command not in ("train", "info", "inspect"):
             raise UserError(f"unknown command {command!r}; use 'train', 'info' or 'inspect'")
