@@ -37,7 +37,7 @@ def test_default_training_lowers_the_loss_and_writes_metrics(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 1 and rows[-1]["step"] == 500
-    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]  # ~5.6 (uniform over bytes) to below 2
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]  # about 6.7 at step 1 to about 1.2
     assert {"grad_norm", "lr", "tokens_per_s", "tflops_per_device", "mfu"} <= set(rows[-1])
     assert 0 < rows[-1]["mfu"] < 1
     (events_file,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
