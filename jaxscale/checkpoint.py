@@ -39,14 +39,17 @@ def _saved_names(metadata_tree) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def check_compatible(saved: dict, wanted: dict, where: str) -> None:
     """Raise `UserError` naming the first differences between a checkpoint's tree and the model's."""
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    changed = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    def order(names):  # parameters first: they say most about which model a checkpoint holds
+        return sorted(names, key=lambda k: (not k.startswith("params."), k))
+
+    missing = order(set(wanted) - set(saved))
+    extra = order(set(saved) - set(wanted))
+    changed = order(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
     if not (missing or extra or changed):
         return
     if changed:
         k = changed[0]
-        what = (f"{k} is {saved[k][1]}{list(saved[k][0])} in the checkpoint but "
+        what = (f"{k.removesuffix('.value')} is {saved[k][1]}{list(saved[k][0])} in the checkpoint but "
                 f"{wanted[k][1]}{list(wanted[k][0])} in the model")
     else:
         what = (f"missing from the checkpoint: {missing[0]}" if missing

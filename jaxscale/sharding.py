@@ -26,6 +26,7 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),  # the stacked-blocks axis: `pipeline` under pipeline parallelism
     ("vocab", "tensor"),
     ("embed", "fsdp"),  # parameters: ZeRO-3 / FSDP over `fsdp`
     ("mlp", "tensor"),  # Megatron column-parallel in, row-parallel out
@@ -99,18 +100,22 @@ class Layout:
     def sharding(self, spec: PartitionSpec) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
 
-    def zero_spec(self, spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpec:
+    def zero_spec(self, spec: PartitionSpec, shape: Sequence[int],
+                  names: Sequence[str | None] = ()) -> PartitionSpec:
         """`spec` with `data` added to the first dimension it divides (ZeRO over data parallel).
 
         Only dimensions that are unsharded or sharded over `fsdp` alone are candidates, so data
-        parallel and model parallel axes never share a dimension. Arrays too small to split stay
-        as they were (their size is negligible).
+        parallel and model parallel axes never share a dimension, and never the `layers` axis of
+        stacked blocks (which are run one layer at a time). Arrays too small to split stay as
+        they were (their size is negligible).
         """
         n = self.mesh.shape["data"]
         dims = list(spec) + [None] * (len(shape) - len(spec))
         if n == 1 or any("data" in _as_tuple(d) for d in dims):
             return spec
         for i, d in enumerate(dims):
+            if i < len(names) and names[i] == "layers":
+                continue
             if set(_as_tuple(d)) <= {"fsdp"} and shape[i] % (self.size(_as_tuple(d)) * n) == 0:
                 dims[i] = _as_tuple(d) + ("data",) if d else "data"
                 return PartitionSpec(*dims)
@@ -131,7 +136,7 @@ class Layout:
             if names is None or len(names) != leaf.ndim:
                 raise ValueError(f"{where} of shape {leaf.shape} has logical_axes={names!r}")
             s = self.spec(names, leaf.shape, where)
-            return self.zero_spec(s, leaf.shape) if self.zero_stage >= zero_from_stage else s
+            return self.zero_spec(s, leaf.shape, names) if self.zero_stage >= zero_from_stage else s
 
         return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -60,18 +60,15 @@ def test_packed_documents_do_not_attend_across_boundaries():
 
 
 def test_grouped_query_attention_equals_repeated_kv_heads():
-    gqa = make(n_kv_heads=2)
-    mha = make(n_kv_heads=BASE.n_heads)
-    groups = BASE.n_heads // 2
-    for g_block, m_block in zip(gqa.blocks, mha.blocks, strict=True):
-        for name in ("wq", "wo"):
-            getattr(m_block.attn, name)[...] = getattr(g_block.attn, name)[...]
-        for name in ("wk", "wv"):
-            getattr(m_block.attn, name)[...] = jnp.repeat(getattr(g_block.attn, name)[...], groups, 1)
-        m_block.mlp, m_block.attn_norm, m_block.mlp_norm = g_block.mlp, g_block.attn_norm, g_block.mlp_norm
-    mha.embed, mha.lm_head, mha.final_norm = gqa.embed, gqa.lm_head, gqa.final_norm
-    x = tokens((2, 12))
+    gqa, mha, x = make(n_kv_heads=2), make(n_kv_heads=BASE.n_heads), tokens((2, 12))
+    params = jax.tree.map(jnp.asarray, nnx.state(gqa, nnx.Param))  # a copy
+    for name in ("wk", "wv"):  # [layers, embed, kv_heads, head_dim]: query head h reads kv h // 4
+        kv = params["blocks"]["attn"][name]
+        kv.set_value(jnp.repeat(kv[...], BASE.n_heads // 2, axis=2))
+    nnx.update(mha, params)
+    assert gqa.blocks.attn.wk[...].shape[2] == 2 and mha.blocks.attn.wk[...].shape[2] == 8
     np.testing.assert_allclose(gqa(x), mha(x), atol=2e-5)
+    assert float(jnp.max(jnp.abs(gqa(x) - make(n_kv_heads=BASE.n_heads)(x)))) > 1e-3
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -112,7 +112,11 @@ def test_fsdp_and_zero23_gather_params_and_reduce_scatter_grads(layout):
     stats, trainer = compiled_collectives(devices_or_skip(8), **layout)
     n_params = len(jax.tree.leaves(trainer.abstract_state().params))
     assert stats["all-gather"][0] >= n_params and stats["reduce-scatter"][0] >= n_params
-    assert stats["all-gather"][1] >= param_bytes(trainer)  # every parameter is gathered whole
+    # every parameter is gathered whole; a gather in the layer loop counts once, for one layer
+    layers = trainer.config.model.n_layers
+    block_bytes = sum(p.size * p.dtype.itemsize for p in
+                      jax.tree.leaves(trainer.abstract_state().params["blocks"]))
+    assert stats["all-gather"][1] >= param_bytes(trainer) - block_bytes * (layers - 1) / layers
     # gradients never travel whole: what is all-reduced is scalars (loss, token count, norm)
     assert stats["all-reduce"][1] < param_bytes(trainer) / 100
 
@@ -153,11 +157,11 @@ def gathers_in_program(**layout) -> int:
 def test_zero3_regathers_block_params_in_the_backward_and_zero2_does_not():
     n_block_params = len(jax.tree.leaves(nnx.state(Block(
         LlamaConfig.from_config(tiny_config().model), nnx.Rngs(0)))))
-    layers = tiny_config().model.n_layers
     zero2, zero3 = gathers_in_program(data=8, zero_stage=2), gathers_in_program(data=8, zero_stage=3)
-    assert zero2 == n_block_params * layers + 3  # blocks, embedding, final norm, LM head: once
-    # the matmul weights (not the norm scales, whose gradients need no weight) are gathered again
-    assert zero3 - zero2 >= (n_block_params - 2) * layers
+    assert zero2 == n_block_params + 3  # stacked blocks, embedding, final norm, LM head: once
+    # in the layer loop: forward, and again in the backward for the matmul weights (the norm
+    # scales' gradients need no weight)
+    assert zero3 - zero2 >= n_block_params - 2
     assert gathers_in_program(fsdp=8) == zero3
 
 

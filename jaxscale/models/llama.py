@@ -112,13 +112,38 @@ def apply_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Arra
     return block(x, positions, mask)
 
 
+def stacked_blocks(c: LlamaConfig, rngs: nnx.Rngs) -> Block:
+    """`n_layers` blocks as one `Block` whose parameters carry a leading `layers` axis."""
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return Block(c, nnx.Rngs(params=key))
+
+    blocks = make(jax.random.split(rngs.params(), c.n_layers))
+    for _, node in nnx.iter_graph(blocks):
+        if isinstance(node, nnx.Variable):
+            node.set_metadata(logical_axes=("layers", *node.get_metadata()["logical_axes"]))
+    return blocks
+
+
+def scan_blocks(blocks: Block, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
+    """Run the stacked blocks in order with `jax.lax.scan` (one compiled layer, any depth)."""
+    graph, stacked = nnx.split(blocks)
+
+    def layer(x, state):
+        return apply_block(nnx.merge(graph, state), x, positions, mask), None
+
+    return jax.lax.scan(layer, x, stacked)[0]
+
+
 class Llama(nnx.Module):
     """Decoder-only language model; `__call__` maps token ids [batch, seq] to float32 logits."""
 
     def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
         self.config = c
         self.embed = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), 0.02)
-        self.blocks = nnx.List([Block(c, rngs) for _ in range(c.n_layers)])
+        self.blocks = stacked_blocks(c, rngs)
         self.final_norm = RMSNorm(c.d_model, c.norm_eps)
         if not c.tie_embeddings:
             self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model**-0.5)
@@ -140,8 +165,7 @@ class Llama(nnx.Module):
         x = constrain(jnp.take(table, tokens, axis=0).astype(dt), RESIDUAL)
         if c.remat != "none":
             apply_block = nnx.remat(apply_block, policy=remat_policy(c.remat), prevent_cse=True)
-        for block in self.blocks:
-            x = apply_block(block, x, positions, mask)
+        x = scan_blocks(self.blocks, x, positions, mask, apply_block)
         x = self.final_norm(x)
         head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("bse,ev->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)

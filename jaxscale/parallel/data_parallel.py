@@ -67,7 +67,7 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs,
     `params`. `param_specs` are the stored layouts of the parameters: their data-parallel parts
     decide what is gathered. The batch's leading dimension is split over the data-parallel axes.
     With `regather`, each block's parameters are gathered inside the block and gathered again in
-    the backward pass instead of being kept (the model's `blocks` must share one structure).
+    the backward pass instead of being kept (`blocks` are stacked: their leading axis is layers).
     """
     axes = dp_axes(layout)
     if not axes:
@@ -91,11 +91,13 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs,
         specs = jax.tree.leaves(specs, is_leaf=is_spec)
         return treedef.unflatten([gather(x, s) for x, s in zip(leaves, specs, strict=True)])
 
+    layer_specs = jax.tree.map(lambda s: PartitionSpec(*s[1:]), manual["blocks"], is_leaf=is_spec)
+
     def regathered_block(block, x, positions, mask):
         block_graph, shards = nnx.split(block)
 
         def run(shards, x, positions, mask):
-            return nnx.merge(block_graph, gather_tree(shards, manual["blocks"][0]))(x, positions, mask)
+            return nnx.merge(block_graph, gather_tree(shards, layer_specs))(x, positions, mask)
 
         return jax.checkpoint(run, policy=_not_gathered)(shards, x, positions, mask)
 
