@@ -75,8 +75,15 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "jax" not in sys.modules and "concurrency_optimized" not in os.environ.get("XLA_FLAGS", ""):
+        # XLA:CPU's concurrency-optimized scheduler can deadlock pipeline x fsdp x tensor layouts
+        # of a multi-device CPU mesh; the flag only concerns the CPU backend.
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_FLAG}".strip()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2

@@ -45,6 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.sequence_parallel = False  # shard the residual stream's sequence over `tensor`
     c.parallel.rules = ()  # ((logical, mesh_axes), ...) overriding the default rules
 
+    c.pipeline = ml_collections.ConfigDict()  # used when mesh.pipeline > 1
+    c.pipeline.schedule = "gpipe"  # gpipe (1f1b, interleaved: not yet)
+    c.pipeline.microbatches = 4  # per data-parallel shard and accumulation step
+    c.pipeline.virtual_stages = 1  # layer chunks per stage (interleaved schedule)
+
     c.data = ml_collections.ConfigDict()
     c.data.source = "embedded"  # "embedded" or a path to a .txt / .jsonl file or a directory of them
     c.data.text_key = "text"  # field read from .jsonl records

@@ -37,6 +37,7 @@ DEFAULT_RULES: Rules = (
     ("res_seq", None),  # the residual stream's sequence: `tensor` under sequence parallelism
 )
 SEQUENCE_PARALLEL_RULES: Rules = (("res_seq", "tensor"),)
+PIPELINE_RULES: Rules = (("layers", "pipeline"),)
 
 
 def merge_rules(base: Rules, overrides: Sequence[Sequence]) -> Rules:

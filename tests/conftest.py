@@ -6,8 +6,11 @@ run on the real devices, and those needing more devices than present are skipped
 
 import os
 
+# XLA:CPU's concurrency-optimized scheduler can order the collectives of pipeline x fsdp x tensor
+# layouts so that emulated devices deadlock; the default scheduler does not.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 ).strip()
 
 import jax  # noqa: E402

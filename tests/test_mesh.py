@@ -28,8 +28,8 @@ def test_bad_mesh_sizes_say_what_is_wrong(sizes, message):
 
 def test_unimplemented_axes_raise_not_implemented():
     devices = devices_or_skip(2)
-    with pytest.raises(NotImplementedError, match="pipeline parallelism"):
-        make_mesh({"pipeline": 2, "data": 1}, devices)
+    with pytest.raises(NotImplementedError, match="expert parallelism"):
+        make_mesh({"expert": 2, "data": 1}, devices)
 
 
 def test_mesh_shape_and_axis_order():

@@ -7,6 +7,7 @@ from conftest import devices_or_skip, tiny_config
 from flax import nnx
 
 from jaxscale.data import build_data, make_global_batch
+from jaxscale.errors import UserError
 from jaxscale.hlo import collective_stats
 from jaxscale.mesh import mesh_from_config
 from jaxscale.models.llama import Block, LlamaConfig
@@ -16,14 +17,20 @@ from jaxscale.train.trainer import build_trainer
 STEPS = 5
 
 
-def train_losses(config, devices) -> list[float]:
+def train_metrics(config, devices) -> tuple[list[float], list[float]]:
+    """Losses and gradient norms of `STEPS` steps."""
     trainer = build_trainer(config, mesh_from_config(config.mesh, devices))
     _, data = build_data(config)
-    state, losses = trainer.init(), []
+    state, losses, grad_norms = trainer.init(), [], []
     for _ in range(STEPS):
         state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
         losses.append(float(out["loss"]))
-    return losses
+        grad_norms.append(float(out["grad_norm"]))
+    return losses, grad_norms
+
+
+def train_losses(config, devices) -> list[float]:
+    return train_metrics(config, devices)[0]
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +177,49 @@ def test_remat_composes_with_fsdp_regathering():
     config = tiny_config(fsdp=8)
     config.model.remat = "full"
     np.testing.assert_allclose(train_losses(config, devices_or_skip(8)), base, rtol=1e-6)
+
+
+def pipeline_config(**layout):
+    config = tiny_config(**layout)
+    config.model.n_layers = 4
+    config.pipeline.microbatches = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def pipeline_reference():
+    return train_metrics(pipeline_config(), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("layout, n_devices", [
+    (dict(pipeline=2), 2), (dict(pipeline=4), 4), (dict(pipeline=2, data=4), 8),
+    (dict(pipeline=2, fsdp=2, tensor=2), 8), (dict(pipeline=2, data=2, tensor=2, zero_stage=3), 8)])
+def test_gpipe_matches_the_unpipelined_model(layout, n_devices, pipeline_reference):
+    losses, grad_norms = train_metrics(pipeline_config(**layout), devices_or_skip(n_devices))
+    np.testing.assert_allclose(losses, pipeline_reference[0], rtol=1e-5)
+    np.testing.assert_allclose(grad_norms, pipeline_reference[1], rtol=1e-4)
+
+
+def test_pipeline_sends_activations_between_stages_and_keeps_layers_local():
+    config = pipeline_config(pipeline=4)
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(4)))
+    stats = collective_stats(trainer.compile().as_text())
+    assert stats["collective-permute"][0] >= 2  # forward shift, and its transpose in the backward
+    assert stats["all-gather"][0] == 0  # no stage ever sees another stage's layers
+    block = trainer.abstract_state().params["blocks"]["mlp"]["w_up"]
+    assert block.sharding.spec[0] == "pipeline" and block.shape[0] == 4
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    (dict(n_layers=3), UserError, "model.n_layers=3 is not divisible by mesh.pipeline=2"),
+    (dict(microbatches=3), UserError, r"\(16\) is not divisible by pipeline.microbatches=3"),
+    (dict(schedule="1f1b"), NotImplementedError, "the 1f1b pipeline schedule"),
+    (dict(schedule="zigzag"), UserError, "pipeline.schedule='zigzag'"),
+])
+def test_bad_pipeline_configs_fail_before_compiling(changes, error, message):
+    config = pipeline_config(pipeline=2)
+    if "n_layers" in changes:
+        config.model.n_layers = changes.pop("n_layers")
+    config.pipeline.update(changes)
+    with pytest.raises(error, match=message):
+        build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(2)))

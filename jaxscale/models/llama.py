@@ -151,9 +151,11 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
-                 apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
-        """Logits for `tokens`. `apply_block(block, x, positions, mask)` runs one block: a
-        parallelism strategy may pass its own (to gather a block's parameters just in time)."""
+                 apply_block: Callable[..., jax.Array] = apply_block,
+                 run_blocks: Callable[..., jax.Array] = scan_blocks) -> jax.Array:
+        """Logits for `tokens`. Parallelism strategies may replace how the blocks run:
+        `apply_block(block, x, positions, mask)` runs one layer (to gather its parameters just in
+        time), `run_blocks(blocks, x, positions, mask, apply_block)` runs the stack (a pipeline)."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         if positions is None:
@@ -165,7 +167,7 @@ class Llama(nnx.Module):
         x = constrain(jnp.take(table, tokens, axis=0).astype(dt), RESIDUAL)
         if c.remat != "none":
             apply_block = nnx.remat(apply_block, policy=remat_policy(c.remat), prevent_cse=True)
-        x = scan_blocks(self.blocks, x, positions, mask, apply_block)
+        x = run_blocks(self.blocks, x, positions, mask, apply_block)
         x = self.final_norm(x)
         head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("bse,ev->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)

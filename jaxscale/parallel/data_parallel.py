@@ -48,7 +48,9 @@ def _manual_part(spec: PartitionSpec, axes: tuple[str, ...], where: str) -> Part
 
 
 def _gather(x: jax.Array, spec: PartitionSpec) -> jax.Array:
+    """All-gather `x` over the data-parallel axes in its spec (`pipeline` stays split)."""
     for dim, axes in enumerate(spec):
+        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in DP_AXES)
         if axes:
             x = jax.lax.all_gather(x, axes, axis=dim, tiled=True)
     return x
@@ -59,8 +61,8 @@ def _not_gathered(prim, *_, **__) -> bool:
     return prim.name not in ("all_gather", "pvary", "pcast", "name")
 
 
-def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs,
-                       *, regather: bool) -> Callable:
+def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, regather: bool,
+                       run_blocks: Callable | None = None) -> Callable:
     """`loss_sums` of the model, run manual over the data-parallel axes.
 
     Returns `loss(params, batch) -> (loss_sum, count)`, the global sums, differentiable in
@@ -68,28 +70,34 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs,
     decide what is gathered. The batch's leading dimension is split over the data-parallel axes.
     With `regather`, each block's parameters are gathered inside the block and gathered again in
     the backward pass instead of being kept (`blocks` are stacked: their leading axis is layers).
+    With a `pipeline` axis, it is manual too and `run_blocks` runs the stages' schedule; the loss
+    is computed on every stage alike and averaged over the axis.
     """
     axes = dp_axes(layout)
-    if not axes:
+    pipelined = layout.mesh.shape["pipeline"] > 1
+    manual_axes = axes + (("pipeline",) if pipelined else ())
+    model_kwargs = {"run_blocks": run_blocks} if pipelined else {}
+    if not manual_axes:
         return partial(loss_sums, graphdef)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    manual = jax.tree.map(lambda s: _manual_part(s, axes, "a parameter rule"), param_specs,
-                          is_leaf=is_spec)
+    manual = jax.tree.map(lambda s: _manual_part(s, manual_axes, "a parameter rule"),
+                          param_specs, is_leaf=is_spec)
 
-    def gather(x, spec):
+    def gather(x, spec, stored):
         x = _gather(x, spec)
         # Mark the full-precision value as varying here, so the gradient's psum over the
         # replicated axes happens in the parameter dtype (not in a bf16 compute copy).
-        # (Inputs vary over the axes of their spec, and stay varying through `all_gather`.)
-        sharded = {a for d in spec for a in ((d,) if isinstance(d, str) else d or ())}
-        missing = tuple(a for a in axes if a not in sharded)
-        x = jax.lax.pcast(x, missing, to="varying") if missing else x
-        return x
+        # (Inputs vary over the axes of their stored spec, and stay varying through gathers.)
+        sharded = {a for d in stored for a in ((d,) if isinstance(d, str) else d or ())}
+        missing = tuple(a for a in manual_axes if a not in sharded)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
 
-    def gather_tree(tree, specs):
+    def gather_tree(tree, specs, stored=None):
         leaves, treedef = jax.tree.flatten(tree)
         specs = jax.tree.leaves(specs, is_leaf=is_spec)
-        return treedef.unflatten([gather(x, s) for x, s in zip(leaves, specs, strict=True)])
+        stored = specs if stored is None else jax.tree.leaves(stored, is_leaf=is_spec)
+        return treedef.unflatten([gather(x, s, t) for x, s, t in zip(leaves, specs, stored,
+                                                                      strict=True)])
 
     layer_specs = jax.tree.map(lambda s: PartitionSpec(*s[1:]), manual["blocks"], is_leaf=is_spec)
 
@@ -97,7 +105,8 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs,
         block_graph, shards = nnx.split(block)
 
         def run(shards, x, positions, mask):
-            return nnx.merge(block_graph, gather_tree(shards, layer_specs))(x, positions, mask)
+            full = gather_tree(shards, layer_specs, manual["blocks"])
+            return nnx.merge(block_graph, full)(x, positions, mask)
 
         return jax.checkpoint(run, policy=_not_gathered)(shards, x, positions, mask)
 
@@ -106,15 +115,21 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs,
             rest = {k: v for k, v in params.items() if k != "blocks"}
             full = nnx.State({**gather_tree(nnx.State(rest), nnx.State(
                 {k: v for k, v in manual.items() if k != "blocks"})), "blocks": params["blocks"]})
-            loss_sum, count = loss_sums(graphdef, full, batch, apply_block=regathered_block)
+            loss_sum, count = loss_sums(graphdef, full, batch, apply_block=regathered_block,
+                                        **model_kwargs)
         else:
-            loss_sum, count = loss_sums(graphdef, gather_tree(params, manual), batch)
-        return jax.lax.psum(loss_sum, axes), jax.lax.psum(count, axes)
+            loss_sum, count = loss_sums(graphdef, gather_tree(params, manual), batch, **model_kwargs)
+        if axes:
+            loss_sum, count = jax.lax.psum(loss_sum, axes), jax.lax.psum(count, axes)
+        if pipelined:  # every stage computed the same loss from the broadcast last-stage output
+            loss_sum, count = jax.lax.pmean(loss_sum, "pipeline"), jax.lax.pmean(count, "pipeline")
+        return loss_sum, count
 
     def wrapped(params, batch):
-        batch_specs = jax.tree.map(lambda _: PartitionSpec(axes), batch)
+        batch_specs = jax.tree.map(lambda _: PartitionSpec(axes or None), batch)
         fn = jax.shard_map(local, mesh=layout.mesh, in_specs=(manual, batch_specs),
-                           out_specs=(PartitionSpec(), PartitionSpec()), axis_names=set(axes))
+                           out_specs=(PartitionSpec(), PartitionSpec()),
+                           axis_names=set(manual_axes))
         return fn(params, batch)
 
     return wrapped

@@ -23,8 +23,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxscale.errors import UserError
 from jaxscale.models import Llama, LlamaConfig
 from jaxscale.parallel.data_parallel import data_parallel_loss
+from jaxscale.parallel.pipeline import check_pipeline, gpipe_blocks
 from jaxscale.sharding import (
     DEFAULT_RULES,
+    PIPELINE_RULES,
     SEQUENCE_PARALLEL_RULES,
     Layout,
     merge_rules,
@@ -39,6 +41,8 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 def make_layout(config, mesh: Mesh) -> Layout:
     """The Layout a config asks for: default rules, sequence parallelism, user overrides."""
     rules = DEFAULT_RULES
+    if mesh.shape["pipeline"] > 1:
+        rules = merge_rules(rules, PIPELINE_RULES)
     if config.parallel.sequence_parallel:
         rules = merge_rules(rules, SEQUENCE_PARALLEL_RULES)
     rules = merge_rules(rules, config.parallel.rules)
@@ -131,7 +135,10 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     batch_spec = layout.spec(("batch", None))
 
     regather = layout.mesh.shape["fsdp"] > 1 or layout.zero_stage == 3
-    loss_fn = data_parallel_loss(graphdef, layout, param_specs, regather=regather)
+    stages = layout.mesh.shape["pipeline"]
+    run_blocks = gpipe_blocks(config.pipeline.microbatches, stages) if stages > 1 else None
+    loss_fn = data_parallel_loss(graphdef, layout, param_specs, regather=regather,
+                                 run_blocks=run_blocks)
     step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,
                               layout.shardings(param_specs))
     shardings = layout.shardings(state_specs)
@@ -150,6 +157,7 @@ def _check_batch(config, layout: Layout) -> None:
         raise UserError(f"micro-batch {batch // accum} (train.global_batch_size / "
                         f"grad_accum_steps) is not divisible by the data-parallel size {dp} "
                         f"(data x fsdp); change the batch size or the mesh")
+    check_pipeline(config, layout.mesh.shape["pipeline"], batch // accum // dp)
     if config.data.seq_len > config.model.max_seq_len:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds "
                         f"model.max_seq_len={config.model.max_seq_len}")
