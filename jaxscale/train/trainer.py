@@ -67,6 +67,7 @@ class Trainer:
     state_specs: TrainState
     batch_spec: PartitionSpec
     _step: Callable = dataclasses.field(repr=False, default=None)
+    _compiled: object = dataclasses.field(repr=False, default=None)
 
     @property
     def mesh(self) -> Mesh:
@@ -111,12 +112,17 @@ class Trainer:
                                         sharding=self.batch_sharding) for k in BATCH_KEYS}
 
     def compile(self):
-        """Ahead-of-time compile of one step (for memory analysis, HLO and timing)."""
-        with use_layout(self.layout):
-            return self._step.lower(self.abstract_state(), self.abstract_batch()).compile()
+        """Ahead-of-time compile of one step (memory analysis, HLO); `step` then runs it."""
+        if self._compiled is None:
+            with use_layout(self.layout):
+                self._compiled = self._step.lower(self.abstract_state(),
+                                                  self.abstract_batch()).compile()
+        return self._compiled
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         """One optimizer step; `state` is donated."""
+        if self._compiled is not None:
+            return self._compiled(state, batch)
         with use_layout(self.layout):
             return self._step(state, batch)
 
