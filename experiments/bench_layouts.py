@@ -12,28 +12,14 @@ not accelerator performance.
 
 # ruff: noqa: E402  (XLA_FLAGS must be set before jax is imported)
 
-import importlib.metadata
-import importlib.util
-import os
+import _host
 
-HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
-
-
-def _cpu_only() -> bool:
-    """Whether jax will only find the CPU: JAX_PLATFORMS says so, or no accelerator plugin exists."""
-    platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME") or ""
-    if platforms:
-        return platforms.strip().lower() == "cpu"
-    plugins = importlib.metadata.entry_points(group="jax_plugins")
-    return not plugins and not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
-
-
-if _cpu_only():
-    os.environ.setdefault("XLA_FLAGS", HOST_DEVICES_FLAG)
+_host.emulate_devices()
 
 import argparse
 import datetime
 import math
+import os
 import statistics
 import time
 from typing import NamedTuple
@@ -46,7 +32,7 @@ from flax import nnx
 from jaxscale import metrics
 from jaxscale.config import base_config, validate
 from jaxscale.data import build_data, make_global_batch
-from jaxscale.hlo import collective_stats
+from jaxscale.hlo import collective_stats, format_stats
 from jaxscale.mesh import AXES, describe, mesh_from_config
 from jaxscale.models import Llama, LlamaConfig
 from jaxscale.train.optim import make_optimizer
@@ -55,8 +41,6 @@ from jaxscale.train.trainer import build_trainer
 WARMUP_STEPS = 2
 OVERHEAD_ROUNDS = 20  # one step of each per round, alternating which goes first
 MIB = 2**20
-ABBREVIATIONS = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
-                 "collective-permute": "CP"}
 
 
 class Case(NamedTuple):
@@ -110,20 +94,6 @@ def case_config(base, case: Case):
 # Collectives in the compiled HLO
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit, size in (("MiB", MIB), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_collectives(found: dict[str, tuple[int, int]]) -> str:
-    """`AR 1 (1.2 MiB), AG 21 (3.4 MiB)` from `collective_stats`; `none` when there are none."""
-    parts = [f"{ABBREVIATIONS[op]} {count} ({_fmt_bytes(size)})"
-             for op, (count, size) in found.items() if count]
-    return ", ".join(parts) or "none"
-
-
 # ---------------------------------------------------------------------------------------------
 # Layouts
 
@@ -153,7 +123,7 @@ def run_case(config, case: Case, data, steps: int) -> dict:
     return {"layout": case.name, "mesh": describe(mesh), "zero": case.zero_stage,
             "step_s": seconds / steps, **tput,
             "mem_mib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / MIB,
-            "collectives": format_collectives(found)}
+            "collectives": format_stats(found)}
 
 
 def run_cases(base, steps: int) -> tuple[list[dict], list[str]]:
@@ -164,7 +134,7 @@ def run_cases(base, steps: int) -> tuple[list[dict], list[str]]:
         if case.num_devices > jax.device_count():
             why = f"{case.name}: needs {case.num_devices} devices, {jax.device_count()} present"
             if jax.devices()[0].platform == "cpu":
-                why += f" (XLA_FLAGS={HOST_DEVICES_FLAG} emulates 8)"
+                why += f" (XLA_FLAGS=\"{_host.HOST_FLAGS}\" emulates 8)"
             print(f"skip {why}", flush=True)
             skipped.append(why)
             continue

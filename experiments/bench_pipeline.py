@@ -15,30 +15,14 @@ cores, so the bubble shows as wasted compute, not as idle devices (see the outpu
 
 # ruff: noqa: E402  (XLA_FLAGS must be set before jax is imported)
 
-import importlib.metadata
-import importlib.util
-import os
+import _host
 
-HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
-# XLA:CPU's concurrency-optimized scheduler can deadlock the emulated devices of some pipeline layouts.
-CPU_FLAGS = f"{HOST_DEVICES_FLAG} --xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
-def _cpu_only() -> bool:
-    """Whether jax will only find the CPU: JAX_PLATFORMS says so, or no accelerator plugin exists."""
-    platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME") or ""
-    if platforms:
-        return platforms.strip().lower() == "cpu"
-    plugins = importlib.metadata.entry_points(group="jax_plugins")
-    return not plugins and not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
-
-
-if _cpu_only():
-    os.environ.setdefault("XLA_FLAGS", CPU_FLAGS)
+_host.emulate_devices()
 
 import argparse
 import datetime
 import math
+import os
 import statistics
 import time
 from typing import NamedTuple
@@ -48,7 +32,7 @@ import jax
 from jaxscale import metrics
 from jaxscale.config import base_config, validate
 from jaxscale.data import build_data, make_global_batch
-from jaxscale.hlo import collective_stats
+from jaxscale.hlo import collective_stats, format_bytes, format_stats
 from jaxscale.mesh import AXES, mesh_from_config
 from jaxscale.train.trainer import build_trainer
 
@@ -57,8 +41,6 @@ MICROBATCH_FACTORS = (1, 2, 4, 8)  # M = factor * P
 ROWS_PER_STAGE = 8  # global batch 8P rows: every M divides it, down to 1-row microbatches at M = 8P
 WARMUP_STEPS = 2
 MIB = 2**20
-ABBREVIATIONS = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
-                 "collective-permute": "CP"}
 
 
 class Variant(NamedTuple):
@@ -97,20 +79,6 @@ def variant_config(base, variant: Variant):
 
 # ---------------------------------------------------------------------------------------------
 # Compile and time
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, size in (("MiB", MIB), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_collectives(found: dict[str, tuple[int, int]]) -> str:
-    """`AR 1 (1.2 MiB), CP 2 (64.0 KiB)` from `collective_stats`; `none` when there are none."""
-    parts = [f"{ABBREVIATIONS[op]} {count} ({_fmt_bytes(size)})"
-             for op, (count, size) in found.items() if count]
-    return ", ".join(parts) or "none"
 
 
 def prepare(base, variant: Variant, host_batch: dict) -> dict:
@@ -158,7 +126,7 @@ def bench_stages(stages: int, steps: int) -> list[dict]:
         run["iqr_s"] = (q1, q3)
         v = run["variant"]
         print(f"P={stages} {v.name:>10} M={v.microbatches:>2}: {run['step_s'] * 1e3:7.1f} ms  "
-              f"{run['mem_mib']:6.1f} MiB  {format_collectives(run['collectives'])}", flush=True)
+              f"{run['mem_mib']:6.1f} MiB  {format_stats(run['collectives'])}", flush=True)
     return runs
 
 
@@ -185,7 +153,7 @@ def table_rows(stages: int, runs: list[dict]) -> list[dict]:
                      "bubble_min": 1 - ideal["min_s"] / run["min_s"],
                      "formula": formula(stages, m), "mem_mib": run["mem_mib"],
                      "cp": run["collectives"]["collective-permute"],
-                     "other": format_collectives({op: v for op, v in run["collectives"].items()
+                     "other": format_stats({op: v for op, v in run["collectives"].items()
                                                   if op != "collective-permute"})})
     return rows
 
@@ -255,7 +223,7 @@ def table(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['P']} | {r['M']} | {r['rows']} | {_ms(r['step_s'])} ({_ms(q1)}–{_ms(q3)}) "
                      f"| {_ms(r['ideal_s'])} | {r['overhead']:+.1%} | {r['bubble']:.1%} | "
                      f"{r['bubble_min']:.1%} | {r['formula']:.1%} | {r['mem_mib']:.1f} | "
-                     f"{cp_count} ({_fmt_bytes(cp_bytes)}) | {r['other']} |")
+                     f"{cp_count} ({format_bytes(cp_bytes)}) | {r['other']} |")
     return lines
 
 
@@ -267,7 +235,7 @@ def baselines(results: dict[int, list[dict]]) -> list[str]:
             if not v.microbatches:
                 mesh = f"data={stages}" if v.mesh else "1 device"
                 lines.append(f"- P={stages}, {v.name} ({mesh}): {_ms(run['step_s'])} ms, "
-                             f"{run['mem_mib']:.1f} MiB, {format_collectives(run['collectives'])}")
+                             f"{run['mem_mib']:.1f} MiB, {format_stats(run['collectives'])}")
     return lines
 
 

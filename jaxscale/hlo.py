@@ -32,3 +32,22 @@ def collective_stats(hlo_text: str) -> dict[str, tuple[int, int]]:
         stats[op][0] += 1
         stats[op][1] += size
     return {op: (c, b) for op, (c, b) in stats.items()}
+
+
+ABBREVIATIONS = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS",
+                 "all-to-all": "A2A", "collective-permute": "CP"}
+
+
+def format_bytes(n: float) -> str:
+    """`1.5 MiB`, `64.0 KiB` or `320 B`."""
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_stats(stats: dict[str, tuple[int, int]]) -> str:
+    """`AR 1 (1.2 MiB), AG 21 (3.4 MiB)` from `collective_stats`; `none` when there are none."""
+    parts = [f"{ABBREVIATIONS[op]} {count} ({format_bytes(size)})"
+             for op, (count, size) in stats.items() if count]
+    return ", ".join(parts) or "none"

@@ -1,0 +1,28 @@
+"""Benchmark set-up shared by the scripts here: on a CPU-only host, emulate 8 devices.
+
+Import it and call `emulate_devices()` before jax is imported.
+"""
+
+import importlib.metadata
+import importlib.util
+import os
+
+# 8 emulated devices; XLA:CPU's concurrency-optimized scheduler can deadlock the emulated devices
+# of some pipeline layouts, the default scheduler does not.
+HOST_FLAGS = ("--xla_force_host_platform_device_count=8"
+              " --xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+
+def cpu_only() -> bool:
+    """Whether jax will only find the CPU: JAX_PLATFORMS says so, or no accelerator plugin exists."""
+    platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME") or ""
+    if platforms:
+        return platforms.strip().lower() == "cpu"
+    plugins = importlib.metadata.entry_points(group="jax_plugins")
+    return not plugins and not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
+
+
+def emulate_devices() -> None:
+    """Set XLA_FLAGS for 8 emulated devices on a CPU-only host, unless the user set XLA_FLAGS."""
+    if cpu_only():
+        os.environ.setdefault("XLA_FLAGS", HOST_FLAGS)
