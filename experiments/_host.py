@@ -3,6 +3,7 @@
 Import it and call `emulate_devices()` before jax is imported.
 """
 
+import datetime
 import importlib.metadata
 import importlib.util
 import os
@@ -26,3 +27,18 @@ def emulate_devices() -> None:
     """Set XLA_FLAGS for 8 emulated devices on a CPU-only host, unless the user set XLA_FLAGS."""
     if cpu_only():
         os.environ.setdefault("XLA_FLAGS", HOST_FLAGS)
+
+
+def environment_lines(load_at_start: float) -> list[str]:
+    """Header lines every results file starts with: device, jax, date, XLA_FLAGS, host load."""
+    import jax
+
+    dev, n = jax.devices()[0], jax.device_count()
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"- Device: {dev.device_kind} x {n} ({dev.platform}); jax {jax.__version__}; {now}",
+             f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`"]
+    if dev.platform == "cpu":
+        lines.append(f"- Host load average (1 min) at start / end: {load_at_start:.1f} / "
+                     f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; other processes on the "
+                     f"host slow every timing.")
+    return lines

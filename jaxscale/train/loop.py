@@ -39,6 +39,10 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
     with contextlib.ExitStack() as stack:
         stack.enter_context(ckpt)
         state = _initial_state(config, trainer, data, ckpt)  # fails before anything is written
+        first = int(state.step)
+        last = min(config.train.steps, stop_at) if stop_at is not None else config.train.steps
+        if first >= last:  # already there: nothing to compile, write or measure
+            return []
         writer = stack.enter_context(metrics.MetricsWriter(config.run_dir))
         signals = stack.enter_context(_Signals())
         config_json = config.to_json_best_effort(indent=2)
@@ -49,8 +53,7 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
                  describe(mesh), mesh.size, jax.devices()[0].platform,
                  _mib(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
                  _mib(mem.argument_size_in_bytes), _mib(mem.temp_size_in_bytes))
-        seq_len, steps, first = config.data.seq_len, config.train.steps, int(state.step)
-        last = min(steps, stop_at) if stop_at is not None else steps
+        seq_len, steps = config.data.seq_len, config.train.steps
         flops_per_token = metrics.flops_per_token(config.model, seq_len)
         peak, peak_source = metrics.peak_flops_per_device(dtype=config.model.dtype,
                                                           cpu_devices=mesh.local_mesh.size)
