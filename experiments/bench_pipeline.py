@@ -1,10 +1,11 @@
-"""Measure the pipeline bubble of the GPipe schedule against the formula (P - 1) / (M + P - 1).
+"""Measure the pipeline bubble of the GPipe, 1F1B and interleaved schedules against their formulas.
 
     python3 experiments/bench_pipeline.py [--steps N] [--out docs/results/pipeline.md]
 
-For P in {2, 4} pipeline stages (mesh `pipeline=P` on the first P devices) and M in {P, 2P, 4P, 8P}
-microbatches, the jaxscale train step of one small Llama is compiled ahead of time, its memory and
-collectives are read from the compiled program, and it is timed against the ideal: the same model
+For P in {2, 4} pipeline stages (mesh `pipeline=P` on the first P devices), M in {P, 2P, 4P, 8P}
+microbatches and each schedule (interleaved with V = 2 chunks per stage), the jaxscale train step of
+one small Llama is compiled ahead of time, its memory and collectives are read from the compiled
+program, and it is timed against the ideal: the same model
 and batch on the same P devices with the work spread without a pipeline (`data=P`). Steps of every
 variant of one P are timed in alternating rounds, so host noise hits them alike. The plot of the
 bubble against M is written next to the markdown file (same name, `.png`); it needs matplotlib
@@ -38,6 +39,7 @@ from jaxscale.train.trainer import build_trainer
 STAGES = (2, 4)
 MICROBATCH_FACTORS = (1, 2, 4, 8)  # M = factor * P
 ROWS_PER_STAGE = 8  # global batch 8P rows: every M divides it, down to 1-row microbatches at M = 8P
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))  # (pipeline.schedule, virtual_stages)
 WARMUP_STEPS = 2
 MIB = 2**20
 
@@ -48,12 +50,14 @@ class Variant(NamedTuple):
     name: str
     mesh: dict[str, int]
     microbatches: int = 0
+    virtual_stages: int = 1
 
 
 def variants(stages: int) -> list[Variant]:
-    """The ideal (data=P), a single-device reference and the pipelines with M = P .. 8P."""
+    """The ideal (data=P), a single-device reference and each schedule with M = P .. 8P."""
     return ([Variant("ideal", {"data": stages}), Variant("one device", {})]
-            + [Variant("pipeline", {"pipeline": stages}, f * stages) for f in MICROBATCH_FACTORS])
+            + [Variant(name, {"pipeline": stages}, f * stages, v) for name, v in SCHEDULES
+               for f in MICROBATCH_FACTORS])
 
 
 def bench_config(stages: int):
@@ -72,6 +76,8 @@ def variant_config(base, variant: Variant):
     for axis in AXES:
         c.mesh[axis] = variant.mesh.get(axis, 1)
     c.pipeline.microbatches = max(variant.microbatches, 1)
+    if variant.microbatches:
+        c.pipeline.update(schedule=variant.name, virtual_stages=variant.virtual_stages)
     validate(c)
     return c
 
@@ -90,6 +96,7 @@ def prepare(base, variant: Variant, host_batch: dict) -> dict:
     return {"variant": variant, "step": compiled, "state": trainer.init(),
             "batch": make_global_batch(host_batch, trainer.batch_sharding),
             "mem_mib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / MIB,
+            "temp_mib": mem.temp_size_in_bytes / MIB,
             "collectives": collective_stats(compiled.as_text())}
 
 
@@ -124,7 +131,7 @@ def bench_stages(stages: int, steps: int) -> list[dict]:
         q1, _, q3 = statistics.quantiles(run["times"], n=4)
         run["iqr_s"] = (q1, q3)
         v = run["variant"]
-        print(f"P={stages} {v.name:>10} M={v.microbatches:>2}: {run['step_s'] * 1e3:7.1f} ms  "
+        print(f"P={stages} {v.name:>11} M={v.microbatches:>2}: {run['step_s'] * 1e3:7.1f} ms  "
               f"{run['mem_mib']:6.1f} MiB  {format_stats(run['collectives'])}", flush=True)
     return runs
 
@@ -133,8 +140,8 @@ def bench_stages(stages: int, steps: int) -> list[dict]:
 # Report
 
 
-def formula(stages: int, microbatches: float) -> float:
-    return (stages - 1) / (microbatches + stages - 1)
+def formula(stages: int, microbatches: float, virtual: int = 1) -> float:
+    return (stages - 1) / (virtual * microbatches + stages - 1)
 
 
 def table_rows(stages: int, runs: list[dict]) -> list[dict]:
@@ -145,12 +152,15 @@ def table_rows(stages: int, runs: list[dict]) -> list[dict]:
         m = run["variant"].microbatches
         if not m:
             continue
-        rows.append({"P": stages, "M": m, "rows": ROWS_PER_STAGE * stages // m,
+        v = run["variant"].virtual_stages
+        rows.append({"schedule": run["variant"].name + (f" V={v}" if v > 1 else ""), "V": v,
+                     "P": stages, "M": m, "rows": ROWS_PER_STAGE * stages // m,
                      "step_s": run["step_s"], "iqr_s": run["iqr_s"], "ideal_s": ideal["step_s"],
                      "overhead": run["step_s"] / ideal["step_s"] - 1,
                      "bubble": 1 - ideal["step_s"] / run["step_s"],
                      "bubble_min": 1 - ideal["min_s"] / run["min_s"],
-                     "formula": formula(stages, m), "mem_mib": run["mem_mib"],
+                     "formula": formula(stages, m, v), "mem_mib": run["mem_mib"],
+                     "temp_mib": run["temp_mib"],
                      "cp": run["collectives"]["collective-permute"],
                      "other": format_stats({op: v for op, v in run["collectives"].items()
                                                   if op != "collective-permute"})})
@@ -169,31 +179,37 @@ def model_shape(c) -> str:
 def header(steps: int, load: float) -> list[str]:
     dev, n = jax.devices()[0], jax.device_count()
     lines = [
-        "# Pipeline bubble: the GPipe schedule against (P − 1)/(M + P − 1)", "",
+        "# Pipeline bubble: GPipe, 1F1B and interleaved schedules against their formulas", "",
         f"Generated by `python3 experiments/bench_pipeline.py --steps {steps}` ({WARMUP_STEPS} warm-up "
         f"steps, then {steps} timed rounds of one step per variant, rotating which goes first).", "",
         *_host.environment_lines(load),
         f"- Model: {model_shape(bench_config(1))}",
-        "- Pipeline: `pipeline.schedule=gpipe`, mesh `pipeline=P` (other axes 1) on the first P devices.",
+        "- Pipeline: `pipeline.schedule=gpipe | 1f1b | interleaved` (interleaved with "
+        "`pipeline.virtual_stages=2`), mesh `pipeline=P` (other axes 1) on the first P devices.",
         "- Ideal time: the same model and batch on the same P devices with the work spread without a "
         "pipeline (mesh `data=P`, timed in the same rounds). Overhead = measured / ideal − 1 and "
         "measured bubble = 1 − ideal / measured, from median step times; the bubble is also given "
-        "from the fastest step of each (the least disturbed by other processes), next to the formula "
-        "(P − 1)/(M + P − 1). The "
+        "from the fastest step of each (the least disturbed by other processes), next to the formula: "
+        "(P − 1)/(M + P − 1) for GPipe and 1F1B, (P − 1)/(V·M + P − 1) for interleaved. 1F1B also "
+        "recomputes each stage's forward in its backward (it keeps only stage inputs), about a third "
+        "more block compute whatever M is; that shows in its measured column too. The "
         "difference also holds what else differs from data parallelism: the pipeline computes the "
         "embedding, head and loss on every stage and all-reduces the last stage's activations, data "
-        "parallelism all-reduces the gradients and updates every parameter on every device.",
+        "parallelism all-reduces the gradients and updates every parameter on every device (1F1B "
+        "runs the head on the last stage only).",
     ]
     if dev.platform == "cpu":
         lines += [
             f"- **CPU caveat.** The {n} emulated devices share {os.cpu_count()} cores, so the P stages "
             "do not run in parallel and the bubble is not idle time here. It shows anyway, as wasted "
-            "compute: in SPMD every stage runs its layers at every one of the M + P − 1 ticks "
-            "(`jaxscale/parallel/pipeline.py`), on zeros while the pipeline fills and on leftovers while "
-            "it drains (stage 0 repeats the last microbatch), and throws the results away; the backward "
-            "does the same. "
-            "The pipelined step therefore does (M + P − 1)/M times the layer work of the ideal, and on "
-            "shared cores that costs time in the same proportion as idle stages would on real devices. "
+            "compute for GPipe and interleaved: in SPMD every stage runs its layers at every one of "
+            "the ticks (`jaxscale/parallel/pipeline.py`), on zeros while the pipeline fills and on "
+            "leftovers while it drains, and throws the results away; the backward does the same. "
+            "Such a step does (M + P − 1)/M (interleaved: (V·M + P − 1)/(V·M)) times the layer work "
+            "of the ideal, and on shared cores that costs time in the same proportion as idle stages "
+            "would on real devices. 1F1B instead skips a stage's work in a tick where it has none "
+            "(`lax.cond`), so here its bubble costs nothing and its column shows the recompute and "
+            "per-tick costs only; on real devices its idle stages wait as the formula says. "
             "What this cannot show: real parallel speed-up, the latency of sending activations between "
             "devices (a collective-permute is a memory copy here), or how the schedule overlaps them. "
             "Costs that grow with M also weigh more here: small microbatches cost more per row, and "
@@ -210,15 +226,17 @@ def _ms(seconds: float) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| P | M | rows/microbatch | step ms (IQR) | ideal ms | overhead | bubble measured "
-             "| bubble, fastest steps | bubble formula | memory/device (MiB) | collective-permute "
-             "| other collectives |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = ["| schedule | P | M | rows/microbatch | step ms (IQR) | ideal ms | overhead "
+             "| bubble measured | bubble, fastest steps | bubble formula | memory/device (MiB) "
+             "| of which temporaries | collective-permute | other collectives |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         (cp_count, cp_bytes), (q1, q3) = r["cp"], r["iqr_s"]
-        lines.append(f"| {r['P']} | {r['M']} | {r['rows']} | {_ms(r['step_s'])} ({_ms(q1)}–{_ms(q3)}) "
-                     f"| {_ms(r['ideal_s'])} | {r['overhead']:+.1%} | {r['bubble']:.1%} | "
-                     f"{r['bubble_min']:.1%} | {r['formula']:.1%} | {r['mem_mib']:.1f} | "
-                     f"{cp_count} ({format_bytes(cp_bytes)}) | {r['other']} |")
+        lines.append(f"| {r['schedule']} | {r['P']} | {r['M']} | {r['rows']} | {_ms(r['step_s'])} "
+                     f"({_ms(q1)}–{_ms(q3)}) | {_ms(r['ideal_s'])} | {r['overhead']:+.1%} | "
+                     f"{r['bubble']:.1%} | {r['bubble_min']:.1%} | {r['formula']:.1%} | "
+                     f"{r['mem_mib']:.1f} | {r['temp_mib']:.1f} | {cp_count} ({format_bytes(cp_bytes)}) "
+                     f"| {r['other']} |")
     return lines
 
 
@@ -245,7 +263,7 @@ def footer(seconds: float) -> list[str]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Bubble fraction against M per P: measured points and the formula curve."""
+    """Bubble fraction against M, one panel per P: measured points and formula curves."""
     try:
         import matplotlib
     except ImportError:
@@ -254,25 +272,30 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for stages, color in zip(STAGES, ("tab:blue", "tab:orange"), strict=True):
-        mine = [r for r in rows if r["P"] == stages]
-        ms = [r["M"] for r in mine]
-        curve = [stages * 2 ** (i / 16) for i in range(16 * 3 + 1)]
-        ax.plot(curve, [formula(stages, m) for m in curve], color=color, label=f"P={stages} formula")
-        ax.plot(ms, [r["bubble"] for r in mine], "o", color=color, label=f"P={stages} measured (medians)")
-        ax.plot(ms, [r["bubble_min"] for r in mine], "o", color=color, fillstyle="none",
-                label=f"P={stages} measured (fastest steps)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({r["M"] for r in rows}), [str(m) for m in sorted({r["M"] for r in rows})])
-    ax.set_xlabel("microbatches M")
-    ax.set_ylabel("bubble fraction of the step")
-    ax.set_title(f"GPipe bubble, measured (1 − ideal/step) vs (P−1)/(M+P−1)\n"
-                 f"{jax.devices()[0].platform}, {jax.device_count()} devices; jax {jax.__version__}",
-                 fontsize=10)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(10, 4.2), sharey=True, squeeze=False)
+    colors = dict(zip((n for n, _ in SCHEDULES), ("tab:blue", "tab:green", "tab:orange"), strict=True))
+    for ax, stages in zip(axes[0], STAGES, strict=True):
+        for name, virtual in SCHEDULES:
+            mine = [r for r in rows if r["P"] == stages and r["schedule"].split()[0] == name]
+            if not mine:
+                continue
+            label, color = mine[0]["schedule"], colors[name]
+            curve = [stages * 2 ** (i / 16) for i in range(16 * 3 + 1)]
+            ax.plot(curve, [formula(stages, m, virtual) for m in curve], color=color,
+                    linestyle="--" if name == "1f1b" else "-", label=f"{label} formula")
+            ax.plot([r["M"] for r in mine], [r["bubble"] for r in mine], "o", color=color,
+                    label=f"{label} measured")
+        ax.set_xscale("log", base=2)
+        ms = sorted({r["M"] for r in rows if r["P"] == stages})
+        ax.set_xticks(ms, [str(m) for m in ms])
+        ax.set_xlabel("microbatches M")
+        ax.set_title(f"P = {stages}", fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("bubble: 1 − ideal / step (medians)")
+    axes[0][0].legend(loc="upper right", fontsize=7)
+    fig.suptitle(f"Pipeline bubble, measured vs formula; {jax.devices()[0].platform}, "
+                 f"{jax.device_count()} devices, jax {jax.__version__}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")

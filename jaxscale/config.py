@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.rules = ()  # ((logical, mesh_axes), ...) overriding the default rules
 
     c.pipeline = ml_collections.ConfigDict()  # used when mesh.pipeline > 1
-    c.pipeline.schedule = "gpipe"  # gpipe (1f1b, interleaved: not yet)
+    c.pipeline.schedule = "gpipe"  # gpipe, 1f1b or interleaved (docs/parallelism.md)
     c.pipeline.microbatches = 4  # per data-parallel shard and accumulation step
     c.pipeline.virtual_stages = 1  # layer chunks per stage (interleaved schedule)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,6 +76,22 @@ def test_restore_onto_another_mesh(straight, layout, n_devices):
     leaf = jax.tree.leaves(trainer.abstract_state().params)[0]
     assert leaf.sharding.mesh.devices.size == n_devices
     np.testing.assert_allclose(loss, losses[N], rtol=1e-5)  # the un-resharded run's step N+1
+
+
+def test_interleaved_pipeline_checkpoints_restore_onto_any_layout(tmp_path):
+    """The interleaved schedule stores layers as [V, L/V, ...]; its checkpoints hold [L, ...]."""
+    devices_or_skip(8)
+    config = run_config(tmp_path, pipeline=2, data=4)
+    config.model.n_layers = 4
+    config.pipeline.update(schedule="interleaved", virtual_stages=2, microbatches=2)
+    first = train(config, progress=False, stop_at=N)
+    second = train(config, progress=False)  # resumes: canonical -> [V, L/V, ...]
+    assert [r["step"] for r in first + second] == list(range(1, 2 * N + 1))
+    assert re.search(r"blocks.mlp.w_up +float32 +\[4, 64, 128\]", describe(str(tmp_path / "checkpoints")))
+    plain = run_config(tmp_path, data=2)
+    plain.model.n_layers = 4
+    _, loss, _ = restore_and_step(tmp_path, plain, devices_or_skip(2))
+    np.testing.assert_allclose(loss, second[0]["loss"], rtol=1e-5)
 
 
 def jaxscale(args, run_dir, *, kill_after_save=None, **popen):

@@ -76,8 +76,8 @@ def test_info_sizes_llama3_70b_without_allocating():
     (["train", "--config.model.d_model=big"], "--config.model.d_model=big"),
     (["train", "--config.model.n_kv_heads=3", "--config.mesh.tensor=2"], "kv_heads=3"),
     (["train", "--config.mesh.context=2"], "context (ring attention) parallelism (mesh axis"),
-    (["train", "--config.mesh.pipeline=2", "--config.pipeline.schedule=1f1b"],
-     "the 1f1b pipeline schedule"),
+    (["train", "--config.mesh.pipeline=2", "--config.pipeline.virtual_stages=2"],
+     "pipeline.virtual_stages=2 needs pipeline.schedule=interleaved"),
     (["serve"], "unknown command 'serve'"),
 ])
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message, tmp_path):

@@ -179,42 +179,91 @@ def test_remat_composes_with_fsdp_regathering():
     np.testing.assert_allclose(train_losses(config, devices_or_skip(8)), base, rtol=1e-6)
 
 
-def pipeline_config(**layout):
+def pipeline_config(schedule="gpipe", n_layers=4, microbatches=2, virtual_stages=1, **layout):
     config = tiny_config(**layout)
-    config.model.n_layers = 4
-    config.pipeline.microbatches = 2
+    config.model.n_layers = n_layers
+    config.pipeline.update(schedule=schedule, microbatches=microbatches,
+                           virtual_stages=virtual_stages)
     return config
 
 
 @pytest.fixture(scope="module")
-def pipeline_reference():
-    return train_metrics(pipeline_config(), jax.devices()[:1])
+def pipeline_references():
+    """Losses and grad norms without a pipeline, by depth (the interleaved P=4 case needs 8)."""
+    cache = {}
+
+    def get(n_layers):
+        if n_layers not in cache:
+            cache[n_layers] = train_metrics(pipeline_config(n_layers=n_layers), jax.devices()[:1])
+        return cache[n_layers]
+
+    return get
 
 
-@pytest.mark.parametrize("layout, n_devices", [
-    (dict(pipeline=2), 2), (dict(pipeline=4), 4), (dict(pipeline=2, data=4), 8),
-    (dict(pipeline=2, fsdp=2, tensor=2), 8), (dict(pipeline=2, data=2, tensor=2, zero_stage=3), 8)])
-def test_gpipe_matches_the_unpipelined_model(layout, n_devices, pipeline_reference):
-    losses, grad_norms = train_metrics(pipeline_config(**layout), devices_or_skip(n_devices))
-    np.testing.assert_allclose(losses, pipeline_reference[0], rtol=1e-5)
-    np.testing.assert_allclose(grad_norms, pipeline_reference[1], rtol=1e-4)
+HYBRID = dict(pipeline=2, fsdp=2, tensor=2)
+PIPELINES = {  # name: (pipeline_config arguments, devices)
+    "gpipe_p2": (dict(pipeline=2), 2),
+    "gpipe_p4": (dict(pipeline=4), 4),
+    "gpipe_p2_dp4": (dict(pipeline=2, data=4), 8),
+    "gpipe_p2_fsdp2_tp2": (HYBRID, 8),
+    "gpipe_p2_dp2_tp2_zero3": (dict(pipeline=2, data=2, tensor=2, zero_stage=3), 8),
+    "1f1b_p2": (dict(schedule="1f1b", pipeline=2, microbatches=4), 2),
+    "1f1b_p4": (dict(schedule="1f1b", pipeline=4, microbatches=4), 4),
+    "1f1b_p2_dp4": (dict(schedule="1f1b", pipeline=2, data=4), 8),
+    "1f1b_p2_fsdp2_tp2": (dict(schedule="1f1b", **HYBRID), 8),
+    "1f1b_p2_accum2": (dict(schedule="1f1b", pipeline=2, data=2, grad_accum_steps=2), 4),
+    "interleaved_p2_v2": (dict(schedule="interleaved", virtual_stages=2, pipeline=2), 2),
+    "interleaved_p4_v2": (dict(schedule="interleaved", virtual_stages=2, pipeline=4, n_layers=8,
+                               microbatches=4), 4),
+    "interleaved_p2_v2_fsdp2_tp2": (dict(schedule="interleaved", virtual_stages=2, **HYBRID), 8),
+}
 
 
-def test_pipeline_sends_activations_between_stages_and_keeps_layers_local():
-    config = pipeline_config(pipeline=4)
+@pytest.mark.parametrize("name", PIPELINES)
+def test_pipeline_schedules_match_the_unpipelined_model(name, pipeline_references):
+    args, n_devices = PIPELINES[name]
+    config = pipeline_config(**args)
+    losses, grad_norms = train_metrics(config, devices_or_skip(n_devices))
+    reference = pipeline_references(config.model.n_layers)
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
+    np.testing.assert_allclose(grad_norms, reference[1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+def test_pipeline_sends_activations_between_stages_and_keeps_layers_local(schedule):
+    virtual = 2 if schedule == "interleaved" else 1
+    config = pipeline_config(schedule, n_layers=8, microbatches=4, virtual_stages=virtual,
+                             pipeline=4)
     trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(4)))
     stats = collective_stats(trainer.compile().as_text())
-    assert stats["collective-permute"][0] >= 2  # forward shift, and its transpose in the backward
+    assert stats["collective-permute"][0] >= 2  # activations forward, cotangents backward
     assert stats["all-gather"][0] == 0  # no stage ever sees another stage's layers
     block = trainer.abstract_state().params["blocks"]["mlp"]["w_up"]
-    assert block.sharding.spec[0] == "pipeline" and block.shape[0] == 4
+    layers = (virtual, 8 // virtual) if virtual > 1 else (8,)
+    assert block.shape[:virtual] == layers and block.sharding.spec[virtual - 1] == "pipeline"
+    assert block.sharding.shard_shape(block.shape)[:virtual] == layers[:-1] + (layers[-1] // 4,)
+
+
+def test_1f1b_keeps_less_activation_memory_than_gpipe():
+    """Compiled temporaries per device at the same M: 1F1B keeps <= 2P - 1 microbatches' stage
+    inputs, GPipe every layer's activations of all M (plus the head on every stage)."""
+    temp = {}
+    for schedule in ("gpipe", "1f1b"):
+        config = pipeline_config(schedule, microbatches=8, pipeline=2)
+        trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(2)))
+        temp[schedule] = trainer.compile().memory_analysis().temp_size_in_bytes
+    assert temp["1f1b"] < 0.5 * temp["gpipe"], temp
 
 
 @pytest.mark.parametrize("changes, error, message", [
     (dict(n_layers=3), UserError, "model.n_layers=3 is not divisible by mesh.pipeline=2"),
     (dict(microbatches=3), UserError, r"\(16\) is not divisible by pipeline.microbatches=3"),
-    (dict(schedule="1f1b"), NotImplementedError, "the 1f1b pipeline schedule"),
     (dict(schedule="zigzag"), UserError, "pipeline.schedule='zigzag'"),
+    (dict(schedule="interleaved", virtual_stages=4), UserError,
+     r"n_layers=4 is not divisible by mesh.pipeline=2 x pipeline.virtual_stages=4"),
+    (dict(schedule="interleaved", virtual_stages=2, microbatches=1), UserError,
+     "groups of mesh.pipeline=2; set pipeline.microbatches=1 to a multiple of it"),
+    (dict(virtual_stages=2), UserError, "virtual_stages=2 needs pipeline.schedule=interleaved"),
 ])
 def test_bad_pipeline_configs_fail_before_compiling(changes, error, message):
     config = pipeline_config(pipeline=2)

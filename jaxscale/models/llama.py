@@ -156,19 +156,34 @@ class Llama(nnx.Module):
         """Logits for `tokens`. Parallelism strategies may replace how the blocks run:
         `apply_block(block, x, positions, mask)` runs one layer (to gather its parameters just in
         time), `run_blocks(blocks, x, positions, mask, apply_block)` runs the stack (a pipeline)."""
-        c = self.config
-        dt = jnp.dtype(c.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        mask = None
-        if segment_ids is not None:  # packed rows: attend only within the same document
-            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        x = self.embed_tokens(tokens)
+        x = run_blocks(self.blocks, x, positions, attention_mask(segment_ids),
+                       self.block_fn(apply_block))
+        return self.head(x)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """The residual stream's input: token embeddings in the compute dtype."""
         table = constrain(self.embed[...], ("vocab", None))  # gathered whole over `fsdp` for use
-        x = constrain(jnp.take(table, tokens, axis=0).astype(dt), RESIDUAL)
-        if c.remat != "none":
-            apply_block = nnx.remat(apply_block, policy=remat_policy(c.remat), prevent_cse=True)
-        x = run_blocks(self.blocks, x, positions, mask, apply_block)
+        return constrain(jnp.take(table, tokens, axis=0).astype(self.config.dtype), RESIDUAL)
+
+    def block_fn(self, apply_block: Callable[..., jax.Array] = apply_block) -> Callable[..., jax.Array]:
+        """`apply_block` under the model's rematerialisation policy."""
+        if self.config.remat == "none":
+            return apply_block
+        return nnx.remat(apply_block, policy=remat_policy(self.config.remat), prevent_cse=True)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Float32 logits from the last block's output."""
         x = self.final_norm(x)
-        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bse,ev->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bse,ev->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
+
+
+def attention_mask(segment_ids: jax.Array | None) -> jax.Array | None:
+    """For packed rows, attend only within the same document ([batch, 1, seq, seq]); None if unpacked."""
+    if segment_ids is None:
+        return None
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]

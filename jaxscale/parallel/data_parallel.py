@@ -62,50 +62,46 @@ def _not_gathered(prim, *_, **__) -> bool:
 
 
 def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, regather: bool,
-                       run_blocks: Callable | None = None) -> Callable:
+                       model_loss: Callable = loss_sums, stacked_dims: int = 1) -> Callable:
     """`loss_sums` of the model, run manual over the data-parallel axes.
 
     Returns `loss(params, batch) -> (loss_sum, count)`, the global sums, differentiable in
     `params`. `param_specs` are the stored layouts of the parameters: their data-parallel parts
     decide what is gathered. The batch's leading dimension is split over the data-parallel axes.
     With `regather`, each block's parameters are gathered inside the block and gathered again in
-    the backward pass instead of being kept (`blocks` are stacked: their leading axis is layers).
-    With a `pipeline` axis, it is manual too and `run_blocks` runs the stages' schedule; the loss
-    is computed on every stage alike and averaged over the axis.
+    the backward pass instead of being kept (`blocks` are stacked: their first `stacked_dims`
+    axes index layers). With a `pipeline` axis, it is manual too and `model_loss` (`loss_sums` or
+    a pipeline schedule's loss, see `pipeline.py`) returns the same sums on every stage.
     """
     axes = dp_axes(layout)
-    pipelined = layout.mesh.shape["pipeline"] > 1
-    manual_axes = axes + (("pipeline",) if pipelined else ())
-    model_kwargs = {"run_blocks": run_blocks} if pipelined else {}
+    manual_axes = axes + (("pipeline",) if layout.mesh.shape["pipeline"] > 1 else ())
     if not manual_axes:
-        return partial(loss_sums, graphdef)
+        return partial(model_loss, graphdef)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     manual = jax.tree.map(lambda s: _manual_part(s, manual_axes, "a parameter rule"),
                           param_specs, is_leaf=is_spec)
 
-    def gather(x, spec, stored):
+    def gather(x, spec):
         x = _gather(x, spec)
         # Mark the full-precision value as varying here, so the gradient's psum over the
         # replicated axes happens in the parameter dtype (not in a bf16 compute copy).
-        # (Inputs vary over the axes of their stored spec, and stay varying through gathers.)
-        sharded = {a for d in stored for a in ((d,) if isinstance(d, str) else d or ())}
-        missing = tuple(a for a in manual_axes if a not in sharded)
+        varying = jax.typeof(x).manual_axis_type.varying
+        missing = tuple(a for a in manual_axes if a not in varying)
         return jax.lax.pcast(x, missing, to="varying") if missing else x
 
-    def gather_tree(tree, specs, stored=None):
+    def gather_tree(tree, specs):
         leaves, treedef = jax.tree.flatten(tree)
         specs = jax.tree.leaves(specs, is_leaf=is_spec)
-        stored = specs if stored is None else jax.tree.leaves(stored, is_leaf=is_spec)
-        return treedef.unflatten([gather(x, s, t) for x, s, t in zip(leaves, specs, stored,
-                                                                      strict=True)])
+        return treedef.unflatten([gather(x, s) for x, s in zip(leaves, specs, strict=True)])
 
-    layer_specs = jax.tree.map(lambda s: PartitionSpec(*s[1:]), manual["blocks"], is_leaf=is_spec)
+    layer_specs = jax.tree.map(lambda s: PartitionSpec(*s[stacked_dims:]), manual["blocks"],
+                               is_leaf=is_spec)
 
     def regathered_block(block, x, positions, mask):
         block_graph, shards = nnx.split(block)
 
         def run(shards, x, positions, mask):
-            full = gather_tree(shards, layer_specs, manual["blocks"])
+            full = gather_tree(shards, layer_specs)
             return nnx.merge(block_graph, full)(x, positions, mask)
 
         return jax.checkpoint(run, policy=_not_gathered)(shards, x, positions, mask)
@@ -115,14 +111,11 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
             rest = {k: v for k, v in params.items() if k != "blocks"}
             full = nnx.State({**gather_tree(nnx.State(rest), nnx.State(
                 {k: v for k, v in manual.items() if k != "blocks"})), "blocks": params["blocks"]})
-            loss_sum, count = loss_sums(graphdef, full, batch, apply_block=regathered_block,
-                                        **model_kwargs)
+            loss_sum, count = model_loss(graphdef, full, batch, apply_block=regathered_block)
         else:
-            loss_sum, count = loss_sums(graphdef, gather_tree(params, manual), batch, **model_kwargs)
+            loss_sum, count = model_loss(graphdef, gather_tree(params, manual), batch)
         if axes:
             loss_sum, count = jax.lax.psum(loss_sum, axes), jax.lax.psum(count, axes)
-        if pipelined:  # every stage computed the same loss from the broadcast last-stage output
-            loss_sum, count = jax.lax.pmean(loss_sum, "pipeline"), jax.lax.pmean(count, "pipeline")
         return loss_sum, count
 
     def wrapped(params, batch):

@@ -83,7 +83,7 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
                                 tok_s=f"{row.get('tokens_per_s', 0):.0f}")
             periodic = ckpt_cfg.every and done % ckpt_cfg.every == 0
             if periodic or done == last or signals.received:
-                ckpt.save(done, state, data.get_state(), config_json)
+                ckpt.save(done, trainer.to_canonical(state), data.get_state(), config_json)
             if signals.received:
                 log.info("received %s: saved a checkpoint at step %d; exiting",
                          signals.received, done)
@@ -97,14 +97,15 @@ def _initial_state(config, trainer, data, ckpt: Checkpointer):
     ckpt_cfg = config.checkpoint
     step = ckpt_cfg.resume_step if ckpt_cfg.resume_step >= 0 else None
     if ckpt.steps() or step is not None:
-        state, data_state, step = ckpt.restore(trainer.abstract_state(), step)
+        state, data_state, step = ckpt.restore(trainer.abstract_state(canonical=True), step)
         data.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, step)
-        return state
+        return trainer.from_canonical(state)
     state = trainer.init()
     if ckpt_cfg.init_params_from:
         source = Checkpointer(ckpt_cfg.init_params_from, read_only=True)
-        params = source.restore_params(trainer.abstract_state().params)
+        params = source.restore_params(trainer.abstract_state(canonical=True).params)
+        params = trainer.from_canonical(params)
         log.info("initialised parameters from %s", source.directory)
         state = state.replace(params=params)
     return state

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxscale.errors import UserError
 from jaxscale.models import Llama, LlamaConfig
 from jaxscale.parallel.data_parallel import data_parallel_loss
-from jaxscale.parallel.pipeline import check_pipeline, gpipe_blocks
+from jaxscale.parallel.pipeline import check_pipeline, pipeline_loss, virtualize
 from jaxscale.sharding import (
     DEFAULT_RULES,
     PIPELINE_RULES,
@@ -33,7 +33,7 @@ from jaxscale.sharding import (
     use_layout,
 )
 from jaxscale.train.optim import make_optimizer
-from jaxscale.train.step import Batch, TrainState, make_train_step
+from jaxscale.train.step import Batch, TrainState, loss_sums, make_train_step
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -66,6 +66,7 @@ class Trainer:
     schedule: optax.Schedule
     state_specs: TrainState
     batch_spec: PartitionSpec
+    virtual_stages: int = 1
     _step: Callable = dataclasses.field(repr=False, default=None)
     _compiled: object = dataclasses.field(repr=False, default=None)
 
@@ -88,22 +89,47 @@ class Trainer:
 
         @partial(jax.jit, out_shardings=self.state_shardings)
         def init_fn(key):
-            params = nnx.state(Llama(c, nnx.Rngs(params=key)))
+            params = virtualize(nnx.state(Llama(c, nnx.Rngs(params=key))), self.virtual_stages)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=self.tx.init(params))
 
         with use_layout(self.layout):
             return init_fn(jax.random.key(seed))
 
-    def abstract_state(self) -> TrainState:
-        """ShapeDtypeStructs of the state, with shardings (for AOT compiles and restores)."""
+    def abstract_state(self, canonical: bool = False) -> TrainState:
+        """ShapeDtypeStructs of the state, with shardings (for AOT compiles and restores).
+
+        `canonical`: the form checkpoints hold, stacked layers `[L, ...]` whatever the schedule.
+        """
+        v = 1 if canonical else self.virtual_stages
         shapes = jax.eval_shape(
             lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
-            abstract_model(self.config.model)[1])
+            virtualize(abstract_model(self.config.model)[1], v))
         leaves, treedef = jax.tree.flatten(shapes)
-        shardings = jax.tree.leaves(self.state_shardings)
+        specs = virtualize(self.state_specs, self.virtual_stages, inverse=True) if canonical else (
+            self.state_specs)
+        shardings = jax.tree.leaves(self.layout.shardings(specs))
         return treedef.unflatten([jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
                                   for s, sh in zip(leaves, shardings, strict=True)])
+
+    def to_canonical(self, tree):
+        """A state (or its params) in checkpoint form: stacked layers `[L, ...]`."""
+        return self._convert(tree, inverse=True)
+
+    def from_canonical(self, tree):
+        """The inverse of `to_canonical`: the layout this trainer's step runs on."""
+        return self._convert(tree, inverse=False)
+
+    def _convert(self, tree, inverse: bool):
+        if self.virtual_stages == 1:
+            return tree
+        target = self.abstract_state(canonical=inverse)
+        if not isinstance(tree, TrainState):
+            target = target.params
+        shardings = jax.tree.map(lambda s: s.sharding, target)
+        with use_layout(self.layout):
+            return jax.jit(partial(virtualize, virtual=self.virtual_stages, inverse=inverse),
+                           out_shardings=shardings)(tree)
 
     def abstract_batch(self) -> Batch:
         cfg = self.config
@@ -141,16 +167,20 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     batch_spec = layout.spec(("batch", None))
 
     regather = layout.mesh.shape["fsdp"] > 1 or layout.zero_stage == 3
-    stages = layout.mesh.shape["pipeline"]
-    run_blocks = gpipe_blocks(config.pipeline.microbatches, stages) if stages > 1 else None
+    stages, pipe = layout.mesh.shape["pipeline"], config.pipeline
+    virtual = pipe.virtual_stages if stages > 1 and pipe.schedule == "interleaved" else 1
+    state_specs = virtualize(state_specs, virtual)
+    param_specs = state_specs.params
+    model_loss = (pipeline_loss(pipe.schedule, pipe.microbatches, stages, virtual) if stages > 1
+                  else loss_sums)
     loss_fn = data_parallel_loss(graphdef, layout, param_specs, regather=regather,
-                                 run_blocks=run_blocks)
+                                 model_loss=model_loss, stacked_dims=1 + (virtual > 1))
     step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,
                               layout.shardings(param_specs))
     shardings = layout.shardings(state_specs)
     jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(batch_spec)),
                      out_shardings=(shardings, None), donate_argnums=0)
-    return Trainer(config, layout, graphdef, tx, schedule, state_specs, batch_spec, jitted)
+    return Trainer(config, layout, graphdef, tx, schedule, state_specs, batch_spec, virtual, jitted)
 
 
 def _check_batch(config, layout: Layout) -> None:

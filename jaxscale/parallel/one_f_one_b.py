@@ -1,0 +1,143 @@
+"""The 1F1B pipeline schedule in SPMD form, with the loss head on the last stage.
+
+At tick `t` stage `s` runs the forward of microbatch `t - s` and the backward of microbatch
+`t - (2P - 2 - s)`, for `M + 2P - 2` ticks. The last stage takes the loss of a microbatch and
+starts its backward in the tick its forward ends; activations move one stage on and cotangents one
+stage back per tick (two `ppermute`s). A stage keeps only the *inputs* of its in-flight
+microbatches, in a ring of `min(M, 2P - 1)` slots whatever `M` is, and recomputes a microbatch's
+forward in its backward (stage-level rematerialisation): activation memory is bounded by P, where
+GPipe keeps every layer's activations for all `M` microbatches, at the cost of one more forward.
+Forward, head and backward are each a `lax.cond`, so a stage with nothing to do in a tick skips that
+work and the step costs about `(M + P - 1)(2F + B)`.
+
+Gradients are computed inside the schedule, so the pipelined part is one `jax.custom_vjp`
+function whose forward returns the loss and keeps the gradients, and whose backward scales them by
+the loss's cotangent. The embedding, data parallelism, the optimizer and gradient accumulation
+around it are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxscale.models.llama import apply_block as plain_block
+from jaxscale.models.llama import attention_mask, scan_blocks
+from jaxscale.parallel.pipeline import AXIS, split_microbatches
+
+
+def _varying(x: jax.Array) -> frozenset[str]:
+    return jax.typeof(x).manual_axis_type.varying
+
+
+def _vary(x: jax.Array, axes: frozenset[str]) -> jax.Array:
+    """`x` marked varying over `axes` (those it is not varying over already)."""
+    missing = tuple(sorted(axes - _varying(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def one_f_one_b_loss(microbatches: int, stages: int) -> Callable:
+    """`loss(graphdef, params, batch, apply_block=...) -> (loss_sum, count)` under 1F1B.
+
+    Runs where `pipeline` is manual; returns the same sums on every stage.
+    """
+    m, p = microbatches, stages
+
+    def loss(graphdef: nnx.GraphDef, params: nnx.State, batch, apply_block=plain_block):
+        model = nnx.merge(graphdef, params)
+        x = model.embed_tokens(batch["inputs"])
+        axes = _varying(x)  # every manual axis: the table is marked varying over all of them
+        run_layer = model.block_fn(apply_block)
+        block_graph = nnx.split(model.blocks)[0]
+        blocks = jax.tree.map(lambda a: _vary(a, axes), params["blocks"])
+        head_params = nnx.State({k: v for k, v in params.items() if k != "blocks"})
+        block_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), blocks)
+
+        def stage_fn(w, x, positions, mask):
+            return scan_blocks(nnx.merge(block_graph, w), x, positions, mask, run_layer)
+
+        def head_fn(h, y, targets, loss_mask):
+            head = nnx.merge(graphdef, nnx.State({**h, "blocks": block_shapes})).head
+            xent = optax.softmax_cross_entropy_with_integer_labels(head(y), targets)
+            return jnp.sum(xent * loss_mask)
+
+        aux = (batch["positions"], attention_mask(batch["segment_ids"]), batch["targets"],
+               batch["loss_mask"])
+        loss_sum = _pipelined(stage_fn, head_fn, m, p, axes)(blocks, head_params, x, aux)
+        return jax.lax.psum(loss_sum, AXIS), jnp.sum(batch["loss_mask"])
+
+    return loss
+
+
+def _pipelined(stage_fn: Callable, head_fn: Callable, m: int, p: int, axes: frozenset[str]):
+    """`f(blocks, head_params, x, aux) -> loss_sum` (last stage; 0 elsewhere), gradients by 1F1B."""
+
+    @jax.custom_vjp
+    def f(w, h, x, aux):
+        return _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux)[0]
+
+    def fwd(w, h, x, aux):
+        return _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux)
+
+    def bwd(grads, ct):
+        dw, dh, dx = jax.tree.map(lambda g: (g * ct).astype(g.dtype), grads)
+        return dw, dh, dx, None
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux):
+    """Run the ticks; returns `(loss_sum, (grad_blocks, grad_head, grad_x))`."""
+    stage = jax.lax.axis_index(AXIS)
+    positions, mask, targets, loss_mask = aux
+    xs, ps, ms, ts, ls = (split_microbatches(a, m) for a in (x, positions, mask, targets, loss_mask))
+    slots = min(m, 2 * p - 1)
+
+    def run(w, xin, i):
+        return stage_fn(w, xin, ps[i], None if ms is None else ms[i])
+
+    def backward(xin, i, ct):
+        """Stage backward of microbatch `i` from its stashed input: recompute, then transpose."""
+        return jax.vjp(lambda w, xin: run(w, xin, i), w, xin)[1](ct)
+
+    def head(y, i):
+        lsum, vjp = jax.vjp(lambda h, y: head_fn(h, y, ts[i], ls[i]), h, y)
+        dh, dy = vjp(lsum * 0 + 1)
+        return lsum, dh, dy
+
+    zeros_x = xs[0] * 0
+    zeros_w = jax.tree.map(lambda a: a * 0, w)
+    zeros_h = jax.tree.map(lambda a: a * 0, h)
+    zero_loss = jnp.sum(zeros_x, dtype=jnp.float32)
+    forward_ring = [(i, (i + 1) % p) for i in range(p)]
+    backward_ring = [((i + 1) % p, i) for i in range(p)]
+    last = stage == p - 1
+
+    def tick(carry, t):
+        recv_x, recv_ct, stash, grad_w, grad_h, grad_x, loss_sum = carry
+        fi, bi = t - stage, t - (2 * p - 2 - stage)  # forward / backward microbatch
+        f_ok, b_ok = (fi >= 0) & (fi < m), (bi >= 0) & (bi < m)
+        fi, bi = jnp.clip(fi, 0, m - 1), jnp.clip(bi, 0, m - 1)
+        xin = jnp.where(stage == 0, xs[fi], recv_x)
+        y = jax.lax.cond(f_ok, lambda: run(w, xin, fi), lambda: zeros_x)
+        stash = stash.at[fi % slots].set(jnp.where(f_ok, xin, stash[fi % slots]))
+        lsum, dh, dy = jax.lax.cond(f_ok & last, lambda: head(y, fi),
+                                    lambda: (zero_loss, zeros_h, zeros_x))
+        ct = jnp.where(last, dy, recv_ct)
+        dw, dx = jax.lax.cond(b_ok, lambda: backward(stash[bi % slots], bi, ct),
+                              lambda: (zeros_w, zeros_x))
+        grad_x = grad_x.at[bi].set(jnp.where(b_ok & (stage == 0), dx, grad_x[bi]))
+        carry = (jax.lax.ppermute(y, AXIS, forward_ring), jax.lax.ppermute(dx, AXIS, backward_ring),
+                 stash, jax.tree.map(jnp.add, grad_w, dw), jax.tree.map(jnp.add, grad_h, dh),
+                 grad_x, loss_sum + lsum)
+        return carry, None
+
+    init = (zeros_x, zeros_x, jnp.stack([zeros_x] * slots), zeros_w, zeros_h, xs * 0, zero_loss)
+    (_, _, _, grad_w, grad_h, grad_x, loss_sum), _ = jax.lax.scan(tick, init,
+                                                                   jnp.arange(m + 2 * p - 2))
+    return loss_sum, (grad_w, grad_h, grad_x.reshape(x.shape))
