@@ -244,15 +244,31 @@ def test_pipeline_sends_activations_between_stages_and_keeps_layers_local(schedu
     assert block.sharding.shard_shape(block.shape)[:virtual] == layers[:-1] + (layers[-1] // 4,)
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+def test_pipeline_loss_without_gradients_matches_the_training_step(schedule):
+    config = pipeline_config(schedule, virtual_stages=2 if schedule == "interleaved" else 1,
+                             pipeline=2)
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(2)))
+    _, data = build_data(config)
+    batch = make_global_batch(next(data), trainer.batch_sharding)
+    state = trainer.init()
+    loss = float(trainer.loss(state.params, batch))
+    _, out = trainer.step(state, batch)
+    assert loss == pytest.approx(float(out["loss"]), rel=1e-6)
+
+
 def test_1f1b_keeps_less_activation_memory_than_gpipe():
     """Compiled temporaries per device at the same M: 1F1B keeps <= 2P - 1 microbatches' stage
-    inputs, GPipe every layer's activations of all M (plus the head on every stage)."""
+    inputs, GPipe every layer's activations of all M (plus the head on every stage). Interleaved
+    keeps what GPipe keeps, not its chunk's weights once per tick."""
     temp = {}
-    for schedule in ("gpipe", "1f1b"):
-        config = pipeline_config(schedule, microbatches=8, pipeline=2)
+    for schedule in ("gpipe", "1f1b", "interleaved"):
+        config = pipeline_config(schedule, microbatches=8, pipeline=2,
+                                 virtual_stages=2 if schedule == "interleaved" else 1)
         trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(2)))
         temp[schedule] = trainer.compile().memory_analysis().temp_size_in_bytes
     assert temp["1f1b"] < 0.5 * temp["gpipe"], temp
+    assert temp["interleaved"] < 1.1 * temp["gpipe"], temp
 
 
 @pytest.mark.parametrize("changes, error, message", [

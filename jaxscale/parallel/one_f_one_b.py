@@ -77,11 +77,11 @@ def _pipelined(stage_fn: Callable, head_fn: Callable, m: int, p: int, axes: froz
     """`f(blocks, head_params, x, aux) -> loss_sum` (last stage; 0 elsewhere), gradients by 1F1B."""
 
     @jax.custom_vjp
-    def f(w, h, x, aux):
-        return _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux)[0]
+    def f(w, h, x, aux):  # not differentiated: the forward ticks only
+        return _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux, with_grads=False)[0]
 
     def fwd(w, h, x, aux):
-        return _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux)
+        return _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux, with_grads=True)
 
     def bwd(grads, ct):
         dw, dh, dx = jax.tree.map(lambda g: (g * ct).astype(g.dtype), grads)
@@ -91,8 +91,9 @@ def _pipelined(stage_fn: Callable, head_fn: Callable, m: int, p: int, axes: froz
     return f
 
 
-def _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux):
-    """Run the ticks; returns `(loss_sum, (grad_blocks, grad_head, grad_x))`."""
+def _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux, *, with_grads: bool):
+    """Run the ticks; returns `(loss_sum, (grad_blocks, grad_head, grad_x))` (zero gradients
+    and only the `M + P - 1` forward ticks without `with_grads`)."""
     stage = jax.lax.axis_index(AXIS)
     positions, mask, targets, loss_mask = aux
     xs, ps, ms, ts, ls = (split_microbatches(a, m) for a in (x, positions, mask, targets, loss_mask))
@@ -106,6 +107,8 @@ def _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux):
         return jax.vjp(lambda w, xin: run(w, xin, i), w, xin)[1](ct)
 
     def head(y, i):
+        if not with_grads:
+            return head_fn(h, y, ts[i], ls[i]), zeros_h, zeros_x
         lsum, vjp = jax.vjp(lambda h, y: head_fn(h, y, ts[i], ls[i]), h, y)
         dh, dy = vjp(lsum * 0 + 1)
         return lsum, dh, dy
@@ -125,12 +128,14 @@ def _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux):
         fi, bi = jnp.clip(fi, 0, m - 1), jnp.clip(bi, 0, m - 1)
         xin = jnp.where(stage == 0, xs[fi], recv_x)
         y = jax.lax.cond(f_ok, lambda: run(w, xin, fi), lambda: zeros_x)
-        stash = stash.at[fi % slots].set(jnp.where(f_ok, xin, stash[fi % slots]))
         lsum, dh, dy = jax.lax.cond(f_ok & last, lambda: head(y, fi),
                                     lambda: (zero_loss, zeros_h, zeros_x))
-        ct = jnp.where(last, dy, recv_ct)
-        dw, dx = jax.lax.cond(b_ok, lambda: backward(stash[bi % slots], bi, ct),
-                              lambda: (zeros_w, zeros_x))
+        dw, dx = zeros_w, zeros_x
+        if with_grads:
+            stash = stash.at[fi % slots].set(jnp.where(f_ok, xin, stash[fi % slots]))
+            ct = jnp.where(last, dy, recv_ct)
+            dw, dx = jax.lax.cond(b_ok, lambda: backward(stash[bi % slots], bi, ct),
+                                  lambda: (zeros_w, zeros_x))
         grad_x = grad_x.at[bi].set(jnp.where(b_ok & (stage == 0), dx, grad_x[bi]))
         carry = (jax.lax.ppermute(y, AXIS, forward_ring), jax.lax.ppermute(dx, AXIS, backward_ring),
                  stash, jax.tree.map(jnp.add, grad_w, dw), jax.tree.map(jnp.add, grad_h, dh),
@@ -138,6 +143,6 @@ def _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux):
         return carry, None
 
     init = (zeros_x, zeros_x, jnp.stack([zeros_x] * slots), zeros_w, zeros_h, xs * 0, zero_loss)
-    (_, _, _, grad_w, grad_h, grad_x, loss_sum), _ = jax.lax.scan(tick, init,
-                                                                   jnp.arange(m + 2 * p - 2))
+    ticks = m + 2 * p - 2 if with_grads else m + p - 1
+    (_, _, _, grad_w, grad_h, grad_x, loss_sum), _ = jax.lax.scan(tick, init, jnp.arange(ticks))
     return loss_sum, (grad_w, grad_h, grad_x.reshape(x.shape))

@@ -105,6 +105,16 @@ def interleaved_blocks(microbatches: int, stages: int, virtual: int) -> Callable
     def run(blocks, x, positions, mask, apply_block):
         stage = jax.lax.axis_index(AXIS)
         graph, stacked = nnx.split(blocks)
+
+        def run_chunk(stacked, chunk, inp, positions, mask):
+            if v > 1:
+                stacked = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, chunk, 0, False),
+                                       stacked)
+            return scan_blocks(nnx.merge(graph, stacked), inp, positions, mask, apply_block)
+
+        if v > 1:  # slice the chunk's weights again in the backward instead of keeping them per tick
+            run_chunk = jax.checkpoint(run_chunk, policy=_not_sliced)
+
         xs, ps, masks = (split_microbatches(a, m) for a in (x, positions, mask))
         ring = [(i, (i + 1) % p) for i in range(p)]
 
@@ -114,9 +124,7 @@ def interleaved_blocks(microbatches: int, stages: int, virtual: int) -> Callable
             chunk = jnp.clip((u % (p * v)) // p, 0, v - 1)
             i = jnp.clip((u // (p * v)) * p + u % p, 0, m - 1)
             inp = jnp.where((stage == 0) & (chunk == 0), xs[i], held)
-            layers = stacked if v == 1 else jax.tree.map(lambda a: a[chunk], stacked)
-            out = scan_blocks(nnx.merge(graph, layers), inp, ps[i],
-                              None if masks is None else masks[i], apply_block)
+            out = run_chunk(stacked, chunk, inp, ps[i], None if masks is None else masks[i])
             done = (stage == p - 1) & (chunk == v - 1) & (u >= 0) & (u < m * v)
             outputs = outputs.at[i].set(jnp.where(done, out, outputs[i]))
             return (jax.lax.ppermute(out, AXIS, ring), outputs), None
@@ -127,6 +135,11 @@ def interleaved_blocks(microbatches: int, stages: int, virtual: int) -> Callable
         return outputs.reshape(x.shape)
 
     return run
+
+
+def _not_sliced(prim, *_, **__) -> bool:
+    """Remat policy: save everything but slices (and their reshapes) of arrays from outside."""
+    return prim.name not in ("dynamic_slice", "reshape", "squeeze")
 
 
 def _is_block_path(path) -> bool:

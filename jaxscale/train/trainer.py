@@ -67,6 +67,7 @@ class Trainer:
     state_specs: TrainState
     batch_spec: PartitionSpec
     virtual_stages: int = 1
+    loss_fn: Callable = dataclasses.field(repr=False, default=None)
     _step: Callable = dataclasses.field(repr=False, default=None)
     _compiled: object = dataclasses.field(repr=False, default=None)
 
@@ -145,6 +146,12 @@ class Trainer:
                                                   self.abstract_batch()).compile()
         return self._compiled
 
+    def loss(self, params, batch: Batch) -> jax.Array:
+        """The mean loss of `batch` at `params` (the state's layout), without gradients."""
+        with use_layout(self.layout):
+            loss_sum, count = jax.jit(self.loss_fn)(params, batch)
+        return loss_sum / jnp.maximum(count, 1.0)
+
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         """One optimizer step; `state` is donated."""
         if self._compiled is not None:
@@ -180,7 +187,8 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     shardings = layout.shardings(state_specs)
     jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(batch_spec)),
                      out_shardings=(shardings, None), donate_argnums=0)
-    return Trainer(config, layout, graphdef, tx, schedule, state_specs, batch_spec, virtual, jitted)
+    return Trainer(config, layout, graphdef, tx, schedule, state_specs, batch_spec, virtual,
+                   loss_fn, jitted)
 
 
 def _check_batch(config, layout: Layout) -> None:
