@@ -42,3 +42,12 @@ def environment_lines(load_at_start: float) -> list[str]:
                      f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; other processes on the "
                      f"host slow every timing.")
     return lines
+
+
+def write_report(lines: list[str], path: str) -> None:
+    """Print a results file and write it to `path` (creating its folder)."""
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)

@@ -272,13 +272,8 @@ def main() -> None:
     peak, peak_source = metrics.peak_flops_per_device(dtype=config.model.dtype)
     rows, skipped = run_cases(config, args.steps)
     overhead = overhead_ratio(config)
-    report = (header(config, args.steps, peak, peak_source, load) + table(rows)
-              + footer(skipped, overhead, time.perf_counter() - begin))
-    text = "\n".join(report) + "\n"
-    print("\n" + text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    _host.write_report(header(config, args.steps, peak, peak_source, load) + table(rows)
+                       + footer(skipped, overhead, time.perf_counter() - begin), args.out)
 
 
 if __name__ == "__main__":

@@ -321,13 +321,8 @@ def main() -> None:
             continue
         results[stages] = bench_stages(stages, args.steps)
     rows = [row for p, runs in results.items() for row in table_rows(p, runs)]
-    report = (header(args.steps, load) + table(rows) + baselines(results)
-              + footer(time.perf_counter() - begin))
-    text = "\n".join(report) + "\n"
-    print("\n" + text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    _host.write_report(header(args.steps, load) + table(rows) + baselines(results)
+                       + footer(time.perf_counter() - begin), args.out)
     plot(rows, os.path.splitext(args.out)[0] + ".png")
 
 
