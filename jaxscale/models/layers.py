@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxscale.errors import UserError
@@ -28,6 +29,13 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * self.scale[...]).astype(x.dtype)
+
+
+def token_loss_sums(logits: jax.Array, targets: jax.Array,
+                    mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum of token cross-entropies weighted by `mask`, and the sum of the weights."""
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(xent * mask), jnp.sum(mask)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -59,3 +67,17 @@ def remat_policy(name: str) -> Callable | None:
             return policies.save_only_these_names(*names)
     raise UserError(f"model.remat={name!r} is not a policy; use none, full, save_dots or "
                      f"save:<name>,<name>")
+
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`n` layers built by `make` as one module whose parameters carry a leading `layers` axis."""
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def build(key):
+        return make(nnx.Rngs(params=key))
+
+    layers = build(jax.random.split(rngs.params(), n))
+    for _, node in nnx.iter_graph(layers):
+        if isinstance(node, nnx.Variable):
+            node.set_metadata(logical_axes=("layers", *node.get_metadata()["logical_axes"]))
+    return layers

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.layers import RMSNorm, param, remat_policy, rope
+from jaxscale.models.layers import RMSNorm, param, remat_policy, rope, stack_layers, token_loss_sums
 from jaxscale.sharding import constrain
 
 RESIDUAL = ("batch", "res_seq", "embed")
@@ -114,16 +114,7 @@ def apply_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Arra
 
 def stacked_blocks(c: LlamaConfig, rngs: nnx.Rngs) -> Block:
     """`n_layers` blocks as one `Block` whose parameters carry a leading `layers` axis."""
-
-    @nnx.vmap(in_axes=0, out_axes=0)
-    def make(key):
-        return Block(c, nnx.Rngs(params=key))
-
-    blocks = make(jax.random.split(rngs.params(), c.n_layers))
-    for _, node in nnx.iter_graph(blocks):
-        if isinstance(node, nnx.Variable):
-            node.set_metadata(logical_axes=("layers", *node.get_metadata()["logical_axes"]))
-    return blocks
+    return stack_layers(lambda r: Block(c, r), c.n_layers, rngs)
 
 
 def scan_blocks(blocks: Block, x: jax.Array, positions: jax.Array, mask: jax.Array,
@@ -158,10 +149,20 @@ class Llama(nnx.Module):
         time), `run_blocks(blocks, x, positions, mask, apply_block)` runs the stack (a pipeline)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embed_tokens(tokens)
-        x = run_blocks(self.blocks, x, positions, attention_mask(segment_ids),
-                       self.block_fn(apply_block))
+        x = self.run(self.embed_tokens(tokens), positions, attention_mask(segment_ids), apply_block,
+                     run_blocks)
         return self.head(x)
+
+    def loss_sums(self, batch: dict[str, jax.Array], **kwargs) -> tuple[jax.Array, jax.Array]:
+        """Summed next-token cross-entropy over `loss_mask`, and the mask's sum."""
+        logits = self(batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
+        return token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+
+    def run(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+            apply_block: Callable[..., jax.Array] = apply_block,
+            run_blocks: Callable[..., jax.Array] = scan_blocks) -> jax.Array:
+        """The blocks on a residual stream `x` [batch, seq, embed] (token or other embeddings)."""
+        return run_blocks(self.blocks, x, positions, mask, self.block_fn(apply_block))
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """The residual stream's input: token embeddings in the compute dtype."""

@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
+from jaxscale.models.layers import token_loss_sums
 from jaxscale.models.llama import apply_block as plain_block
 from jaxscale.models.llama import attention_mask, scan_blocks
 from jaxscale.parallel.pipeline import AXIS, split_microbatches
@@ -62,8 +62,7 @@ def one_f_one_b_loss(microbatches: int, stages: int) -> Callable:
 
         def head_fn(h, y, targets, loss_mask):
             head = nnx.merge(graphdef, nnx.State({**h, "blocks": block_shapes})).head
-            xent = optax.softmax_cross_entropy_with_integer_labels(head(y), targets)
-            return jnp.sum(xent * loss_mask)
+            return token_loss_sums(head(y), targets, loss_mask)[0]
 
         aux = (batch["positions"], attention_mask(batch["segment_ids"]), batch["targets"],
                batch["loss_mask"])

@@ -24,12 +24,9 @@ class TrainState(struct.PyTreeNode):
 
 def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
               **model_kwargs) -> tuple[jax.Array, jax.Array]:
-    """Sum of token cross-entropies weighted by `loss_mask`, and the sum of the weights."""
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], **model_kwargs)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"]
-    return jnp.sum(xent * mask), jnp.sum(mask)
+    """The model's loss on `batch` as (sum over examples or tokens, their weight): each model
+    family's `loss_sums` method, e.g. token cross-entropies weighted by `loss_mask`."""
+    return nnx.merge(graphdef, params).loss_sums(batch, **model_kwargs)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
