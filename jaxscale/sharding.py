@@ -33,6 +33,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("patch", None),  # a flattened image patch (pixels x channels)
     ("seq", None),
     ("res_seq", None),  # the residual stream's sequence: `tensor` under sequence parallelism
 )
@@ -182,3 +183,21 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         dims.append((axes[0] if len(axes) == 1 else axes) if ok else None)
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(layout.mesh if mesh.empty else mesh, PartitionSpec(*dims)))
+
+
+def gather_batch(x: jax.Array) -> tuple[jax.Array, jax.Array | int]:
+    """The whole global batch of `x` and the index of this shard's first row in it.
+
+    Inside a region manual over the data-parallel axes (`data`, `fsdp`: the batch's), `x` is this
+    device's rows: they are all-gathered in the order the batch was split. Elsewhere `x` is whole.
+    For losses that couple examples (contrastive), so they match one device's.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in ("data", "fsdp")
+                                        if a in mesh.manual_axes and mesh.shape[a] > 1)
+    if not axes:
+        return x, 0
+    shard = 0
+    for a in axes:
+        shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
+    return jax.lax.all_gather(x, axes, axis=0, tiled=True), shard * x.shape[0]
