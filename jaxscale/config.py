@@ -31,6 +31,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = False
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # none | full | save_dots | save:<name>,<name> (names: see models/llama.py)
+    c.model.family = "llama"  # llama | early_fusion | cross_attention | clip (docs/multimodal.md)
+
+    c.model.vision = ml_collections.ConfigDict()  # the ViT encoder of the multimodal families
+    c.model.vision.image_size = 32
+    c.model.vision.patch_size = 4
+    c.model.vision.d_model = 64
+    c.model.vision.n_layers = 2
+    c.model.vision.n_heads = 4
+    c.model.vision.head_dim = 16
+    c.model.vision.d_ff = 256
+    c.model.vision.max_frames = 1
+    c.model.vision.pool = 1  # token budget: average-pool the patch grid by this factor per frame
+
+    c.model.fusion = ml_collections.ConfigDict()
+    c.model.fusion.n_latents = 16  # cross_attention: resampled visual tokens
+    c.model.fusion.resampler_layers = 1
+    c.model.fusion.cross_every = 1  # cross_attention: a gated cross-attention block every N layers
+    c.model.fusion.embed_dim = 64  # clip: the shared embedding size
+    c.model.fusion.freeze = ""  # "vision", "llm" or "vision,llm": parameters left untrained
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: fill the devices left over by the other axes
@@ -51,11 +70,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.pipeline.virtual_stages = 1  # layer chunks per stage (interleaved schedule)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "embedded"  # "embedded" or a path to a .txt / .jsonl file or a directory of them
+    c.data.source = "embedded"  # "embedded", "scenes" (images + questions), or a .txt / .jsonl path
     c.data.text_key = "text"  # field read from .jsonl records
     c.data.tokenizer = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     c.data.seq_len = 128
     c.data.shuffle = True
+    c.data.frames = 1  # source "scenes": frames per example (> 1: clips with motion)
+    c.data.num_examples = 4096  # source "scenes": training examples (held-out ones are extra)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 500

@@ -70,6 +70,18 @@ def flops_per_token(cfg_model: Any, seq_len: int) -> float:
     return float(6 * n_matmul + 12 * m.n_layers * m.n_heads * m.head_dim * seq_len)
 
 
+def train_flops_per_token(config: Any) -> float:
+    """Training FLOPs per token of the batch's `seq_len`-long text rows: the decoder's
+    `flops_per_token`, or for a multimodal family all of one example's FLOPs (encoder and
+    connector included) spread over its text tokens."""
+    m, s = config.model, config.data.seq_len
+    if m.family == "llama":
+        return flops_per_token(m, s)
+    from jaxscale.models.fusion import flops_per_example
+
+    return flops_per_example(m, s, config.data.frames) / s
+
+
 def _time_gemm(device: jax.Device, dtype: str, n: int) -> float:
     """Best FLOP/s of an n x n matmul on `device`: 2 warm-ups, then up to 5 runs within ~1 s."""
     x = jax.device_put(jnp.ones((n, n), dtype), device)

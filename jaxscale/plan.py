@@ -7,7 +7,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from jaxscale.config import validate
 from jaxscale.mesh import AXES, resolve_axis_sizes
-from jaxscale.metrics import flops_per_token
+from jaxscale.metrics import train_flops_per_token
 from jaxscale.train.optim import make_optimizer
 from jaxscale.train.trainer import abstract_model, bytes_per_device, make_layout
 
@@ -36,7 +36,7 @@ def plan(config, num_devices: int | None = None) -> dict:
             layout.param_specs(params, zero_from_stage=2), params, sizes),
         "opt_bytes_per_device": bytes_per_device(
             layout.param_specs(opt, zero_from_stage=1), opt, sizes),
-        "flops_per_token": flops_per_token(config.model, config.data.seq_len),
+        "flops_per_token": train_flops_per_token(config),
     }
 
 

@@ -10,8 +10,11 @@ import numpy as np
 
 from jaxscale.data.corpus import load_documents
 from jaxscale.data.packing import PackedTokens, pack_documents
+from jaxscale.data.scenes import SceneExamples, make_scenes
 from jaxscale.data.tokenizer import Tokenizer, load_tokenizer
 from jaxscale.errors import UserError
+
+HELDOUT_SEED_OFFSET = 1_000_003  # held-out scenes: a seed no training run of seed < this uses
 
 
 class DataIterator:
@@ -101,8 +104,35 @@ def build_data(config: ml_collections.ConfigDict) -> tuple[Tokenizer, DataIterat
         raise UserError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} ids but "
                         f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size to at "
                         f"least {tokenizer.vocab_size}")
-    docs = load_documents(config.data.source, config.data.text_key)
-    packed = pack_documents(docs, tokenizer, config.data.seq_len)
-    iterator = DataIterator(packed, config.train.global_batch_size, config.seed,
+    if config.data.source == "scenes":
+        rows = scene_examples(config, config.data.num_examples, tokenizer)
+    else:
+        docs = load_documents(config.data.source, config.data.text_key)
+        rows = pack_documents(docs, tokenizer, config.data.seq_len)
+    iterator = DataIterator(rows, config.train.global_batch_size, config.seed,
                             shuffle=config.data.shuffle)
     return tokenizer, iterator
+
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of each array of a global batch of `config.data`."""
+    b, s = config.train.global_batch_size, config.data.seq_len
+    shapes = {k: ((b, s), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+    shapes["loss_mask"] = ((b, s), np.float32)
+    if config.data.source == "scenes":
+        size = config.model.vision.image_size
+        shapes.update(images=((b, config.data.frames, size, size, 3), np.float32),
+                      answer_start=((b,), np.int32), answer_id=((b,), np.int32),
+                      captions=((b, s), np.int32),
+                      caption_mask=((b, s), np.float32))
+    return shapes
+
+
+def scene_examples(config: ml_collections.ConfigDict, n: int, tokenizer: Tokenizer,
+                   heldout: bool = False) -> SceneExamples:
+    """`n` examples of the embedded image/clip question-answering task (`data.source=scenes`);
+    `heldout` ones come from another seed than training's."""
+    seed = config.seed + (HELDOUT_SEED_OFFSET if heldout else 0)
+    scenes = make_scenes(n, seed, image_size=config.model.vision.image_size,
+                         frames=config.data.frames)
+    return SceneExamples(scenes, tokenizer, config.data.seq_len, config.data.seq_len)

@@ -1,5 +1,29 @@
-"""Models: Flax NNX modules whose parameters and activations name logical axes only."""
+"""Models: Flax NNX modules whose parameters and activations name logical axes only.
 
+Every model has `loss_sums(batch, **kwargs) -> (loss_sum, weight)`; `build_model` makes the one a
+config's `model.family` names.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxscale.errors import UserError
 from jaxscale.models.llama import Llama, LlamaConfig
 
-__all__ = ["Llama", "LlamaConfig"]
+FAMILIES = ("llama", "early_fusion", "cross_attention", "clip")
+
+
+def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
+    """The model of the config's `model` section (its `family` picks the class)."""
+    family = model_cfg.get("family", "llama")
+    if family == "llama":
+        return Llama(LlamaConfig.from_config(model_cfg), rngs)
+    if family not in FAMILIES:
+        raise UserError(f"model.family={family!r}; use one of {', '.join(FAMILIES)}")
+    from jaxscale.models import fusion
+
+    return fusion.build(family, model_cfg, rngs)
+
+
+__all__ = ["FAMILIES", "Llama", "LlamaConfig", "build_model"]

@@ -15,3 +15,37 @@ LLAMA3 = {
 def llama3(size: str) -> dict:
     """Model fields of a Llama-3 size: "1b", "8b" or "70b"."""
     return {**LLAMA3_COMMON, **LLAMA3[size]}
+
+
+def multimodal_config(family: str, size: str = "tiny"):
+    """A config training `family` on the embedded scenes task: "tiny" (minutes on a CPU) or
+    "realistic" (a Llama-3.2-1B decoder with a ViT-L/14 encoder at 224 px, for accelerators)."""
+    from jaxscale.config import base_config
+    from jaxscale.errors import UserError
+
+    if size not in ("tiny", "realistic"):
+        raise UserError(f"multimodal preset size {size!r}; use tiny or realistic "
+                        f"(--config configs/{family}.py:tiny)")
+    c = base_config()
+    c.run_dir = f"runs/{family}_{size}"
+    c.model.family = family
+    c.data.source = "scenes"
+    if size == "tiny":
+        c.model.update(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16,
+                       d_ff=256, max_seq_len=128, tie_embeddings=family == "clip")
+        c.model.vision.update(image_size=32, patch_size=4, d_model=64, n_layers=2, n_heads=4,
+                              head_dim=16, d_ff=256, pool=2)
+        c.data.seq_len = 80
+        c.train.update(steps=600, global_batch_size=32, log_every=50)
+        c.optim.update(lr=2e-3, warmup_steps=50, weight_decay=0.0)
+    else:
+        c.model.update(**llama3("1b"), dtype="bfloat16", remat="save_dots")
+        c.model.update(vocab_size=512, max_seq_len=512)  # the byte tokenizer (or a local HF one)
+        c.model.vision.update(image_size=224, patch_size=14, d_model=1024, n_layers=24, n_heads=16,
+                              head_dim=64, d_ff=4096, pool=1)
+        c.model.fusion.update(n_latents=64, resampler_layers=2, cross_every=4, embed_dim=512)
+        c.data.seq_len = 128
+        c.train.update(steps=5000, global_batch_size=256, log_every=10)
+        c.optim.update(lr=2e-4, warmup_steps=200)
+        c.mesh.update(data=-1, fsdp=8)
+    return c

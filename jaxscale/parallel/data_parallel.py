@@ -61,6 +61,35 @@ def _not_gathered(prim, *_, **__) -> bool:
     return prim.name not in ("all_gather", "pvary", "pcast", "name")
 
 
+def _keys(path) -> list[str]:
+    return [str(k.key) for k in path if hasattr(k, "key")]
+
+
+def _block_part(path) -> str:
+    """The path inside its stacked-blocks subtree ("attn/wq"), or "" outside any."""
+    keys = _keys(path)
+    return "/".join(keys[keys.index("blocks") + 1:]) if "blocks" in keys else ""
+
+
+def _layer_specs(manual, stacked_dims: int) -> dict[frozenset, dict[str, PartitionSpec]]:
+    """One layer's specs for each stacked-blocks subtree (`blocks` anywhere in the tree), keyed by
+    the set of its parameter names, which is how `regathered_block` recognises a layer."""
+    groups: dict[tuple, dict[str, PartitionSpec]] = {}
+    for path, spec in jax.tree_util.tree_flatten_with_path(
+            manual, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]:
+        if name := _block_part(path):
+            keys = _keys(path)
+            groups.setdefault(tuple(keys[:keys.index("blocks")]), {})[name] = PartitionSpec(
+                *spec[stacked_dims:])
+    out: dict[frozenset, dict[str, PartitionSpec]] = {}
+    for specs in groups.values():
+        key = frozenset(specs)
+        if out.setdefault(key, specs) != specs:
+            raise ValueError(f"two stacked-block subtrees with the parameters {sorted(key)} are laid "
+                             f"out differently; rename one of them")
+    return out
+
+
 def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, regather: bool,
                        model_loss: Callable = loss_sums, stacked_dims: int = 1) -> Callable:
     """`loss_sums` of the model, run manual over the data-parallel axes.
@@ -89,28 +118,31 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
         missing = tuple(a for a in manual_axes if a not in varying)
         return jax.lax.pcast(x, missing, to="varying") if missing else x
 
-    def gather_tree(tree, specs):
-        leaves, treedef = jax.tree.flatten(tree)
+    def gather_tree(tree, specs, skip_blocks: bool = False):
+        """Gather every leaf (with `skip_blocks`: those outside stacked-block subtrees)."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
         specs = jax.tree.leaves(specs, is_leaf=is_spec)
-        return treedef.unflatten([gather(x, s) for x, s in zip(leaves, specs, strict=True)])
+        return treedef.unflatten([x if skip_blocks and _block_part(p) else gather(x, s)
+                                  for (p, x), s in zip(flat, specs, strict=True)])
 
-    layer_specs = jax.tree.map(lambda s: PartitionSpec(*s[stacked_dims:]), manual["blocks"],
-                               is_leaf=is_spec)
+    layer_specs = _layer_specs(manual, stacked_dims)
 
-    def regathered_block(block, x, positions, mask):
+    def regathered_block(block, *args):
         block_graph, shards = nnx.split(block)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(shards)
+        names = ["/".join(_keys(p)) for p, _ in flat]
+        specs = layer_specs[frozenset(names)]
 
-        def run(shards, x, positions, mask):
-            full = gather_tree(shards, layer_specs)
-            return nnx.merge(block_graph, full)(x, positions, mask)
+        def run(shards, *args):
+            full = treedef.unflatten([gather(x, specs[n]) for x, n in
+                                      zip(jax.tree.leaves(shards), names, strict=True)])
+            return nnx.merge(block_graph, full)(*args)
 
-        return jax.checkpoint(run, policy=_not_gathered)(shards, x, positions, mask)
+        return jax.checkpoint(run, policy=_not_gathered)(shards, *args)
 
     def local(params, batch):
         if regather:
-            rest = {k: v for k, v in params.items() if k != "blocks"}
-            full = nnx.State({**gather_tree(nnx.State(rest), nnx.State(
-                {k: v for k, v in manual.items() if k != "blocks"})), "blocks": params["blocks"]})
+            full = gather_tree(params, manual, skip_blocks=True)
             loss_sum, count = model_loss(graphdef, full, batch, apply_block=regathered_block)
         else:
             loss_sum, count = model_loss(graphdef, gather_tree(params, manual), batch)

@@ -54,7 +54,7 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
                  _mib(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
                  _mib(mem.argument_size_in_bytes), _mib(mem.temp_size_in_bytes))
         seq_len, steps = config.data.seq_len, config.train.steps
-        flops_per_token = metrics.flops_per_token(config.model, seq_len)
+        flops_per_token = metrics.train_flops_per_token(config)
         peak, peak_source = metrics.peak_flops_per_device(dtype=config.model.dtype,
                                                           cpu_devices=mesh.local_mesh.size)
         log.info("peak %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)

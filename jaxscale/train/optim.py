@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import optax
 
@@ -14,9 +16,13 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
         decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                         optax.Schedule]:
-    """The optimizer and its learning-rate schedule. Weight decay skips vectors (norm scales)."""
+def make_optimizer(optim_cfg, total_steps: int, frozen: Sequence[str] = ()) -> tuple[
+        optax.GradientTransformation, optax.Schedule]:
+    """The optimizer and its learning-rate schedule. Weight decay skips vectors (norm scales).
+
+    Parameters under a top-level key in `frozen` (e.g. "vision") get no updates; clipping sees
+    only the trained ones. (They keep optimizer moments, which stay zero.)
+    """
     schedule = make_schedule(optim_cfg, total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(optim_cfg.clip_norm),
@@ -24,4 +30,11 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
                     weight_decay=optim_cfg.weight_decay,
                     mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params)),
     )
+    if frozen:  # zero their gradients (before clipping) and their updates (after weight decay)
+        def is_frozen(params):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: getattr(path[0], "key", None) in frozen, params)
+
+        zero = optax.masked(optax.set_to_zero(), is_frozen)
+        tx = optax.chain(zero, tx, zero)
     return tx, schedule

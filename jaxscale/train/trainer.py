@@ -20,8 +20,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxscale.data.loader import batch_shapes
 from jaxscale.errors import UserError
-from jaxscale.models import Llama, LlamaConfig
+from jaxscale.models import build_model
 from jaxscale.parallel.data_parallel import data_parallel_loss
 from jaxscale.parallel.pipeline import check_pipeline, pipeline_loss, virtualize
 from jaxscale.sharding import (
@@ -34,8 +35,6 @@ from jaxscale.sharding import (
 )
 from jaxscale.train.optim import make_optimizer
 from jaxscale.train.step import Batch, TrainState, loss_sums, make_train_step
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def make_layout(config, mesh: Mesh) -> Layout:
@@ -51,8 +50,7 @@ def make_layout(config, mesh: Mesh) -> Layout:
 
 def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and parameter shapes of the model, without allocating anything."""
-    c = LlamaConfig.from_config(model_cfg)
-    return nnx.split(nnx.eval_shape(lambda: Llama(c, nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0))))
 
 
 @dataclasses.dataclass
@@ -85,12 +83,12 @@ class Trainer:
 
     def init(self, seed: int | None = None) -> TrainState:
         """Initialise parameters and optimizer state directly in their shards (never whole)."""
-        c = LlamaConfig.from_config(self.config.model)
         seed = self.config.seed if seed is None else seed
 
         @partial(jax.jit, out_shardings=self.state_shardings)
         def init_fn(key):
-            params = virtualize(nnx.state(Llama(c, nnx.Rngs(params=key))), self.virtual_stages)
+            model = build_model(self.config.model, nnx.Rngs(params=key))
+            params = virtualize(nnx.state(model), self.virtual_stages)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=self.tx.init(params))
 
@@ -133,10 +131,8 @@ class Trainer:
                            out_shardings=shardings)(tree)
 
     def abstract_batch(self) -> Batch:
-        cfg = self.config
-        shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-        return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
-                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+                for k, (shape, dtype) in batch_shapes(self.config).items()}
 
     def compile(self):
         """Ahead-of-time compile of one step (memory analysis, HLO); `step` then runs it."""
@@ -164,14 +160,14 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     """Check the config against the mesh (clear errors before any compile) and build a Trainer."""
     layout = make_layout(config, mesh)
     graphdef, params = abstract_model(config.model)
-    tx, schedule = make_optimizer(config.optim, config.train.steps)
     _check_batch(config, layout)
+    tx, schedule = make_optimizer(config.optim, config.train.steps, frozen_groups(config.model))
 
     opt_shapes = jax.eval_shape(tx.init, params)
     param_specs = layout.param_specs(params, zero_from_stage=2)
     state_specs = TrainState(step=PartitionSpec(), params=param_specs,
                              opt_state=layout.param_specs(opt_shapes, zero_from_stage=1))
-    batch_spec = layout.spec(("batch", None))
+    batch_spec = layout.spec(("batch",))
 
     regather = layout.mesh.shape["fsdp"] > 1 or layout.zero_stage == 3
     stages, pipe = layout.mesh.shape["pipeline"], config.pipeline
@@ -191,6 +187,17 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
                    loss_fn, jitted)
 
 
+def frozen_groups(model_cfg) -> tuple[str, ...]:
+    """The parameter groups `model.fusion.freeze` names ("vision", "llm"), checked."""
+    groups = tuple(g.strip() for g in model_cfg.fusion.freeze.split(",") if g.strip())
+    allowed = ("vision", "llm") if model_cfg.family in ("early_fusion", "cross_attention") else ()
+    bad = [g for g in groups if g not in allowed]
+    if bad:
+        raise UserError(f"model.fusion.freeze names {bad[0]!r}; model.family={model_cfg.family!r} "
+                        f"can freeze {' or '.join(allowed) or 'nothing'}")
+    return groups
+
+
 def _check_batch(config, layout: Layout) -> None:
     batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
     dp = layout.size([a for a in ("data", "fsdp") if layout.mesh.shape[a] > 1])
@@ -201,6 +208,9 @@ def _check_batch(config, layout: Layout) -> None:
         raise UserError(f"micro-batch {batch // accum} (train.global_batch_size / "
                         f"grad_accum_steps) is not divisible by the data-parallel size {dp} "
                         f"(data x fsdp); change the batch size or the mesh")
+    if layout.mesh.shape["pipeline"] > 1 and config.model.family != "llama":
+        raise NotImplementedError(f"pipeline parallelism for model.family={config.model.family!r} "
+                                  f"(pipelines run the llama family); set mesh.pipeline=1")
     check_pipeline(config, layout.mesh.shape["pipeline"], batch // accum // dp)
     if config.data.seq_len > config.model.max_seq_len:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds "

@@ -1,0 +1,11 @@
+"""The early-fusion (LLaVA / GIT) multimodal family on the embedded scenes task (docs/multimodal.md).
+
+`--config configs/early_fusion.py` is the tiny preset (trains on a CPU); `configs/early_fusion.py:realistic` a
+1B-class decoder with a ViT-L/14 encoder.
+"""
+
+from jaxscale.models.presets import multimodal_config
+
+
+def get_config(size: str = "tiny"):
+    return multimodal_config("early_fusion", size or "tiny")

@@ -1,0 +1,277 @@
+"""Multimodal LLMs: a ViT encoder joined to the Llama decoder in the survey's three ways.
+
+- `early_fusion` (LLaVA, GIT): image tokens, projected into the decoder's embedding space by a
+  two-layer MLP, form the prefix of the sequence (the image placeholder is the start of the
+  prompt); the decoder attends to them like to text, and the loss is on text tokens only.
+- `cross_attention` (Flamingo): a Perceiver resampler turns the image tokens into a fixed number
+  of latents; gated cross-attention blocks, one before every `cross_every` decoder layers,
+  attend to them. Their tanh gates start at 0, so at initialisation the decoder computes exactly
+  what it computes alone.
+- `clip` (late fusion): a dual encoder trained with the symmetric contrastive loss and a learnable
+  temperature, plus decision-level fusion for question answering: independent image and question
+  heads whose answer logits are summed.
+
+Every model has `loss_sums(batch)` (what training minimises) and `evaluate(batch)` (held-out
+metrics). Only logical axis names appear here; `apply_block` lets data parallelism gather each
+stacked layer's parameters just in time, in the encoder and the decoder alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxscale.data.scenes import ANSWERS
+from jaxscale.errors import UserError
+from jaxscale.metrics import flops_per_token
+from jaxscale.models.layers import RMSNorm, param, stack_layers, token_loss_sums
+from jaxscale.models.llama import Llama, LlamaConfig, attention_mask, scan_blocks
+from jaxscale.models.vit import (
+    MLP,
+    Attention,
+    PerceiverResampler,
+    ViT,
+    ViTConfig,
+    vit_flops_per_example,
+)
+from jaxscale.sharding import constrain, gather_batch
+
+Batch = dict[str, jax.Array]
+
+
+def vision_config(model_cfg) -> ViTConfig:
+    """The encoder of the config's `model.vision` section, in the model's dtype and remat."""
+    return ViTConfig.from_config({**model_cfg.vision, "dtype": model_cfg.dtype,
+                                  "remat": model_cfg.remat})
+
+
+def build(family: str, model_cfg, rngs: nnx.Rngs) -> nnx.Module:
+    """The multimodal model of `model.family`."""
+    llm, vision, f = LlamaConfig.from_config(model_cfg), vision_config(model_cfg), model_cfg.fusion
+    freeze = tuple(g.strip() for g in f.freeze.split(",") if g.strip())
+    if family == "early_fusion":
+        return EarlyFusion(llm, vision, rngs, freeze=freeze)
+    if family == "cross_attention":
+        return CrossAttentionFusion(llm, vision, rngs, n_latents=f.n_latents,
+                                    resampler_layers=f.resampler_layers, every=f.cross_every,
+                                    freeze=freeze)
+    return CLIP(llm, vision, rngs, embed_dim=f.embed_dim)
+
+
+def flops_per_example(model_cfg, seq_len: int, frames: int) -> float:
+    """Training FLOPs of one example (forward + backward, 6 per matmul weight per token, plus
+    attention): the encoder on its tokens, the decoder on the tokens it runs, and the family's
+    connector (projector, resampler, cross-attention blocks) on the tokens each sees."""
+    m, f, v = model_cfg, model_cfg.fusion, vision_config(model_cfg)
+    d, attn = m.d_model, 2 * m.d_model * m.n_heads * m.head_dim  # q+o (or k+v) weights
+    image = v.tokens(frames)
+    flops = vit_flops_per_example(v, frames)
+    if m.family == "early_fusion":
+        tokens = image + seq_len
+        return flops + flops_per_token(m, tokens) * tokens + 6 * (v.d_model * d + d * d) * image
+    if m.family == "cross_attention":
+        layer = 2 * v.d_model * v.n_heads * v.head_dim * 2 + 2 * v.d_model * v.d_ff
+        resampler = 6 * f.resampler_layers * layer * (f.n_latents + image)
+        blocks = m.n_layers // f.cross_every
+        cross = 6 * blocks * ((attn + 2 * d * m.d_ff) * seq_len + attn * f.n_latents)
+        projector = 6 * (v.d_model * d + d * d) * f.n_latents
+        return flops + flops_per_token(m, seq_len) * seq_len + resampler + cross + projector
+    tokens = 2 * seq_len  # clip: captions and questions, without the unused LM head
+    return flops + (flops_per_token(m, tokens) - 6 * d * m.vocab_size) * tokens
+
+
+def _blocks_kwargs(apply_block: Callable | None) -> dict:
+    return {} if apply_block is None else {"apply_block": apply_block}
+
+
+class Projector(nnx.Module):
+    """Two-layer GELU MLP from the encoder's width to the decoder's (LLaVA-1.5)."""
+
+    def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs):
+        self.w_in = param(rngs, (d_in, d_out), ("embed", "mlp"), d_in**-0.5)
+        self.w_out = param(rngs, (d_out, d_out), ("mlp", "embed"), d_out**-0.5)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        h = jax.nn.gelu(jnp.einsum("bse,ef->bsf", x, self.w_in[...].astype(dt)))
+        return jnp.einsum("bsf,fe->bse", h, self.w_out[...].astype(dt))
+
+
+class _TokenModel(nnx.Module):
+    """Shared by the fusion families that answer in text: loss and answer accuracy from logits."""
+
+    def logits(self, batch: Batch, apply_block: Callable | None = None) -> jax.Array:
+        raise NotImplementedError
+
+    def loss_sums(self, batch: Batch, apply_block: Callable | None = None):
+        return token_loss_sums(self.logits(batch, apply_block), batch["targets"], batch["loss_mask"])
+
+    def evaluate(self, batch: Batch) -> dict[str, jax.Array]:
+        """Per example: is every answer token right, and the answer's mean token loss."""
+        logits, mask = self.logits(batch), batch["loss_mask"]
+        right = (jnp.argmax(logits, -1) == batch["targets"]) | (mask == 0)
+        xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return {"answer_correct": jnp.all(right, axis=-1),
+                "answer_loss": jnp.sum(xent * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1)}
+
+    def _visual(self, images: jax.Array, apply_block) -> jax.Array:
+        tokens = self.vision(images, **_blocks_kwargs(apply_block))
+        return jax.lax.stop_gradient(tokens) if "vision" in self.freeze else tokens
+
+
+class EarlyFusion(_TokenModel):
+    """Projected image tokens, then the text, through one causal decoder."""
+
+    def __init__(self, llm: LlamaConfig, vision: ViTConfig, rngs: nnx.Rngs, freeze=()):
+        self.vision = ViT(vision, rngs)
+        self.projector = Projector(vision.d_model, llm.d_model, rngs)
+        self.llm = Llama(llm, rngs)
+        self.freeze = tuple(freeze)
+
+    def logits(self, batch: Batch, apply_block: Callable | None = None) -> jax.Array:
+        dt = jnp.dtype(self.llm.config.dtype)
+        image = self.projector(self._visual(batch["images"], apply_block).astype(dt))
+        text = self.llm.embed_tokens(batch["inputs"])
+        (b, n, _), s = image.shape, text.shape[1]
+        x = constrain(jnp.concatenate([image, text], axis=1), ("batch", "res_seq", "embed"))
+        positions = jnp.broadcast_to(jnp.arange(n + s), (b, n + s))
+        segments = jnp.concatenate([jnp.ones((b, n), batch["segment_ids"].dtype),
+                                    batch["segment_ids"]], axis=1)
+        x = self.llm.run(x, positions, attention_mask(segments), **_blocks_kwargs(apply_block))
+        return self.llm.head(x[:, n:])
+
+
+class GatedCrossAttention(nnx.Module):
+    """Flamingo's block: tanh-gated cross-attention to the visual latents, then a gated MLP."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, d_ff: int, n_layers: int,
+                 rngs: nnx.Rngs, eps: float):
+        self.attn_norm = RMSNorm(d_model, eps)
+        self.attn = Attention(d_model, n_heads, head_dim, n_layers, rngs)
+        self.attn_gate = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
+        self.mlp_norm = RMSNorm(d_model, eps)
+        self.mlp = MLP(d_model, d_ff, n_layers, rngs)
+        self.mlp_gate = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
+
+    def __call__(self, x: jax.Array, visual: jax.Array) -> jax.Array:
+        dt = x.dtype
+        x = x + jnp.tanh(self.attn_gate[...]).astype(dt) * self.attn(self.attn_norm(x), visual)
+        return x + jnp.tanh(self.mlp_gate[...]).astype(dt) * self.mlp(self.mlp_norm(x))
+
+
+class CrossAttentionFusion(_TokenModel):
+    """The decoder with a gated cross-attention block before every `every` layers."""
+
+    def __init__(self, llm: LlamaConfig, vision: ViTConfig, rngs: nnx.Rngs, *, n_latents: int,
+                 resampler_layers: int, every: int, freeze=()):
+        if every < 1 or llm.n_layers % every:
+            raise UserError(f"model.fusion.cross_every={every} must divide model.n_layers="
+                            f"{llm.n_layers}")
+        self.vision = ViT(vision, rngs)
+        self.resampler = PerceiverResampler(vision.d_model, n_latents, resampler_layers,
+                                            vision.n_heads, vision.head_dim, vision.d_ff, rngs)
+        self.projector = Projector(vision.d_model, llm.d_model, rngs)
+        self.llm = Llama(llm, rngs)
+        self.cross = stack_layers(
+            lambda r: GatedCrossAttention(llm.d_model, llm.n_heads, llm.head_dim, llm.d_ff,
+                                          llm.n_layers, r, llm.norm_eps), llm.n_layers // every, rngs)
+        self.every = every
+        self.freeze = tuple(freeze)
+
+    def logits(self, batch: Batch, apply_block: Callable | None = None) -> jax.Array:
+        dt = jnp.dtype(self.llm.config.dtype)
+        visual = self._visual(batch["images"], apply_block)
+        visual = self.projector(self.resampler(visual).astype(dt))
+        x = self.llm.embed_tokens(batch["inputs"])
+        positions, mask = batch["positions"], attention_mask(batch["segment_ids"])
+        run_layer = self.llm.block_fn(**_blocks_kwargs(apply_block))
+        block_graph, blocks = nnx.split(self.llm.blocks)
+        cross_graph, cross = nnx.split(self.cross)
+        groups = jax.tree.map(lambda a: a.reshape(-1, self.every, *a.shape[1:]), blocks)
+
+        def group(x, states):
+            cross_state, block_states = states
+            x = nnx.merge(cross_graph, cross_state)(x, visual)
+            return scan_blocks(nnx.merge(block_graph, block_states), x, positions, mask,
+                               run_layer), None
+
+        x = jax.lax.scan(group, x, (cross, groups))[0]
+        return self.llm.head(x)
+
+
+class CLIP(nnx.Module):
+    """Image and text encoders with a contrastive loss; summed answer heads (decision level)."""
+
+    def __init__(self, llm: LlamaConfig, vision: ViTConfig, rngs: nnx.Rngs, *, embed_dim: int):
+        self.vision = ViT(vision, rngs)
+        self.text = Llama(llm, rngs)
+        self.image_proj = param(rngs, (vision.d_model, embed_dim), ("embed", None), vision.d_model**-0.5)
+        self.text_proj = param(rngs, (llm.d_model, embed_dim), ("embed", None), llm.d_model**-0.5)
+        self.log_scale = nnx.Param(jnp.full((), math.log(1 / 0.07), jnp.float32), logical_axes=())
+        self.image_answer = param(rngs, (embed_dim, len(ANSWERS)), (None, None), embed_dim**-0.5)
+        self.text_answer = param(rngs, (embed_dim, len(ANSWERS)), (None, None), embed_dim**-0.5)
+
+    def embed_images(self, images: jax.Array, apply_block: Callable | None = None) -> jax.Array:
+        """Unit-norm image embeddings [batch, embed_dim] (mean of the encoder's tokens)."""
+        tokens = self.vision(images, **_blocks_kwargs(apply_block)).astype(jnp.float32)
+        return _unit(jnp.mean(tokens, axis=1) @ self.image_proj[...])
+
+    def embed_text(self, tokens: jax.Array, last: jax.Array,
+                   apply_block: Callable | None = None) -> jax.Array:
+        """Unit-norm text embeddings from the causal encoder's state at index `last` [batch]."""
+        return self._text_features(self.text.embed_tokens(tokens), last, apply_block)
+
+    def _text_features(self, x: jax.Array, last: jax.Array, apply_block) -> jax.Array:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        x = self.text.run(x, positions, None, **_blocks_kwargs(apply_block))
+        x = self.text.final_norm(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
+        return _unit(x.astype(jnp.float32) @ self.text_proj[...])
+
+    def _outputs(self, batch: Batch, apply_block=None):
+        image = self.embed_images(batch["images"], apply_block)
+        # One pass of the text encoder over captions and questions (up to the answer) together.
+        caption_last = jnp.sum(batch["caption_mask"], axis=1).astype(jnp.int32) - 1
+        x = self.text.embed_tokens(jnp.concatenate([batch["captions"], batch["inputs"]]))
+        # The towers are independent; a barrier runs them (and their backward passes) one after
+        # the other, because XLA:CPU cannot run two collectives (FSDP's gathers) at the same time.
+        image, x = jax.lax.optimization_barrier((image, x))
+        text = self._text_features(x, jnp.concatenate([caption_last, batch["answer_start"]]),
+                                   apply_block)
+        caption, question = jnp.split(text, 2)
+        answer_logits = image @ self.image_answer[...] + question @ self.text_answer[...]
+        return image, caption, answer_logits
+
+    def _contrastive(self, image: jax.Array, caption: jax.Array):
+        """Per-example symmetric InfoNCE against the whole global batch, and the logits rows."""
+        all_images, offset = gather_batch(image)
+        all_captions, _ = gather_batch(caption)
+        scale = jnp.exp(self.log_scale[...])
+        rows = jnp.arange(image.shape[0]) + offset
+        image_to_text = scale * image @ all_captions.T  # [local, global]
+        text_to_image = scale * caption @ all_images.T
+        loss = (optax.softmax_cross_entropy_with_integer_labels(image_to_text, rows)
+                + optax.softmax_cross_entropy_with_integer_labels(text_to_image, rows)) / 2
+        return loss, image_to_text, rows
+
+    def loss_sums(self, batch: Batch, apply_block: Callable | None = None):
+        image, caption, answer_logits = self._outputs(batch, apply_block)
+        contrastive, _, _ = self._contrastive(image, caption)
+        answer = optax.softmax_cross_entropy_with_integer_labels(answer_logits, batch["answer_id"])
+        return jnp.sum(contrastive + answer), jnp.asarray(image.shape[0], jnp.float32)
+
+    def evaluate(self, batch: Batch) -> dict[str, jax.Array]:
+        """Image-to-text retrieval within the batch, contrastive loss, and answer correctness."""
+        image, caption, answer_logits = self._outputs(batch)
+        contrastive, image_to_text, rows = self._contrastive(image, caption)
+        return {"retrieved": jnp.argmax(image_to_text, -1) == rows,
+                "contrastive_loss": contrastive,
+                "answer_correct": jnp.argmax(answer_logits, -1) == batch["answer_id"]}
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)

@@ -1,0 +1,126 @@
+"""Multimodal families: the same losses on any mesh, closed gates, learning from the image."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import devices_or_skip
+from flax import nnx
+
+from jaxscale.data import build_data, make_global_batch
+from jaxscale.errors import UserError
+from jaxscale.mesh import mesh_from_config
+from jaxscale.models import build_model
+from jaxscale.models.presets import multimodal_config
+from jaxscale.train.evaluate import evaluate, heldout_batches
+from jaxscale.train.trainer import build_trainer
+
+FAMILIES = ("early_fusion", "cross_attention", "clip")
+TRAIN_STEPS = 300  # enough for early fusion and CLIP to use the image on held-out scenes
+HELDOUT = 256
+
+
+def mm_config(family, **mesh):
+    c = multimodal_config(family)
+    c.mesh.update(**{"data": 1, **mesh})
+    c.train.update(steps=3, global_batch_size=8, log_every=1)
+    return c
+
+
+def train(config, devices, steps):
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices))
+    _, data = build_data(config)
+    state, losses = trainer.init(), []
+    for _ in range(steps):
+        state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
+        losses.append(float(out["loss"]))
+    return trainer, state, losses
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_trains_alike_on_one_device_and_a_hybrid_mesh(family):
+    *_, one = train(mm_config(family), jax.devices()[:1], 3)
+    *_, hybrid = train(mm_config(family, data=2, fsdp=2, tensor=2), devices_or_skip(8), 3)
+    np.testing.assert_allclose(hybrid, one, rtol=1e-5)
+    assert one[-1] < one[0]
+
+
+def test_cross_attention_gates_at_zero_leave_the_decoder_unchanged():
+    config = mm_config("cross_attention")
+    model = build_model(config.model, nnx.Rngs(params=0))
+    _, data = build_data(config)
+    batch = next(data)
+    plain = model.llm(batch["inputs"], batch["positions"], batch["segment_ids"])
+    np.testing.assert_array_equal(model.logits(batch), plain)
+    model.cross.attn_gate[...] = model.cross.attn_gate[...] + 0.5  # open them: the image counts
+    assert np.abs(model.logits(batch) - plain).max() > 1e-3
+
+
+def test_freezing_trains_only_the_connector():
+    config = mm_config("early_fusion")
+    config.model.fusion.freeze = "vision,llm"
+    trainer = build_trainer(config, mesh_from_config(config.mesh, jax.devices()[:1]))
+    _, data = build_data(config)
+    before = jax.device_get(trainer.init().params)
+    state = trainer.init()
+    for _ in range(2):  # the learning rate warms up from 0 at step 0
+        state, _ = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
+    after = jax.device_get(state.params)
+    for group in ("vision", "llm"):
+        jax.tree.map(np.testing.assert_array_equal, after[group], before[group])
+    assert np.abs(after["projector"]["w_in"][...] - before["projector"]["w_in"][...]).max() > 0
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    (dict(family="vlm"), UserError, "model.family='vlm'; use one of"),
+    (dict(freeze="text"), UserError, "model.fusion.freeze names 'text'"),
+    (dict(cross_every=3), UserError, "model.fusion.cross_every=3 must divide model.n_layers=2"),
+    (dict(pipeline=2), NotImplementedError, "pipeline parallelism for model.family='cross_attention'"),
+])
+def test_bad_multimodal_configs_are_clear(changes, error, message):
+    config = mm_config("cross_attention")
+    if "family" in changes:
+        config.model.family = changes["family"]
+    if "pipeline" in changes:
+        config.mesh.pipeline = changes["pipeline"]
+    config.model.fusion.update({k: v for k, v in changes.items() if k in config.model.fusion})
+    devices = devices_or_skip(config.mesh.pipeline)
+    with pytest.raises(error, match=message):
+        build_trainer(config, mesh_from_config(config.mesh, devices))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Each family trained for TRAIN_STEPS on one device, with its held-out metrics."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            config = multimodal_config(family)
+            config.mesh.update(data=1)
+            trainer, state, _ = train(config, jax.devices()[:1], TRAIN_STEPS)
+            held = heldout_batches(config, HELDOUT)
+            cache[family] = {blind: evaluate(trainer, state.params, held, blind)
+                             for blind in ("none", "zero", "shuffle")}
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.slow
+def test_early_fusion_answers_from_the_image(trained):
+    """Held-out answer accuracy with the image beats the same model with it zeroed or shuffled.
+    (The cross-attention family does not yet pass this at this budget: see docs/multimodal.md.)"""
+    metrics = trained("early_fusion")
+    seeing = metrics["none"]["answer_correct"]
+    for blind in ("zero", "shuffle"):
+        assert seeing > metrics[blind]["answer_correct"] + 0.1, metrics
+
+
+@pytest.mark.slow
+def test_clip_pairs_images_with_their_captions(trained):
+    metrics = trained("clip")
+    matched, shuffled = metrics["none"], metrics["shuffle"]
+    assert matched["contrastive_loss"] < shuffled["contrastive_loss"] - 0.5, metrics
+    batch = multimodal_config("clip").train.global_batch_size
+    assert matched["retrieved"] > 3 / batch, metrics  # image -> caption among the batch's
+    assert matched["answer_correct"] > shuffled["answer_correct"] + 0.05, metrics
