@@ -27,6 +27,15 @@ USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...]
 """
 
 
+def _innermost_user_error(e: BaseException) -> UserError | None:
+    """The UserError a config file raised, under the wrappers config_flags puts around it."""
+    found = None
+    while e is not None:
+        found = e if isinstance(e, UserError) else found
+        e = e.__cause__ or e.__context__
+    return found
+
+
 def _parse(argv: list[str]):
     fv = flags.FlagValues()
     default = os.path.join(os.path.dirname(__file__), "default_config.py")
@@ -35,8 +44,9 @@ def _parse(argv: list[str]):
         path = arg[len("--config="):] if arg.startswith("--config=") else None
         if arg == "--config" and i + 1 < len(argv):
             path = argv[i + 1]
-        if path is not None and not os.path.isfile(path):
-            raise UserError(f"config file {path!r} not found; pass --config configs/<name>.py")
+        file = None if path is None else path.split(":", 1)[0]  # `file.py:arg` passes an argument
+        if file is not None and not os.path.isfile(file):
+            raise UserError(f"config file {file!r} not found; pass --config configs/<name>.py")
     try:
         config_flags.DEFINE_config_file("config", default, "experiment config file",
                                         flag_values=fv, sys_argv=args)
@@ -47,7 +57,7 @@ def _parse(argv: list[str]):
     except (KeyError, AttributeError) as e:
         raise UserError(_unknown_override(args) or _first_line(e)) from None
     except (flags.Error, TypeError, ValueError, OSError) as e:
-        raise UserError(_first_line(e)) from None
+        raise UserError(_first_line(_innermost_user_error(e) or e)) from None
     except Exception as e:  # noqa: BLE001 - an error inside the user's config file
         raise UserError(f"failed to load the config: {type(e).__name__}: {_first_line(e)}") from None
     return config, fv.num_devices

@@ -67,6 +67,13 @@ def test_info_sizes_llama3_70b_without_allocating():
     assert "optimizer / device  8.21 GiB" in result.stdout
 
 
+def test_info_sizes_a_realistic_multimodal_preset():
+    result = jaxscale("info", "--config", "configs/early_fusion.py:realistic", "--num_devices", "64")
+    assert result.returncode == 0, result.stderr
+    # Llama-3.2-1B shape with a 512-id vocabulary, ViT-L/14 at 224 px and the projector
+    assert "1,283,391,488" in result.stdout and "data=8 x fsdp=8" in result.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--config.model.d_modle=64"], "unknown config key 'model.d_modle'"),
     (["train", "--config.mesh.tensor=3"], "mesh data=-1 x tensor=3 cannot fill 8 devices"),
@@ -78,6 +85,8 @@ def test_info_sizes_llama3_70b_without_allocating():
     (["train", "--config.mesh.context=2"], "context (ring attention) parallelism (mesh axis"),
     (["train", "--config.mesh.pipeline=2", "--config.pipeline.virtual_stages=2"],
      "pipeline.virtual_stages=2 needs pipeline.schedule=interleaved"),
+    (["train", "--config", "configs/clip.py:huge"], "multimodal preset size 'huge'; use tiny or"),
+    (["train", "--config.model.family=vlm"], "model.family='vlm'; use one of llama, early_fusion"),
     (["serve"], "unknown command 'serve'"),
 ])
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message, tmp_path):

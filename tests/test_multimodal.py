@@ -19,8 +19,9 @@ TRAIN_STEPS = 300  # enough for early fusion and CLIP to use the image on held-o
 HELDOUT = 256
 
 
-def mm_config(family, **mesh):
+def mm_config(family, frames=1, **mesh):
     c = multimodal_config(family)
+    c.data.frames = c.model.vision.max_frames = frames
     c.mesh.update(**{"data": 1, **mesh})
     c.train.update(steps=3, global_batch_size=8, log_every=1)
     return c
@@ -36,10 +37,11 @@ def train(config, devices, steps):
     return trainer, state, losses
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_trains_alike_on_one_device_and_a_hybrid_mesh(family):
-    *_, one = train(mm_config(family), jax.devices()[:1], 3)
-    *_, hybrid = train(mm_config(family, data=2, fsdp=2, tensor=2), devices_or_skip(8), 3)
+@pytest.mark.parametrize("family, frames", [(f, 1) for f in FAMILIES] + [("early_fusion", 3)])
+def test_family_trains_alike_on_one_device_and_a_hybrid_mesh(family, frames):
+    *_, one = train(mm_config(family, frames), jax.devices()[:1], 3)
+    mesh = dict(data=2, fsdp=2, tensor=2) if frames == 1 else dict(data=4, tensor=2)
+    *_, hybrid = train(mm_config(family, frames, **mesh), devices_or_skip(8), 3)
     np.testing.assert_allclose(hybrid, one, rtol=1e-5)
     assert one[-1] < one[0]
 
