@@ -257,6 +257,22 @@ def test_pipeline_loss_without_gradients_matches_the_training_step(schedule):
     assert loss == pytest.approx(float(out["loss"]), rel=1e-6)
 
 
+@pytest.fixture(scope="module")
+def bf16_pipeline_reference():
+    config = pipeline_config()
+    config.model.dtype = "bfloat16"
+    return train_losses(config, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+def test_pipelines_train_in_bfloat16(schedule, bf16_pipeline_reference):
+    config = pipeline_config(schedule, virtual_stages=2 if schedule == "interleaved" else 1,
+                             pipeline=2)
+    config.model.dtype = "bfloat16"
+    losses = train_losses(config, devices_or_skip(2))
+    np.testing.assert_allclose(losses, bf16_pipeline_reference, rtol=1e-2)
+
+
 def test_1f1b_keeps_less_activation_memory_than_gpipe():
     """Compiled temporaries per device at the same M: 1F1B keeps <= 2P - 1 microbatches' stage
     inputs, GPipe every layer's activations of all M (plus the head on every stage). Interleaved

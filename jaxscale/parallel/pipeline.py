@@ -131,8 +131,9 @@ def interleaved_blocks(microbatches: int, stages: int, virtual: int) -> Callable
 
         init = (xs[0] * 0, xs * 0)  # zeros of the same type (varying over the manual axes)
         (_, outputs), _ = jax.lax.scan(tick, init, jnp.arange(m * v + p - 1))
-        outputs = jax.lax.psum(jnp.where(stage == p - 1, outputs, 0), AXIS)
-        return outputs.reshape(x.shape)
+        # the last stage's outputs to every stage; summed in float32 (XLA:CPU cannot all-reduce bf16)
+        outputs = jax.lax.psum(jnp.where(stage == p - 1, outputs, 0).astype(jnp.float32), AXIS)
+        return outputs.astype(x.dtype).reshape(x.shape)
 
     return run
 
