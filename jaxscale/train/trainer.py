@@ -68,6 +68,7 @@ class Trainer:
     loss_fn: Callable = dataclasses.field(repr=False, default=None)
     _step: Callable = dataclasses.field(repr=False, default=None)
     _compiled: object = dataclasses.field(repr=False, default=None)
+    _converters: dict = dataclasses.field(repr=False, default_factory=dict)
 
     @property
     def mesh(self) -> Mesh:
@@ -122,13 +123,15 @@ class Trainer:
     def _convert(self, tree, inverse: bool):
         if self.virtual_stages == 1:
             return tree
-        target = self.abstract_state(canonical=inverse)
-        if not isinstance(tree, TrainState):
-            target = target.params
-        shardings = jax.tree.map(lambda s: s.sharding, target)
+        key = (inverse, isinstance(tree, TrainState))
+        if key not in self._converters:  # built once: every checkpoint save converts the state
+            target = self.abstract_state(canonical=inverse)
+            target = target if key[1] else target.params
+            self._converters[key] = jax.jit(
+                partial(virtualize, virtual=self.virtual_stages, inverse=inverse),
+                out_shardings=jax.tree.map(lambda s: s.sharding, target))
         with use_layout(self.layout):
-            return jax.jit(partial(virtualize, virtual=self.virtual_stages, inverse=inverse),
-                           out_shardings=shardings)(tree)
+            return self._converters[key](tree)
 
     def abstract_batch(self) -> Batch:
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
