@@ -72,9 +72,21 @@ def test_freezing_trains_only_the_connector():
     assert np.abs(after["projector"]["w_in"][...] - before["projector"]["w_in"][...]).max() > 0
 
 
+def test_freezing_the_connector_keeps_the_gates_shut_while_the_decoder_trains():
+    """Text-only training of the cross-attention family (a frozen encoder and connector)."""
+    config = mm_config("cross_attention")
+    config.model.fusion.freeze = "vision,connector"
+    trainer, state, _ = train(config, jax.devices()[:1], 2)
+    before = jax.device_get(trainer.init().params)
+    after = jax.device_get(state.params)
+    for group in ("vision", "resampler", "projector", "cross"):
+        jax.tree.map(np.testing.assert_array_equal, after[group], before[group])
+    assert np.abs(after["llm"]["embed"][...] - before["llm"]["embed"][...]).max() > 0
+
+
 @pytest.mark.parametrize("changes, error, message", [
     (dict(family="vlm"), UserError, "model.family='vlm'; use one of"),
-    (dict(freeze="text"), UserError, "model.fusion.freeze names 'text'"),
+    (dict(freeze="text"), UserError, "model.fusion.freeze names 'text'.*vision, connector, llm"),
     (dict(cross_every=3), UserError, "model.fusion.cross_every=3 must divide model.n_layers=2"),
     (dict(pipeline=2), NotImplementedError, "pipeline parallelism for model.family='cross_attention'"),
 ])

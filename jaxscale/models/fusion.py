@@ -43,6 +43,13 @@ from jaxscale.sharding import constrain, gather_batch
 
 Batch = dict[str, jax.Array]
 
+# What `model.fusion.freeze` may name, per family: group -> the model's top-level parameter keys.
+FREEZE_GROUPS = {
+    "early_fusion": {"vision": ("vision",), "connector": ("projector",), "llm": ("llm",)},
+    "cross_attention": {"vision": ("vision",), "connector": ("resampler", "projector", "cross"),
+                        "llm": ("llm",)},
+}
+
 
 def vision_config(model_cfg) -> ViTConfig:
     """The encoder of the config's `model.vision` section, in the model's dtype and remat."""

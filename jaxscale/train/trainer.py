@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxscale.data.loader import batch_shapes
 from jaxscale.errors import UserError
 from jaxscale.models import build_model
+from jaxscale.models.fusion import FREEZE_GROUPS
 from jaxscale.parallel.data_parallel import data_parallel_loss
 from jaxscale.parallel.pipeline import check_pipeline, pipeline_loss, virtualize
 from jaxscale.sharding import (
@@ -191,14 +192,14 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
 
 
 def frozen_groups(model_cfg) -> tuple[str, ...]:
-    """The parameter groups `model.fusion.freeze` names ("vision", "llm"), checked."""
+    """The top-level parameter keys that `model.fusion.freeze` leaves untrained, checked."""
     groups = tuple(g.strip() for g in model_cfg.fusion.freeze.split(",") if g.strip())
-    allowed = ("vision", "llm") if model_cfg.family in ("early_fusion", "cross_attention") else ()
+    allowed = FREEZE_GROUPS.get(model_cfg.family, {})
     bad = [g for g in groups if g not in allowed]
     if bad:
         raise UserError(f"model.fusion.freeze names {bad[0]!r}; model.family={model_cfg.family!r} "
-                        f"can freeze {' or '.join(allowed) or 'nothing'}")
-    return groups
+                        f"can freeze {', '.join(allowed) or 'nothing'}")
+    return tuple(key for g in groups for key in allowed[g])
 
 
 def _check_batch(config, layout: Layout) -> None:
