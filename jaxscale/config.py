@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.fusion.resampler_layers = 1
     c.model.fusion.cross_every = 1  # cross_attention: a gated cross-attention block every N layers
     c.model.fusion.embed_dim = 64  # clip: the shared embedding size
-    c.model.fusion.freeze = ""  # "vision", "llm" or "vision,llm": parameters left untrained
+    c.model.fusion.freeze = ""  # any of "vision,connector,llm": parameter groups left untrained
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: fill the devices left over by the other axes
@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_key = "text"  # field read from .jsonl records
     c.data.tokenizer = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     c.data.seq_len = 128
+    c.data.heldout_every = 16  # every 16th document is held out of training (for `jaxscale eval`)
     c.data.shuffle = True
     c.data.frames = 1  # source "scenes": frames per example (> 1: clips with motion)
     c.data.num_examples = 4096  # source "scenes": training examples (held-out ones are extra)
@@ -92,6 +93,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True  # training goes on while a save is written
     c.checkpoint.resume_step = -1  # -1: resume from the latest complete checkpoint, if any
     c.checkpoint.init_params_from = ""  # a checkpoint directory to take parameters from
+
+    c.infer = ml_collections.ConfigDict()  # `jaxscale generate` and `jaxscale eval` (docs/inference.md)
+    c.infer.max_new_tokens = 64
+    c.infer.temperature = 0.0  # 0: greedy
+    c.infer.top_k = 0  # 0: off
+    c.infer.top_p = 1.0  # 1: off
+    c.infer.seed = 0  # sampling key
+    c.infer.stop = "eos"  # comma-separated stop token ids and/or "eos"; "" for none
+    c.infer.weights = "float32"  # float32 | bfloat16 | int8 (per channel) | int4 (grouped)
+    c.infer.group_size = 128  # int4: inputs per scale (the whole input dim when shorter)
+    c.infer.cache_dtype = "auto"  # auto (the compute dtype) | int8 (a scale per token and head)
+    c.infer.cache_len = 0  # KV cache slots; 0: model.max_seq_len
+    c.infer.window = 0  # > 0: sliding-window cache of the latest `window` tokens plus the sinks
+    c.infer.sink_tokens = 4  # with a window: the first tokens, kept for good
+    c.infer.eval_source = "heldout"  # eval: "heldout" (data.source's held-out split) or a path
+    c.infer.eval_batch_size = 16  # eval rows per batch (data.seq_len tokens each)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3

@@ -37,6 +37,17 @@ def load_documents(source: str, text_key: str = "text") -> list[str]:
     return _read_file(path, text_key)
 
 
+def split_documents(docs: list[str], heldout_every: int, split: str) -> list[str]:
+    """The `"train"` or `"heldout"` split of `docs`: every `heldout_every`-th document (the
+    `heldout_every`-th, the `2 * heldout_every`-th, ...) is held out from training; 0 holds out none."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}; use 'train' or 'heldout'")
+    if heldout_every < 0 or heldout_every == 1:
+        raise UserError(f"data.heldout_every={heldout_every} must be 0 (no held-out split) or >= 2")
+    held = [heldout_every and i % heldout_every == heldout_every - 1 for i in range(len(docs))]
+    return [d for d, h in zip(docs, held, strict=True) if h == (split == "heldout")]
+
+
 def _read_file(path: Path, text_key: str) -> list[str]:
     raw = path.read_bytes()
     try:

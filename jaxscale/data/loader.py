@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxscale.data.corpus import load_documents
+from jaxscale.data.corpus import load_documents, split_documents
 from jaxscale.data.packing import PackedTokens, pack_documents
 from jaxscale.data.scenes import SceneExamples, make_scenes
 from jaxscale.data.tokenizer import Tokenizer, load_tokenizer
@@ -108,6 +108,11 @@ def build_data(config: ml_collections.ConfigDict) -> tuple[Tokenizer, DataIterat
         rows = scene_examples(config, config.data.num_examples, tokenizer)
     else:
         docs = load_documents(config.data.source, config.data.text_key)
+        docs = split_documents(docs, config.data.heldout_every, "train")
+        if not docs:
+            raise UserError(f"data.source={config.data.source!r} leaves no training document "
+                            f"once every data.heldout_every={config.data.heldout_every}th is held "
+                            f"out; add documents or set data.heldout_every=0")
         rows = pack_documents(docs, tokenizer, config.data.seq_len)
     iterator = DataIterator(rows, config.train.global_batch_size, config.seed,
                             shuffle=config.data.shuffle)

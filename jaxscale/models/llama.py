@@ -2,7 +2,8 @@
 
 Parameters and activations carry logical axis names only; how they map onto a mesh is decided
 by `jaxscale.sharding`. Activations tagged for `model.remat="save:..."`: `qkv`, `attn_out`,
-`mlp_hidden`, `mlp_out`.
+`mlp_hidden`, `mlp_out`. Blocks take an optional `attend(q, k, v)` that replaces causal attention
+(decoding with a KV cache, `jaxscale.infer`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jaxscale.models.layers import RMSNorm, param, remat_policy, rope, stack_lay
 from jaxscale.sharding import constrain
 
 RESIDUAL = ("batch", "res_seq", "embed")
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,10 @@ class Attention(nnx.Module):
                         out_std)
         self.c = c
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 attend: Attend | None = None) -> jax.Array:
+        """Self-attention of `x`; `attend(q, k, v)`, given rotated q, k and v [batch, seq, heads,
+        head_dim], replaces causal attention over these tokens (and `mask`)."""
         dt = x.dtype
         q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))
         k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))
@@ -75,7 +80,10 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         q, k = rope(q, positions, self.c.rope_theta), rope(k, positions, self.c.rope_theta)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        if attend is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        else:
+            out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
         return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt))
 
@@ -103,8 +111,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
         self.mlp = MLP(c, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = constrain(x + self.attn(self.attn_norm(x), positions, mask), RESIDUAL)
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 attend: Attend | None = None) -> jax.Array:
+        x = constrain(x + self.attn(self.attn_norm(x), positions, mask, attend), RESIDUAL)
         return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
 
 
