@@ -1,4 +1,4 @@
-"""`jaxscale train|info [--config configs/x.py] [--config.key=value ...]`.
+"""`jaxscale train|info|generate|eval|inspect|launch [--config configs/x.py] [--config.key=value ...]`.
 
 Without `--config` the embedded default (`jaxscale.config.base_config`) is used. Mistakes a user
 can fix are printed as one line `jaxscale: error: ...` with exit status 2, without a traceback.
@@ -17,13 +17,26 @@ from ml_collections import config_flags
 from jaxscale.errors import UserError
 
 USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...] [--num_devices N]
+       jaxscale generate [--config FILE] [--config.KEY=VALUE ...] [--checkpoint DIR] --prompt TEXT
+                         [--prompt TEXT ...]
+       jaxscale eval [--config FILE] [--config.KEY=VALUE ...] [--checkpoint DIR]
        jaxscale inspect CHECKPOINT_DIR
+       jaxscale launch local --processes N [--devices_per_process K] train [TRAIN ARGS ...]
 
   train    train the model the config describes (default: a tiny Llama on the embedded corpus);
            resumes from the run's latest checkpoint; SIGTERM/SIGINT save one and exit cleanly
   info     parameter count and per-device memory of the config under its mesh, without allocating;
            --num_devices N plans for N devices instead of the ones present
+  generate continue each prompt with the model of a checkpoint (default: the config's run), on the
+           config's mesh; sampling, weight format (int8, int4) and KV cache from `infer.*`
+           (docs/inference.md); one prompt is streamed as it is generated
+  eval     perplexity of a checkpoint on held-out text (infer.eval_source)
   inspect  the steps, sizes, parameter tree and config of a checkpoint directory
+  launch   `launch local` runs `jaxscale train` as N processes of one job on this machine (K CPU
+           devices each, gloo collectives): the multi-host code paths without a cluster
+
+  train across hosts: --coordinator HOST:PORT --num_processes N --process_id I on every process,
+  or nothing on SLURM, Open MPI and Cloud TPU pods (detected); see docs/distributed.md
 """
 
 
@@ -51,6 +64,12 @@ def _parse(argv: list[str]):
         config_flags.DEFINE_config_file("config", default, "experiment config file",
                                         flag_values=fv, sys_argv=args)
         flags.DEFINE_integer("num_devices", None, "devices to plan for (info)", flag_values=fv)
+        flags.DEFINE_string("checkpoint", None, "checkpoint directory (generate, eval)",
+                            flag_values=fv)
+        flags.DEFINE_multi_string("prompt", None, "text to continue (generate)", flag_values=fv)
+        flags.DEFINE_string("coordinator", None, "host:port of process 0 (train)", flag_values=fv)
+        flags.DEFINE_integer("num_processes", None, "processes in the job (train)", flag_values=fv)
+        flags.DEFINE_integer("process_id", None, "this process, 0..N-1 (train)", flag_values=fv)
         fv(args)
         config = fv.config
         config.keys()  # a config file that failed to load raises here
@@ -60,7 +79,7 @@ def _parse(argv: list[str]):
         raise UserError(_first_line(_innermost_user_error(e) or e)) from None
     except Exception as e:  # noqa: BLE001 - an error inside the user's config file
         raise UserError(f"failed to load the config: {type(e).__name__}: {_first_line(e)}") from None
-    return config, fv.num_devices
+    return config, fv
 
 
 def _unknown_override(args: list[str]) -> str | None:
@@ -85,7 +104,26 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+COMMANDS = ("train", "info", "generate", "eval", "inspect", "launch")
 CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _launch(argv: list[str]) -> int:
+    """`launch local --processes N [--devices_per_process K] train ...`."""
+    from jaxscale.distributed import launch_local
+
+    usage = ("usage: jaxscale launch local --processes N [--devices_per_process K] train "
+             "[TRAIN ARGS ...]")
+    if not argv or argv[0] != "local" or "train" not in argv:
+        raise UserError(usage)
+    split = argv.index("train")
+    tokens = [t for arg in argv[1:split] for t in arg.split("=", 1)]
+    opts = {"--devices_per_process": "1", **dict(zip(tokens[::2], tokens[1::2], strict=False))}
+    if (len(tokens) % 2 or set(opts) != {"--processes", "--devices_per_process"}
+            or not all(v.isdigit() for v in opts.values())):
+        raise UserError(usage)
+    return launch_local(int(opts["--processes"]), argv[split:],
+                        devices_per_process=int(opts["--devices_per_process"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False  # one line per message, whatever else configured the root logger
     try:
-        if command not in ("train", "info", "inspect"):
-            raise UserError(f"unknown command {command!r}; use 'train', 'info' or 'inspect'")
+        if command not in COMMANDS:
+            raise UserError(f"unknown command {command!r}; use {', '.join(map(repr, COMMANDS))}")
         if command == "inspect":
             if len(rest) != 1:
                 raise UserError("usage: jaxscale inspect CHECKPOINT_DIR")
@@ -115,21 +153,46 @@ def main(argv: list[str] | None = None) -> int:
 
             print(describe(rest[0]))
             return 0
-        config, num_devices = _parse(rest)
-        if command == "train":
+        if command == "launch":
+            return _launch(rest)
+        config, opts = _parse(rest)
+        if command != "train" and {opts.coordinator, opts.num_processes, opts.process_id} != {None}:
+            raise UserError("--coordinator, --num_processes and --process_id apply to "
+                            "`jaxscale train` only")
+        if command in ("generate", "eval"):
+            from jaxscale.infer.commands import evaluate, generate
+
+            (generate if command == "generate" else evaluate)(config, opts.checkpoint, opts.prompt)
+        elif command == "train":
+            from jaxscale.distributed import initialize
             from jaxscale.train.loop import train
 
-            history = train(config)
-            if history:
+            dist = config.distributed
+            initialize(opts.coordinator, opts.num_processes, opts.process_id,
+                       init_timeout_s=dist.init_timeout_s, heartbeat_timeout_s=dist.heartbeat_timeout_s)
+            import jax
+
+            if jax.process_index() > 0:  # process 0 speaks for the job
+                logger.setLevel(logging.WARNING)
+            try:
+                history = train(config, progress=jax.process_index() == 0)
+            except jax.errors.JaxRuntimeError as e:
+                if jax.process_count() == 1:
+                    raise
+                print(f"jaxscale: error: process {jax.process_index()} of {jax.process_count()}: "
+                      f"{_first_line(e)[:300]}; another process of the job has probably stopped "
+                      f"(see its log)", file=sys.stderr)
+                return 1
+            if jax.process_index() == 0 and history:
                 print(f"done: step {history[-1]['step']} loss {history[-1]['loss']:.4f}; "
                       f"metrics in {config.run_dir}")
-            else:
+            elif jax.process_index() == 0:
                 print(f"nothing to do: {config.run_dir} is already at train.steps="
                       f"{config.train.steps}; raise train.steps or use another run_dir")
         else:
             from jaxscale.plan import report
 
-            print(report(config, num_devices))
+            print(report(config, opts.num_devices))
     except UserError as e:
         print(f"jaxscale: error: {e}", file=sys.stderr)
         return 2

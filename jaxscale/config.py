@@ -58,6 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.pipeline = 1
     c.mesh.expert = 1
     c.mesh.context = 1
+    # mesh.dcn.<axis>: the part of that axis's size that spans TPU slices or hosts (slow links)
+    c.mesh.dcn = ml_collections.ConfigDict(
+        {a: 1 for a in ("data", "fsdp", "tensor", "pipeline", "expert", "context")})
+
+    c.distributed = ml_collections.ConfigDict()  # multi-process runs (docs/distributed.md)
+    c.distributed.init_timeout_s = 300  # give up joining the job (coordinator unreachable) after this
+    c.distributed.heartbeat_timeout_s = 100  # a process silent this long is dead: the others exit
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.zero_stage = 0  # extra sharding over the `data` axis: 1 opt state, 2 +grads, 3 +params

@@ -1,7 +1,9 @@
 """The command line as a user meets it: the README's main job, `info`, and one-line errors."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,16 @@ def test_info_sizes_a_realistic_multimodal_preset():
     (["train", "--config", "configs/clip.py:huge"], "multimodal preset size 'huge'; use tiny or"),
     (["train", "--config.model.family=vlm"], "model.family='vlm'; use one of llama, early_fusion"),
     (["serve"], "unknown command 'serve'"),
+    (["generate", "--checkpoint", "/no/such/run", "--prompt", "hi"],
+     "checkpoint directory '/no/such/run' does not exist"),
+    (["eval", "--checkpoint", "/no/such/run"], "checkpoint directory '/no/such/run' does not exist"),
+    (["generate", "--prompt", "x" * 100],
+     "a prompt of 100 tokens plus max_new_tokens=64 does not fit the KV cache of 128 tokens"),
+    (["generate", "--prompt", "hi", "--config.infer.temperature=-1"],
+     "sampling temperature=-1.0 is invalid; set infer.temperature"),
+    (["generate", "--prompt", "hi", "--config.infer.top_p=1.5"], "sampling top_p=1.5 is invalid"),
+    (["generate", "--prompt", "hi", "--config.infer.weights=int3"],
+     "infer.weights='int3' is not a weight format"),
 ])
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message, tmp_path):
     result = jaxscale(*args, f"--config.run_dir={tmp_path}/run", cwd=ROOT) if args[0] == "train" \
@@ -97,3 +109,42 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message, tmp_path)
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+TINY = ("--config.model.n_layers=2", "--config.model.d_model=64", "--config.model.head_dim=8",
+        "--config.model.d_ff=128", "--config.model.max_seq_len=64", "--config.data.seq_len=32")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A small model trained for 40 steps by `jaxscale train`: a checkpoint to generate from."""
+    run = tmp_path_factory.mktemp("tiny_run")
+    result = jaxscale("train", *TINY, f"--config.run_dir={run}", "--config.train.steps=40")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run
+
+
+def test_generate_streams_a_prompt_and_eval_reports_perplexity(tiny_run):
+    """Train -> generate (streamed; a batch on a data x tensor mesh with int8 weights and
+    sampling) -> eval with int4 weights, all from the command line."""
+    one = jaxscale("generate", *TINY, f"--config.run_dir={tiny_run}", "--prompt", "The ",
+                   "--config.infer.max_new_tokens=12")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.stdout.startswith("The ") and len(one.stdout.rstrip("\n")) > len("The ")
+    assert "12 tokens each at most" in one.stderr and "weights float32" in one.stderr
+    batch = jaxscale("generate", *TINY, "--checkpoint", f"{tiny_run}/checkpoints", "--prompt", "a",
+                     "--prompt", "def f", "--config.mesh.data=2", "--config.mesh.tensor=4",
+                     "--config.infer.weights=int8", "--config.infer.temperature=0.7",
+                     "--config.infer.top_k=5", "--config.infer.max_new_tokens=8")
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    assert "--- [0]\na" in batch.stdout and "--- [1]\ndef f" in batch.stdout
+    assert "weights int8" in batch.stderr
+    ev = jaxscale("eval", *TINY, f"--config.run_dir={tiny_run}", "--config.infer.weights=int4",
+                  "--config.infer.group_size=32")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    found = re.search(r"perplexity ([\d.]+) \(loss ([\d.]+) nats/token\) on ([\d,]+) tokens",
+                      ev.stdout)
+    assert found, ev.stdout
+    ppl, loss = float(found[1]), float(found[2])
+    assert 1 < ppl < 264 and abs(ppl - math.exp(loss)) < 0.01 * ppl
+    assert int(found[3].replace(",", "")) > 20_000  # the embedded held-out split: ~29 KB

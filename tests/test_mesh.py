@@ -1,11 +1,11 @@
-"""Meshes from axis sizes and logical-axis rules: fills, errors, specs, ZeRO sharding."""
+"""Meshes from axis sizes and logical-axis rules: fills, errors, specs, ZeRO sharding, DCN."""
 
 import pytest
 from conftest import devices_or_skip
 from jax.sharding import PartitionSpec as P
 
 from jaxscale.errors import UserError
-from jaxscale.mesh import make_mesh, resolve_axis_sizes
+from jaxscale.mesh import hybrid_devices, make_mesh, resolve_axis_sizes
 from jaxscale.sharding import DEFAULT_RULES, Layout, merge_rules
 
 
@@ -80,3 +80,54 @@ def test_zero_adds_data_to_a_data_parallel_dimension_only():
     assert lay.zero_spec(P("tensor", None), (16, 8)) == P("tensor", "data")
     assert lay.zero_spec(P("tensor"), (16,)) == P("tensor")  # no candidate: stays as it was
     assert lay.zero_spec(P(None), (6,)) == P(None)  # 4 does not divide 6
+
+
+class FakeDevice:
+    """Enough of a device for `hybrid_devices`: an id, a process and optionally a slice."""
+
+    def __init__(self, id, process_index, slice_index=None):
+        self.id, self.process_index, self.platform, self.device_kind = id, process_index, "cpu", "cpu"
+        if slice_index is not None:
+            self.slice_index = slice_index
+
+    def __repr__(self):
+        return f"{self.id}"
+
+
+def device_grid(sizes, dcn, devices):
+    grid = hybrid_devices(resolve_axis_sizes(sizes, len(devices)), dcn, devices)
+    return [[d.id for d in row] for row in grid.reshape(sizes["data"], sizes["fsdp"])]
+
+
+def test_dcn_axis_spans_processes_and_the_rest_stays_inside_one():
+    two_hosts = [FakeDevice(i, i // 4) for i in range(8)]  # process 0: devices 0-3
+    assert device_grid({"data": 2, "fsdp": 4}, {"data": 2}, two_hosts) == [[0, 1, 2, 3],
+                                                                          [4, 5, 6, 7]]
+    # fsdp across the hosts: each data row holds two devices of each host
+    assert device_grid({"data": 2, "fsdp": 4}, {"fsdp": 2}, two_hosts) == [[0, 1, 4, 5],
+                                                                          [2, 3, 6, 7]]
+
+
+def test_dcn_uses_slices_where_devices_have_them():
+    # two slices of two processes each: the slice, not the process, is the DCN unit
+    devices = [FakeDevice(i, i // 2, slice_index=i // 4) for i in range(8)]
+    assert device_grid({"data": 2, "fsdp": 4}, {"data": 2}, devices) == [[0, 1, 2, 3],
+                                                                        [4, 5, 6, 7]]
+    with pytest.raises(UserError, match="spans 4 slices but the devices are on 2"):
+        device_grid({"data": 4, "fsdp": 2}, {"data": 4}, devices)
+
+
+@pytest.mark.parametrize("sizes, dcn, message", [
+    ({"data": 2, "fsdp": 4}, {"data": 2}, "mesh.dcn data=2 spans 2 processes but the devices are on 1"),
+    ({"data": 2, "fsdp": 4}, {"fsdp": 3}, "mesh.dcn.fsdp=3 must be a positive divisor of mesh.fsdp=4"),
+    ({"data": 8}, {"model": 2}, "unknown mesh axis mesh.dcn.model"),
+])
+def test_bad_dcn_sizes_say_what_is_wrong(sizes, dcn, message):
+    with pytest.raises(UserError, match=message):
+        make_mesh(sizes, devices_or_skip(8), dcn)
+
+
+def test_dcn_of_ones_is_the_plain_mesh():
+    devices = devices_or_skip(8)
+    plain = make_mesh({"data": 2, "fsdp": 4}, devices)
+    assert (make_mesh({"data": 2, "fsdp": 4}, devices, {"data": 1}).devices == plain.devices).all()

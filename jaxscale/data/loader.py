@@ -22,12 +22,13 @@ class DataIterator:
 
     Epoch `e` visits the rows in the order `default_rng((seed, e)).permutation` (identity without
     shuffle), `global_batch_size` rows per step; an incomplete last batch is dropped. Process `p` of
-    `P` keeps rows `[p * B / P, (p + 1) * B / P)` of every global batch.
+    `P` keeps rows `[p * B / P, (p + 1) * B / P)` of every global batch, or the positions in `rows`
+    (those its devices hold under the batch sharding: see `process_rows`).
     """
 
     def __init__(self, packed: PackedTokens, global_batch_size: int, seed: int,
                  shuffle: bool = True, process_index: int | None = None,
-                 process_count: int | None = None):
+                 process_count: int | None = None, rows: np.ndarray | None = None):
         self.packed = packed
         self.global_batch_size = global_batch_size
         self.seed = seed
@@ -43,6 +44,9 @@ class DataIterator:
             raise UserError(f"the corpus packs into {packed.num_rows} rows of data.seq_len="
                             f"{packed.seq_len}, fewer than one batch of train.global_batch_size="
                             f"{global_batch_size}; lower either or add text")
+        local = global_batch_size // self.process_count
+        self.rows = (np.arange(self.process_index * local, (self.process_index + 1) * local)
+                     if rows is None else np.asarray(rows))
         self.epoch = 0
         self.step_in_epoch = 0
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
@@ -66,9 +70,7 @@ class DataIterator:
             rng = np.random.default_rng((self.seed, self.epoch))
             self._order = rng.permutation(n) if self.shuffle else np.arange(n)
             self._order_epoch = self.epoch
-        local = self.global_batch_size // self.process_count
-        start = self.step_in_epoch * self.global_batch_size + self.process_index * local
-        batch = self.packed.rows(self._order[start:start + local])
+        batch = self.packed.rows(self._order[self.step_in_epoch * self.global_batch_size + self.rows])
         self.step_in_epoch += 1
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -91,10 +93,25 @@ class DataIterator:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
 
 
-def make_global_batch(local: dict[str, np.ndarray],
-                      sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-    """Assemble each process's local batch into global arrays laid out by `sharding`."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold under `sharding`, ascending.
+
+    A contiguous block per process on the usual layouts; interleaved blocks when an inner batch
+    axis spans processes; the whole batch when processes are replicas (e.g. pipeline stages).
+    """
+    held = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
+        held.update(range(*index[0].indices(global_batch_size)))
+    return np.array(sorted(held))
+
+
+def make_global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
+                      global_batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Assemble each process's local batch (its `process_rows`, in order) into global arrays laid
+    out by `sharding`; `global_batch_size` is needed when processes hold overlapping rows."""
+    return {k: jax.make_array_from_process_local_data(
+        sharding, v, None if global_batch_size is None else (global_batch_size, *v.shape[1:]))
+        for k, v in local.items()}
 
 
 def build_data(config: ml_collections.ConfigDict) -> tuple[Tokenizer, DataIterator]:

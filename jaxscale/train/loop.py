@@ -9,12 +9,14 @@ import signal
 import threading
 
 import jax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxscale import metrics
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import validate
 from jaxscale.data import build_data, make_global_batch
+from jaxscale.data.loader import process_rows
 from jaxscale.mesh import describe, mesh_from_config
 from jaxscale.train.trainer import build_trainer
 
@@ -32,6 +34,7 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
     mesh = mesh_from_config(config.mesh)
     _, data = build_data(config)
     trainer = build_trainer(config, mesh)
+    data.rows = process_rows(trainer.batch_sharding, config.train.global_batch_size)
     ckpt_cfg = config.checkpoint
     ckpt = Checkpointer(ckpt_cfg.dir or os.path.join(config.run_dir, "checkpoints"),
                         keep=ckpt_cfg.keep, keep_every=ckpt_cfg.keep_every,
@@ -44,7 +47,7 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
         if first >= last:  # already there: nothing to compile, write or measure
             return []
         writer = stack.enter_context(metrics.MetricsWriter(config.run_dir))
-        signals = stack.enter_context(_Signals())
+        signals = stack.enter_context(_Signals(multi_process=jax.process_count() > 1))
         config_json = config.to_json_best_effort(indent=2)
         writer.write_config(config_json)
         compiled = trainer.compile()
@@ -63,7 +66,8 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
         bar = tqdm(range(first, last), desc="train", disable=not progress, dynamic_ncols=True,
                    initial=first, total=steps)
         for i in bar:
-            batch = make_global_batch(next(data), trainer.batch_sharding)
+            batch = make_global_batch(next(data), trainer.batch_sharding,
+                                      config.train.global_batch_size)
             state, out = trainer.step(state, batch)
             timer.add(config.train.global_batch_size * seq_len)
             if i == first:  # keep dispatch and first-run costs out of the throughput window
@@ -82,9 +86,10 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
                 bar.set_postfix(loss=f"{row['loss']:.3f}",
                                 tok_s=f"{row.get('tokens_per_s', 0):.0f}")
             periodic = ckpt_cfg.every and done % ckpt_cfg.every == 0
-            if periodic or done == last or signals.received:
+            stop = signals.check(done)
+            if periodic or done == last or stop:
                 ckpt.save(done, trainer.to_canonical(state), data.get_state(), config_json)
-            if signals.received:
+            if stop:
                 log.info("received %s: saved a checkpoint at step %d; exiting",
                          signals.received, done)
                 break
@@ -112,17 +117,31 @@ def _initial_state(config, trainer, data, ckpt: Checkpointer):
 
 
 class _Signals:
-    """Record SIGTERM / SIGINT (what schedulers send before preemption) instead of dying."""
+    """Record SIGTERM / SIGINT (what schedulers send before preemption) instead of dying.
 
-    def __init__(self):
+    Across processes, jax's preemption sync manager watches SIGTERM instead and makes every
+    process stop at the same step, whichever process got the signal (a Python handler would stop
+    only that one, leaving the others waiting in the next step's collectives).
+    """
+
+    def __init__(self, multi_process: bool = False):
         self.received: str | None = None
+        self._multi_process = multi_process
 
     def _handle(self, signum, _frame):
         self.received = signal.Signals(signum).name
 
+    def check(self, step: int) -> str | None:
+        """The signal to stop for after `step` (call once per step, on every process), or None."""
+        if self._multi_process and self.received is None and (
+                multihost_utils.reached_preemption_sync_point(step)):
+            self.received = "SIGTERM"
+        return self.received
+
     def __enter__(self) -> _Signals:
         self._old = {}
-        if threading.current_thread() is threading.main_thread():  # handlers live there only
+        main = threading.current_thread() is threading.main_thread()  # handlers live there only
+        if main and not self._multi_process:
             self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
