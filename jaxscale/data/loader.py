@@ -125,11 +125,7 @@ def build_data(config: ml_collections.ConfigDict) -> tuple[Tokenizer, DataIterat
         rows = scene_examples(config, config.data.num_examples, tokenizer)
     else:
         docs = load_documents(config.data.source, config.data.text_key)
-        docs = split_documents(docs, config.data.heldout_every, "train")
-        if not docs:
-            raise UserError(f"data.source={config.data.source!r} leaves no training document "
-                            f"once every data.heldout_every={config.data.heldout_every}th is held "
-                            f"out; add documents or set data.heldout_every=0")
+        docs = split_documents(docs, config.data.heldout_every, "train")  # keeps the first
         rows = pack_documents(docs, tokenizer, config.data.seq_len)
     iterator = DataIterator(rows, config.train.global_batch_size, config.seed,
                             shuffle=config.data.shuffle)
