@@ -21,6 +21,8 @@ USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...]
                          [--prompt TEXT ...]
        jaxscale eval [--config FILE] [--config.KEY=VALUE ...] [--checkpoint DIR]
        jaxscale inspect CHECKPOINT_DIR
+       jaxscale import-hf --model-dir HF_DIR --out CHECKPOINT_DIR [--config.mesh.KEY=VALUE ...]
+       jaxscale export-hf --checkpoint CHECKPOINT_DIR --out HF_DIR [--dtype float32|bfloat16|float16]
        jaxscale launch local --processes N [--devices_per_process K] train [TRAIN ARGS ...]
 
   train    train the model the config describes (default: a tiny Llama on the embedded corpus);
@@ -32,6 +34,10 @@ USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...]
            (docs/inference.md); one prompt is streamed as it is generated
   eval     perplexity of a checkpoint on held-out text (infer.eval_source)
   inspect  the steps, sizes, parameter tree and config of a checkpoint directory
+  import-hf  a local Hugging Face Llama or GPT-2 (config.json, *.safetensors, tokenizer.json) as
+           a jaxscale checkpoint, streamed into the mesh's shardings; fine-tune it with
+           --config configs/hf.py:CHECKPOINT_DIR (docs/huggingface.md)
+  export-hf  a jaxscale llama or gpt2 checkpoint as a Hugging Face model directory
   launch   `launch local` runs `jaxscale train` as N processes of one job on this machine (K CPU
            devices each, gloo collectives): the multi-host code paths without a cluster
 
@@ -70,6 +76,11 @@ def _parse(argv: list[str]):
         flags.DEFINE_string("coordinator", None, "host:port of process 0 (train)", flag_values=fv)
         flags.DEFINE_integer("num_processes", None, "processes in the job (train)", flag_values=fv)
         flags.DEFINE_integer("process_id", None, "this process, 0..N-1 (train)", flag_values=fv)
+        flags.DEFINE_string("model_dir", None, "Hugging Face model directory (import-hf)",
+                            flag_values=fv)
+        flags.DEFINE_string("out", None, "output directory (import-hf, export-hf)", flag_values=fv)
+        flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                          "tensor dtype written (export-hf)", flag_values=fv)
         fv(args)
         config = fv.config
         config.keys()  # a config file that failed to load raises here
@@ -104,7 +115,7 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-COMMANDS = ("train", "info", "generate", "eval", "inspect", "launch")
+COMMANDS = ("train", "info", "generate", "eval", "inspect", "launch", "import-hf", "export-hf")
 CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
@@ -124,6 +135,23 @@ def _launch(argv: list[str]) -> int:
         raise UserError(usage)
     return launch_local(int(opts["--processes"]), argv[split:],
                         devices_per_process=int(opts["--devices_per_process"]))
+
+
+def _hf(command: str, config, opts) -> None:
+    """`import-hf --model-dir D --out C` and `export-hf --checkpoint C --out D [--dtype]`."""
+    from jaxscale import hf
+
+    source = opts.model_dir if command == "import-hf" else opts.checkpoint
+    if not source or not opts.out:
+        raise UserError(f"usage: jaxscale {command} "
+                        + ("--model-dir HF_DIR --out CHECKPOINT_DIR" if command == "import-hf"
+                           else "--checkpoint CHECKPOINT_DIR --out HF_DIR [--dtype D]"))
+    if command == "import-hf":
+        out = hf.import_hf(source, opts.out, config)
+        print(f"imported into {out}; fine-tune with: jaxscale train --config configs/hf.py:{out}")
+    else:
+        files = hf.export_hf(source, opts.out, dtype=opts.dtype)
+        print(f"exported to {opts.out}: config.json, {', '.join(files)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,11 +183,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "launch":
             return _launch(rest)
+        if command == "import-hf":  # the flag is spelled as in the docs; absl wants underscores
+            rest = [("--model_dir" + a[11:]) if a.startswith("--model-dir") else a for a in rest]
         config, opts = _parse(rest)
         if command != "train" and {opts.coordinator, opts.num_processes, opts.process_id} != {None}:
             raise UserError("--coordinator, --num_processes and --process_id apply to "
                             "`jaxscale train` only")
-        if command in ("generate", "eval"):
+        if command in ("import-hf", "export-hf"):
+            _hf(command, config, opts)
+        elif command in ("generate", "eval"):
             from jaxscale.infer.commands import evaluate, generate
 
             (generate if command == "generate" else evaluate)(config, opts.checkpoint, opts.prompt)

@@ -27,11 +27,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.d_ff = 384
     c.model.max_seq_len = 128
     c.model.rope_theta = 10000.0
+    c.model.rope_scaling = "none"  # none | llama3 (Llama 3.1's long-context scaling, below)
+    c.model.rope_factor = 8.0
+    c.model.rope_low_freq_factor = 1.0
+    c.model.rope_high_freq_factor = 4.0
+    c.model.rope_original_max_seq_len = 8192
     c.model.norm_eps = 1e-5
     c.model.tie_embeddings = False
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # none | full | save_dots | save:<name>,<name> (names: see models/llama.py)
-    c.model.family = "llama"  # llama | early_fusion | cross_attention | clip (docs/multimodal.md)
+    c.model.family = "llama"  # llama | gpt2 | early_fusion | cross_attention | clip (docs/multimodal.md)
 
     c.model.vision = ml_collections.ConfigDict()  # the ViT encoder of the multimodal families
     c.model.vision.image_size = 32

@@ -44,16 +44,22 @@ _DTYPES = ("bfloat16", "float32")
 
 
 def _layer_matmul_params(m: Any) -> int:
-    """Matmul weights of one decoder layer: q, k, v, o and the SwiGLU gate, up and down."""
+    """Matmul weights of one decoder layer: q, k, v, o and the MLP (SwiGLU's gate, up and down;
+    GPT-2's fc and proj)."""
     q = m.n_heads * m.head_dim
     kv = m.n_kv_heads * m.head_dim
-    return 2 * m.d_model * q + 2 * m.d_model * kv + 3 * m.d_model * m.d_ff
+    mlp = 2 if getattr(m, "family", "llama") == "gpt2" else 3
+    return 2 * m.d_model * q + 2 * m.d_model * kv + mlp * m.d_model * m.d_ff
 
 
 def param_count(cfg_model: Any) -> int:
-    """All parameters of the Llama decoder described by the config's `model` section."""
+    """All parameters of the decoder (llama or gpt2) described by the config's `model` section."""
     m = cfg_model
     tables = 1 if m.tie_embeddings else 2  # input embedding, plus the LM head when untied
+    if getattr(m, "family", "llama") == "gpt2":  # biases, two-parameter norms, position table
+        per_layer = 3 * m.n_heads * m.head_dim + m.d_ff + 2 * m.d_model + 4 * m.d_model
+        return (tables * m.vocab_size * m.d_model + m.max_seq_len * m.d_model
+                + m.n_layers * (_layer_matmul_params(m) + per_layer) + 2 * m.d_model)
     layers = m.n_layers * (_layer_matmul_params(m) + 2 * m.d_model)
     return tables * m.vocab_size * m.d_model + layers + m.d_model
 
@@ -75,7 +81,7 @@ def train_flops_per_token(config: Any) -> float:
     `flops_per_token`, or for a multimodal family all of one example's FLOPs (encoder and
     connector included) spread over its text tokens."""
     m, s = config.model, config.data.seq_len
-    if m.family == "llama":
+    if m.family in ("llama", "gpt2"):
         return flops_per_token(m, s)
     from jaxscale.models.fusion import flops_per_example
 

@@ -33,6 +33,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("positions", None),  # rows of a learned position-embedding table
     ("patch", None),  # a flattened image patch (pixels x channels)
     ("seq", None),
     ("res_seq", None),  # the residual stream's sequence: `tensor` under sequence parallelism

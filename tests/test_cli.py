@@ -88,7 +88,7 @@ def test_info_sizes_a_realistic_multimodal_preset():
     (["train", "--config.mesh.pipeline=2", "--config.pipeline.virtual_stages=2"],
      "pipeline.virtual_stages=2 needs pipeline.schedule=interleaved"),
     (["train", "--config", "configs/clip.py:huge"], "multimodal preset size 'huge'; use tiny or"),
-    (["train", "--config.model.family=vlm"], "model.family='vlm'; use one of llama, early_fusion"),
+    (["train", "--config.model.family=vlm"], "model.family='vlm'; use one of llama, gpt2, early_fusion"),
     (["serve"], "unknown command 'serve'"),
     (["generate", "--checkpoint", "/no/such/run", "--prompt", "hi"],
      "checkpoint directory '/no/such/run' does not exist"),

@@ -20,6 +20,7 @@ from jaxscale.data import (
     make_global_batch,
     pack_documents,
 )
+from jaxscale.data.tokenizer import document_ids, prompt_ids
 from jaxscale.errors import UserError
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -64,6 +65,23 @@ def test_hf_tokenizer_round_trip(tmp_path):
     ids = tok.encode(text)
     assert tok.eos_id not in ids and len(ids) < len(text.encode("utf-8"))
     assert tok.decode(ids + [tok.eos_id]) == text
+
+
+@pytest.mark.parametrize("template", ["<s> $A", "<s> $A </s>"])
+def test_documents_and_prompts_carry_the_tokenizers_special_tokens(tmp_path, template):
+    """A Llama-style tokenizer adds beginning-of-text; documents end with one eos, prompts none."""
+    path = _save_bpe(tmp_path / "tokenizer.json", ["<pad>", "<s>", "</s>"])
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", 1), ("</s>", 2)])
+    tok.save(str(path))
+    tok = load_tokenizer(str(path))
+    words = tok.encode("the lazy dog")
+    assert document_ids(tok, "the lazy dog") == [1, *words, 2]
+    assert prompt_ids(tok, "the lazy dog") == [1, *words]
+    packed = pack_documents(["the lazy dog", "the quick fox"], tok, 4)
+    assert packed.tokens.tolist() == [1, *words, 2, 1, *tok.encode("the quick fox"), 2]
+    assert prompt_ids(ByteTokenizer(), "ab") == [97, 98] == document_ids(ByteTokenizer(), "ab")[:-1]
 
 
 def test_hf_tokenizer_errors(tmp_path):

@@ -14,6 +14,7 @@ from jaxscale.metrics import param_count
 from jaxscale.models import Llama, LlamaConfig
 from jaxscale.models.layers import rope
 from jaxscale.train.step import loss_sums
+from jaxscale.train.trainer import abstract_model
 
 BASE = LlamaConfig.from_config(tiny_config().model)
 
@@ -111,3 +112,25 @@ def test_bfloat16_compute_tracks_float32_and_is_layout_independent():
     sharded = tiny_config(data=2, fsdp=2, tensor=2)
     sharded.model.dtype = "bfloat16"
     np.testing.assert_allclose(train_losses(sharded, devices_or_skip(8)), bf16, rtol=1e-2)
+
+
+def gpt2_config(**layout):
+    c = tiny_config(**layout)
+    c.model.update(family="gpt2", n_kv_heads=c.model.n_heads)
+    return c
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gpt2_parameter_count_matches_the_formula(tie):
+    c = gpt2_config().model
+    c.tie_embeddings = tie
+    assert sum(s.size for s in jax.tree.leaves(abstract_model(c)[1])) == param_count(c)
+
+
+def test_gpt2_trains_the_same_on_one_device_sharded_and_pipelined():
+    devices = devices_or_skip(8)
+    reference = train_losses(gpt2_config(), devices[:1])
+    assert reference[-1] < reference[0] - 0.5
+    for layout in (dict(data=2, fsdp=2, tensor=2), dict(pipeline=2, fsdp=4, zero_stage=3)):
+        np.testing.assert_allclose(train_losses(gpt2_config(**layout), devices), reference,
+                                   rtol=1e-5, err_msg=str(layout))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxscale.data.tokenizer import Tokenizer
+from jaxscale.data.tokenizer import Tokenizer, document_ids
 from jaxscale.errors import UserError
 
 
@@ -51,10 +51,11 @@ class PackedTokens:
 
 
 def pack_documents(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> PackedTokens:
-    """Tokenize `docs`, append eos to each and concatenate them into rows of `seq_len` tokens."""
+    """Tokenize `docs` (`document_ids`: special tokens, eos last) and concatenate them into rows
+    of `seq_len` tokens."""
     if seq_len < 1:
         raise UserError(f"data.seq_len must be at least 1, got {seq_len}")
-    encoded = [tokenizer.encode(d) + [tokenizer.eos_id] for d in docs]
+    encoded = [document_ids(tokenizer, d) for d in docs]
     lengths = np.array([len(e) for e in encoded], dtype=np.int64)
     tokens = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
     segments = np.repeat(np.arange(len(docs), dtype=np.int32), lengths)

@@ -19,7 +19,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, special: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -30,8 +30,8 @@ class ByteTokenizer:
     eos_id = 256
     vocab_size = 257
 
-    def encode(self, text: str) -> list[int]:
-        """Return the UTF-8 bytes of `text` (no eos appended)."""
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Return the UTF-8 bytes of `text` (no eos appended; there are no special tokens)."""
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -61,13 +61,26 @@ class HFTokenizer:
                             f"{', '.join(EOS_CANDIDATES)}); add one of them to its vocabulary")
         self.eos_id: int = found[0]
 
-    def encode(self, text: str) -> list[int]:
-        """Return the token ids of `text`, without special tokens."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Return the token ids of `text`; with `special`, the special tokens the tokenizer's
+        post-processor adds (e.g. Llama's beginning-of-text)."""
+        return self._tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Return the text of `ids`, skipping special tokens."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def document_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A whole document as a model sees it in training: its special tokens, then eos."""
+    ids = tokenizer.encode(text, special=True)
+    return ids if ids and ids[-1] == tokenizer.eos_id else [*ids, tokenizer.eos_id]
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt as the start of a document: its special tokens, without a closing eos."""
+    ids = tokenizer.encode(text, special=True)
+    return ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
 
 
 def load_tokenizer(name: str) -> Tokenizer:

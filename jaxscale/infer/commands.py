@@ -12,7 +12,7 @@ import sys
 import time
 
 from jaxscale.config import validate
-from jaxscale.data.tokenizer import Tokenizer, load_tokenizer
+from jaxscale.data.tokenizer import Tokenizer, load_tokenizer, prompt_ids
 from jaxscale.errors import UserError
 from jaxscale.infer.cache import CacheConfig
 from jaxscale.infer.evaluate import document_rows, eval_documents, perplexity
@@ -34,7 +34,7 @@ def generate(config, checkpoint: str | None, prompts: list[str] | None) -> None:
     sampling = SamplingParams.from_config(infer)
     stop = parse_stop(infer.stop, tokenizer.eos_id)
     check_format(infer.weights)
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     prompt_batch(encoded, infer.max_new_tokens, CacheConfig.from_config(config),
                  config.model.vocab_size)
     generator = Generator.from_config(config, checkpoint=_checkpoint_dir(config, checkpoint))

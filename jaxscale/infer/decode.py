@@ -1,4 +1,4 @@
-"""Prefill and one decode step of the Llama decoder with a `KVCache` (traced inside `jax.jit`).
+"""Prefill and one decode step of a decoder (llama, gpt2) with a `KVCache` (traced inside `jax.jit`).
 
 Both run the model's own blocks, embedding and head; only attention is replaced, through the
 blocks' `attend` hook: prefill attends causally over the prompt (as the model's forward does) and
@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.infer.cache import CacheConfig, KVCache
-from jaxscale.models import Llama
+from jaxscale.models.llama import Decoder
 
 
-def forward(model: Llama, tokens: jax.Array, positions: jax.Array,
+def forward(model: Decoder, tokens: jax.Array, positions: jax.Array,
             mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The last block's output [batch, seq, embed] and every layer's keys and values [layers,
     batch, seq, kv_heads, head_dim]; attention is causal and, where given, also masked."""
@@ -34,11 +34,11 @@ def forward(model: Llama, tokens: jax.Array, positions: jax.Array,
         x = nnx.merge(graph, state)(x, positions, None, attend=attend)
         return x, (kv["k"], kv["v"])
 
-    x, (ks, vs) = jax.lax.scan(layer, model.embed_tokens(tokens), stacked)
+    x, (ks, vs) = jax.lax.scan(layer, model.embed_tokens(tokens, positions), stacked)
     return x, ks, vs
 
 
-def prefill(model: Llama, config: CacheConfig, tokens: jax.Array,
+def prefill(model: Decoder, config: CacheConfig, tokens: jax.Array,
             lengths: jax.Array) -> tuple[KVCache, jax.Array]:
     """The cache after the right-padded prompts `tokens` [batch, seq] of `lengths` tokens, and the
     logits [batch, vocab] that follow each prompt's last token."""
@@ -48,7 +48,7 @@ def prefill(model: Llama, config: CacheConfig, tokens: jax.Array,
     return KVCache.from_prompt(config, ks, vs, lengths), model.head(last)[:, 0]
 
 
-def decode_step(model: Llama, cache: KVCache, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
+def decode_step(model: Decoder, cache: KVCache, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
     """Append one token per row (`tokens` [batch]) at each row's own position; the cache after it
     and the logits [batch, vocab] of the token that follows."""
     pos = cache.lengths
@@ -71,13 +71,13 @@ def decode_step(model: Llama, cache: KVCache, tokens: jax.Array) -> tuple[KVCach
         return (x, out["cache"]), None
 
     n_layers = cache.k.shape[0]
-    (x, cache), _ = jax.lax.scan(layer, (model.embed_tokens(tokens[:, None]), cache),
+    (x, cache), _ = jax.lax.scan(layer, (model.embed_tokens(tokens[:, None], pos[:, None]), cache),
                                  (stacked, jnp.arange(n_layers)))
     cache = dataclasses.replace(cache, positions=positions, lengths=pos + 1)
     return cache.pinned(), model.head(x)[:, 0]
 
 
-def teacher_forced_logits(model: Llama, config: CacheConfig, tokens: jax.Array) -> jax.Array:
+def teacher_forced_logits(model: Decoder, config: CacheConfig, tokens: jax.Array) -> jax.Array:
     """Logits [batch, seq, vocab] of every position, attending as decoding with this cache would:
     the model's own forward for a full cache, masked to sinks plus window for a sliding one."""
     if not config.window:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from jaxscale.data.corpus import load_documents, split_documents
-from jaxscale.data.tokenizer import Tokenizer
+from jaxscale.data.tokenizer import Tokenizer, document_ids
 from jaxscale.errors import UserError
 from jaxscale.infer.generate import Generator
 
@@ -41,7 +41,7 @@ def document_rows(docs: list[str], tokenizer: Tokenizer, seq_len: int) -> dict[s
     document followed by eos (a shorter tail is dropped)."""
     inputs, targets = [], []
     for doc in docs:
-        ids = np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], np.int32)
+        ids = np.asarray(document_ids(tokenizer, doc), np.int32)
         for start in range(0, len(ids) - seq_len, seq_len):
             inputs.append(ids[start:start + seq_len])
             targets.append(ids[start + 1:start + seq_len + 1])

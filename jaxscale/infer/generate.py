@@ -27,6 +27,7 @@ from jaxscale.infer.decode import decode_step, prefill, teacher_forced_logits
 from jaxscale.infer.quantize import fit_spec, param_shardings, quantize_params, weight_bytes
 from jaxscale.infer.sampling import SamplingParams, sample
 from jaxscale.mesh import mesh_from_config
+from jaxscale.models import DECODERS
 from jaxscale.models.layers import token_loss_sums
 from jaxscale.sharding import Layout, merge_rules, use_layout
 from jaxscale.train.trainer import abstract_model, make_layout
@@ -107,7 +108,7 @@ class GenerationResult:
 
 
 class Generator:
-    """Generate from, and score text with, a Llama model whose parameters live on `layout`'s mesh.
+    """Generate from, and score text with, a decoder (llama, gpt2) whose parameters live on `layout`'s mesh.
 
     `weights` is the stored format of the matmul weights: float32, bfloat16, int8 or int4 (groups
     of `group_size` inputs), converted on the mesh from the float32 `params` given.
@@ -115,8 +116,13 @@ class Generator:
 
     def __init__(self, model_cfg, params: nnx.State, layout: Layout, cache: CacheConfig,
                  weights: str = "float32", group_size: int = 128):
-        if model_cfg.get("family", "llama") != "llama":
-            raise UserError(f"generation runs model.family=llama, not {model_cfg.family!r}")
+        if model_cfg.get("family", "llama") not in DECODERS:
+            raise UserError(f"generation runs the decoder families ({', '.join(DECODERS)}), not "
+                            f"model.family={model_cfg.family!r}")
+        if model_cfg.family == "gpt2" and (cache.window or cache.length > model_cfg.max_seq_len):
+            raise UserError(f"model.family=gpt2 has learned positions for model.max_seq_len="
+                            f"{model_cfg.max_seq_len} tokens: set infer.window=0 and "
+                            f"infer.cache_len <= {model_cfg.max_seq_len}")
         self.model_cfg, self.layout, self.cache_config = model_cfg, layout, cache
         self.graphdef = abstract_model(model_cfg)[0]
         self.dtype = jnp.dtype(model_cfg.dtype)

@@ -11,7 +11,8 @@ from flax import nnx
 from jaxscale.errors import UserError
 from jaxscale.models.llama import Llama, LlamaConfig
 
-FAMILIES = ("llama", "early_fusion", "cross_attention", "clip")
+FAMILIES = ("llama", "gpt2", "early_fusion", "cross_attention", "clip")
+DECODERS = ("llama", "gpt2")  # text-only decoder families
 
 
 def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
@@ -19,6 +20,10 @@ def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
     family = model_cfg.get("family", "llama")
     if family == "llama":
         return Llama(LlamaConfig.from_config(model_cfg), rngs)
+    if family == "gpt2":
+        from jaxscale.models.gpt2 import GPT2
+
+        return GPT2(LlamaConfig.from_config(model_cfg), rngs)
     if family not in FAMILIES:
         raise UserError(f"model.family={family!r}; use one of {', '.join(FAMILIES)}")
     from jaxscale.models import fusion
@@ -26,4 +31,4 @@ def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
     return fusion.build(family, model_cfg, rngs)
 
 
-__all__ = ["FAMILIES", "Llama", "LlamaConfig", "build_model"]
+__all__ = ["DECODERS", "FAMILIES", "Llama", "LlamaConfig", "build_model"]

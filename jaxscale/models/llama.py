@@ -18,7 +18,15 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.layers import RMSNorm, param, remat_policy, rope, stack_layers, token_loss_sums
+from jaxscale.models.layers import (
+    RMSNorm,
+    RopeScaling,
+    param,
+    remat_policy,
+    rope,
+    stack_layers,
+    token_loss_sums,
+)
 from jaxscale.sharding import constrain
 
 RESIDUAL = ("batch", "res_seq", "embed")
@@ -36,6 +44,11 @@ class LlamaConfig:
     d_ff: int
     max_seq_len: int
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # "llama3": Llama 3.1's long-context frequency scaling
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dtype: str = "float32"
@@ -49,6 +62,12 @@ class LlamaConfig:
             raise UserError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"model.dtype={self.dtype!r}; use float32 or bfloat16")
+        self.rope()  # reject a bad scaling at construction time
+
+    def rope(self) -> RopeScaling:
+        """The RoPE frequency scaling of `rope_*`."""
+        return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_low_freq_factor,
+                           self.rope_high_freq_factor, self.rope_original_max_seq_len)
 
     @classmethod
     def from_config(cls, model_cfg) -> LlamaConfig:
@@ -79,7 +98,8 @@ class Attention(nnx.Module):
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
-        q, k = rope(q, positions, self.c.rope_theta), rope(k, positions, self.c.rope_theta)
+        scaling = self.c.rope()
+        q, k = (rope(t, positions, self.c.rope_theta, scaling) for t in (q, k))
         if attend is None:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
         else:
@@ -137,17 +157,14 @@ def scan_blocks(blocks: Block, x: jax.Array, positions: jax.Array, mask: jax.Arr
     return jax.lax.scan(layer, x, stacked)[0]
 
 
-class Llama(nnx.Module):
-    """Decoder-only language model; `__call__` maps token ids [batch, seq] to float32 logits."""
+class Decoder(nnx.Module):
+    """What the decoder families share: run the stacked `blocks` between `embed_tokens` and `head`.
 
-    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
-        self.config = c
-        self.embed = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), 0.02)
-        self.blocks = stacked_blocks(c, rngs)
-        self.final_norm = RMSNorm(c.d_model, c.norm_eps)
-        if not c.tie_embeddings:
-            self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model**-0.5)
-        remat_policy(c.remat)  # reject a bad policy name at construction time
+    Subclasses set `config`, `blocks` and define `embed_tokens(tokens, positions)` and `head(x)`.
+    """
+
+    config: LlamaConfig
+    blocks: nnx.Module
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
@@ -158,8 +175,8 @@ class Llama(nnx.Module):
         time), `run_blocks(blocks, x, positions, mask, apply_block)` runs the stack (a pipeline)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.run(self.embed_tokens(tokens), positions, attention_mask(segment_ids), apply_block,
-                     run_blocks)
+        x = self.run(self.embed_tokens(tokens, positions), positions, attention_mask(segment_ids),
+                     apply_block, run_blocks)
         return self.head(x)
 
     def loss_sums(self, batch: dict[str, jax.Array], **kwargs) -> tuple[jax.Array, jax.Array]:
@@ -173,23 +190,41 @@ class Llama(nnx.Module):
         """The blocks on a residual stream `x` [batch, seq, embed] (token or other embeddings)."""
         return run_blocks(self.blocks, x, positions, mask, self.block_fn(apply_block))
 
-    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        """The residual stream's input: token embeddings in the compute dtype."""
-        table = constrain(self.embed[...], ("vocab", None))  # gathered whole over `fsdp` for use
-        return constrain(jnp.take(table, tokens, axis=0).astype(self.config.dtype), RESIDUAL)
-
     def block_fn(self, apply_block: Callable[..., jax.Array] = apply_block) -> Callable[..., jax.Array]:
         """`apply_block` under the model's rematerialisation policy."""
         if self.config.remat == "none":
             return apply_block
         return nnx.remat(apply_block, policy=remat_policy(self.config.remat), prevent_cse=True)
 
+    def logits(self, x: jax.Array, table: jax.Array) -> jax.Array:
+        """Float32 logits of the final hidden states `x` against `table` [embed, vocab]."""
+        logits = jnp.einsum("bse,ev->bsv", x, table.astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab"))
+
+
+class Llama(Decoder):
+    """Decoder-only language model; `__call__` maps token ids [batch, seq] to float32 logits."""
+
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        self.config = c
+        self.embed = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), 0.02)
+        self.blocks = stacked_blocks(c, rngs)
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps)
+        if not c.tie_embeddings:
+            self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model**-0.5)
+        remat_policy(c.remat)  # reject a bad policy name at construction time
+
+    def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """The residual stream's input: token embeddings in the compute dtype (RoPE places
+        positions inside attention, so `positions` is unused)."""
+        table = constrain(self.embed[...], ("vocab", None))  # gathered whole over `fsdp` for use
+        return constrain(jnp.take(table, tokens, axis=0).astype(self.config.dtype), RESIDUAL)
+
     def head(self, x: jax.Array) -> jax.Array:
         """Float32 logits from the last block's output."""
-        x = self.final_norm(x)
         head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bse,ev->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "vocab"))
+        return self.logits(self.final_norm(x), head)
 
 
 def attention_mask(segment_ids: jax.Array | None) -> jax.Array | None:

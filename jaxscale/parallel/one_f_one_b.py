@@ -49,7 +49,7 @@ def one_f_one_b_loss(microbatches: int, stages: int) -> Callable:
 
     def loss(graphdef: nnx.GraphDef, params: nnx.State, batch, apply_block=plain_block):
         model = nnx.merge(graphdef, params)
-        x = model.embed_tokens(batch["inputs"])
+        x = model.embed_tokens(batch["inputs"], batch["positions"])
         axes = _varying(x)  # every manual axis: the table is marked varying over all of them
         run_layer = model.block_fn(apply_block)
         block_graph = nnx.split(model.blocks)[0]

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.data.loader import batch_shapes
 from jaxscale.errors import UserError
-from jaxscale.models import build_model
+from jaxscale.models import DECODERS, build_model
 from jaxscale.models.fusion import FREEZE_GROUPS
 from jaxscale.parallel.data_parallel import data_parallel_loss
 from jaxscale.parallel.pipeline import check_pipeline, pipeline_loss, virtualize
@@ -212,9 +212,9 @@ def _check_batch(config, layout: Layout) -> None:
         raise UserError(f"micro-batch {batch // accum} (train.global_batch_size / "
                         f"grad_accum_steps) is not divisible by the data-parallel size {dp} "
                         f"(data x fsdp); change the batch size or the mesh")
-    if layout.mesh.shape["pipeline"] > 1 and config.model.family != "llama":
+    if layout.mesh.shape["pipeline"] > 1 and config.model.family not in DECODERS:
         raise NotImplementedError(f"pipeline parallelism for model.family={config.model.family!r} "
-                                  f"(pipelines run the llama family); set mesh.pipeline=1")
+                                  f"(pipelines run {', '.join(DECODERS)}); set mesh.pipeline=1")
     check_pipeline(config, layout.mesh.shape["pipeline"], batch // accum // dp)
     if config.data.seq_len > config.model.max_seq_len:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds "

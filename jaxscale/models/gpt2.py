@@ -1,0 +1,111 @@
+"""GPT-2: learned absolute positions, pre-LayerNorm blocks with biases, GELU MLP, tied embeddings.
+
+Same decoder interface as `Llama` (`embed_tokens`, stacked `blocks`, `head`), so training,
+parallelism and KV-cache decoding run it unchanged. Configured by the `model` section with
+`family="gpt2"` (`n_kv_heads` equals `n_heads`; `rope_*` are unused).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxscale.errors import UserError
+from jaxscale.models.layers import LayerNorm, param, remat_policy, stack_layers
+from jaxscale.models.llama import RESIDUAL, Attend, Decoder, LlamaConfig
+from jaxscale.sharding import constrain
+
+
+def _bias(shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * c.n_layers)
+        axes = ("embed", "heads", "head_dim")
+        self.wq, self.wk, self.wv = (param(rngs, (c.d_model, c.n_heads, c.head_dim), axes, std)
+                                     for _ in range(3))
+        self.bq, self.bk, self.bv = (_bias((c.n_heads, c.head_dim), ("heads", "head_dim"))
+                                     for _ in range(3))
+        self.wo = param(rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"),
+                        out_std)
+        self.bo = _bias((c.d_model,), ("embed",))
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None, attend: Attend | None) -> jax.Array:
+        dt = x.dtype
+        q, k, v = (constrain(jnp.einsum("bse,ehd->bshd", x, w[...].astype(dt)) + b[...].astype(dt),
+                             ("batch", "seq", "heads", "head_dim"))
+                   for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+        if attend is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        else:
+            out = attend(q, k, v)
+        out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
+        return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        self.w_fc = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), 0.02)
+        self.b_fc = _bias((c.d_ff,), ("mlp",))
+        self.w_proj = param(rngs, (c.d_ff, c.d_model), ("mlp", "embed"), 0.02 / math.sqrt(2 * c.n_layers))
+        self.b_proj = _bias((c.d_model,), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        h = jnp.einsum("bse,ef->bsf", x, self.w_fc[...].astype(dt)) + self.b_fc[...].astype(dt)
+        h = checkpoint_name(constrain(jax.nn.gelu(h, approximate=True), ("batch", "seq", "mlp")),
+                            "mlp_hidden")
+        out = jnp.einsum("bsf,fe->bse", h, self.w_proj[...].astype(dt)) + self.b_proj[...].astype(dt)
+        return checkpoint_name(out, "mlp_out")
+
+
+class Block(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        self.ln1 = LayerNorm(c.d_model, c.norm_eps)
+        self.attn = Attention(c, rngs)
+        self.ln2 = LayerNorm(c.d_model, c.norm_eps)
+        self.mlp = MLP(c, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+                 attend: Attend | None = None) -> jax.Array:
+        """One layer; `positions` are unused (they enter through the position embedding)."""
+        x = constrain(x + self.attn(self.ln1(x), mask, attend), RESIDUAL)
+        return constrain(x + self.mlp(self.ln2(x)), RESIDUAL)
+
+
+class GPT2(Decoder):
+    """GPT-2 language model; `__call__` maps token ids [batch, seq] to float32 logits."""
+
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        if c.n_kv_heads != c.n_heads:
+            raise UserError(f"model.family=gpt2 has no grouped-query attention: set "
+                            f"model.n_kv_heads={c.n_heads} (= model.n_heads)")
+        self.config = c
+        self.wte = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), 0.02)
+        self.wpe = param(rngs, (c.max_seq_len, c.d_model), ("positions", "embed"), 0.01)
+        self.blocks = stack_layers(lambda r: Block(c, r), c.n_layers, rngs)
+        self.ln_f = LayerNorm(c.d_model, c.norm_eps)
+        if not c.tie_embeddings:
+            self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), 0.02)
+        remat_policy(c.remat)
+
+    def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Token plus position embeddings, in the compute dtype."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        wte = constrain(self.wte[...], ("vocab", None))
+        wpe = constrain(self.wpe[...], ("positions", None))
+        x = jnp.take(wte, tokens, axis=0) + jnp.take(wpe, positions, axis=0)
+        return constrain(x.astype(self.config.dtype), RESIDUAL)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Float32 logits from the last block's output."""
+        head = self.wte[...].T if self.config.tie_embeddings else self.lm_head[...]
+        return self.logits(self.ln_f(x), head)
