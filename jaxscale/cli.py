@@ -150,7 +150,7 @@ def _hf(command: str, config, opts) -> None:
         out = hf.import_hf(source, opts.out, config)
         print(f"imported into {out}; fine-tune with: jaxscale train --config configs/hf.py:{out}")
     else:
-        files = hf.export_hf(source, opts.out, dtype=opts.dtype)
+        files = hf.export_hf(source, opts.out, dtype=opts.dtype, mesh=config.mesh)
         print(f"exported to {opts.out}: config.json, {', '.join(files)}")
 
 

@@ -157,7 +157,9 @@ def test_greedy_generation_with_the_kv_cache_matches_transformers_generate(saved
 def test_import_then_export_is_bitwise_identical(saved, tmp_path):
     _, hf_dir, _ = saved
     ckpt = import_hf(hf_dir, str(tmp_path / "ckpt"))
-    export_hf(ckpt, str(tmp_path / "hf"))
+    mesh = base_config().mesh
+    mesh.update(fsdp=2, tensor=2)  # read back sharded over 8 devices (data=2)
+    export_hf(ckpt, str(tmp_path / "hf"), mesh=mesh)
     before, after = safetensors.Tensors(hf_dir), safetensors.Tensors(tmp_path / "hf")
     assert before.names() == after.names()
     for name in before.names():
@@ -264,3 +266,9 @@ def test_fine_tuning_starts_from_the_import_with_its_tokenizer(llama_dir, tmp_pa
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # lr 0: still the import
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert 1.0 < first["loss"] < 2 * np.log(VOCAB)
+    r = cli("export-hf", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "hf"),
+            "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == Path(llama_dir, "tokenizer.json").read_text()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.config.eos_token_id == 1 and exported.dtype == torch.bfloat16

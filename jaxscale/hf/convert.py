@@ -250,9 +250,13 @@ def _layer_tensors(params: dict, specs: dict[str, Tensor], shapes: dict, dtype: 
 
 
 def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
-              max_shard_bytes: int = 4 << 30, step: int | None = None) -> list[str]:
+              max_shard_bytes: int = 4 << 30, step: int | None = None,
+              mesh: ml_collections.ConfigDict | None = None) -> list[str]:
     """Write the parameters of a jaxscale checkpoint as a HF model directory `out`: config.json,
-    safetensors shards (with an index when there are several) and the run's tokenizer.json."""
+    safetensors shards (with an index when there are several) and the run's tokenizer.json.
+
+    The parameters are read onto `mesh` (a config `mesh` section; default: one device) and
+    copied to the host one layer's tensor at a time."""
     from jaxscale.data.tokenizer import load_tokenizer
     from jaxscale.infer.generate import load_params
     from jaxscale.train.trainer import make_layout
@@ -268,8 +272,13 @@ def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
     hf_cfg = mapping.hf_config(m, dtype, eos)
     if Path(out).exists() and any(Path(out).iterdir()):
         raise UserError(f"output directory {out} is not empty; pass a new --out")
-    config.mesh.update(data=-1, fsdp=1, tensor=1, pipeline=1, expert=1, context=1)
-    layout = make_layout(config, mesh_from_config(config.mesh, jax.devices()[:1]))
+    if mesh is None:
+        config.mesh.update(data=-1, fsdp=1, tensor=1, pipeline=1, expert=1, context=1)
+        devices = jax.devices()[:1]
+    else:
+        config.mesh = ml_collections.ConfigDict(mesh)
+        devices = None
+    layout = make_layout(config, mesh_from_config(config.mesh, devices))
     params = load_params(m, layout, checkpoint_dir, step)
     params = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     shapes = {p: v.shape for p, v in params.items()}
