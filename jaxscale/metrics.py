@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from jaxscale.errors import UserError
 
@@ -229,6 +228,8 @@ class MetricsWriter:
             return
         os.makedirs(run_dir, exist_ok=True)
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter  # here: it imports torch when torch is installed
+
         self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:

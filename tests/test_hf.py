@@ -272,3 +272,11 @@ def test_fine_tuning_starts_from_the_import_with_its_tokenizer(llama_dir, tmp_pa
     assert (tmp_path / "hf" / "tokenizer.json").read_text() == Path(llama_dir, "tokenizer.json").read_text()
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.config.eos_token_id == 1 and exported.dtype == torch.bfloat16
+
+
+def test_the_library_never_imports_torch_or_transformers(llama_dir, tmp_path):
+    code = (f"import sys; from jaxscale.hf import import_hf, export_hf; "
+            f"export_hf(import_hf({llama_dir!r}, {str(tmp_path / 'c')!r}), {str(tmp_path / 'h')!r}); "
+            f"assert not {{'torch', 'transformers', 'safetensors'}} & set(sys.modules), sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
