@@ -1,0 +1,150 @@
+"""Training throughput of the reference shape against the machine's GEMM roof (docs/throughput.md).
+
+    python3 experiments/bench_throughput.py [--config configs/bench_reference.py] [--steps 12]
+        [--layouts single,data8,fsdp8] [--out docs/results/throughput.md]
+
+In one run: the roof (the best float32 2048^3 matmul on one device, or the datasheet peak of a
+known accelerator in the config's dtype), then for each layout the median step time over `--steps`
+steps after warm-up, tokens/s and MFU = tokens/s x FLOPs per token / roof. FLOPs per token are
+6 x matmul parameters (output layer included) + causal attention 6 x layers x seq x heads x
+head_dim. Also the same model as a hand-written `jax.jit` step on one device. On a CPU host the
+8 devices are emulated and share the host's cores, so every layout is held to the one roof.
+"""
+
+# ruff: noqa: E402  (XLA_FLAGS must be set before jax is imported)
+
+import _host
+
+_host.emulate_devices()
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from bench_layouts import hand_written_step
+from ml_collections import config_flags  # noqa: F401  (config files may import it)
+
+from jaxscale import metrics
+from jaxscale.cli import _parse
+from jaxscale.data import build_data, make_global_batch
+from jaxscale.mesh import AXES, describe, mesh_from_config
+from jaxscale.train.trainer import build_trainer
+
+LAYOUTS = {"single": {}, "data8": {"data": 8}, "fsdp8": {"fsdp": 8}}
+WARMUP = 3
+
+
+def gemm_roof(dtype: str) -> tuple[float, str]:
+    """FLOP/s the model's matmuls could reach on one device."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return metrics.peak_flops_per_device(device, dtype)
+    n = 2048
+    x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    matmul = jax.jit(lambda a: a @ a)
+    for _ in range(3):
+        matmul(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        matmul(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times), f"measured float32 {n}^3 GEMM, best of 10"
+
+
+def flops_per_token(m, seq_len: int) -> float:
+    """6 x matmul parameters (output layer included) + causal attention (the issue's count)."""
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    layer = 2 * m.d_model * q + 2 * m.d_model * kv + 3 * m.d_model * m.d_ff
+    return 6 * (m.n_layers * layer + m.d_model * m.vocab_size) + 6 * m.n_layers * seq_len * q
+
+
+def time_steps(step, state, batches, steps: int) -> tuple[list[float], object]:
+    """Each step's wall time (the step's outputs waited for), after `WARMUP` untimed steps."""
+    times = []
+    for i in range(WARMUP + steps):
+        start = time.perf_counter()
+        state, out = step(state, batches[i % len(batches)])
+        jax.block_until_ready(out)
+        if i >= WARMUP:
+            times.append(time.perf_counter() - start)
+    return times, state
+
+
+def run_layout(config, name: str, steps: int) -> dict:
+    c = config.copy_and_resolve_references()
+    for axis in AXES:
+        c.mesh[axis] = LAYOUTS[name].get(axis, 1)
+    n = max(1, int(jnp.prod(jnp.array(list(LAYOUTS[name].values()) or [1]))))
+    trainer = build_trainer(c, mesh_from_config(c.mesh, jax.devices()[:n]))
+    trainer.compile()
+    _, data = build_data(c)
+    batches = [make_global_batch(next(data), trainer.batch_sharding) for _ in range(4)]
+    times, _ = time_steps(trainer.step, trainer.init(), batches, steps)
+    return {"layout": name, "mesh": describe(trainer.mesh), "times": times}
+
+
+def run_hand_written(config, steps: int) -> dict:
+    c = config.copy_and_resolve_references()
+    for axis in AXES:
+        c.mesh[axis] = 1
+    step, state = hand_written_step(c)
+    _, data = build_data(c)
+    device = jax.devices()[0]
+    batches = [jax.device_put(next(data), device) for _ in range(4)]
+    times, _ = time_steps(step, jax.device_put(state, device), batches, steps)
+    return {"layout": "hand-written jax.jit", "mesh": "1 device", "times": times}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/bench_reference.py")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--layouts", default="single,data8,fsdp8")
+    p.add_argument("--hand-written", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default="docs/results/throughput.md")
+    args, overrides = p.parse_known_args()
+    config, _ = _parse(["--config", args.config, *overrides])
+    load = os.getloadavg()[0]
+    tokens = config.train.global_batch_size * config.data.seq_len
+    fpt = flops_per_token(config.model, config.data.seq_len)
+    roof, roof_source = gemm_roof(config.model.dtype)
+    print(f"roof {roof / 1e9:.1f} GFLOP/s ({roof_source}); {fpt / 1e6:.2f} MFLOP/token; "
+          f"{tokens} tokens/step", flush=True)
+    rows = []
+    names = [n for n in args.layouts.split(",") if n]
+    for name in names:
+        if max(LAYOUTS[name].values(), default=1) > jax.device_count():
+            print(f"skip {name}: needs more devices than the {jax.device_count()} present")
+            continue
+        rows.append(run_layout(config, name, args.steps))
+        if name == "single" and args.hand_written:
+            rows.append(run_hand_written(config, args.steps))
+    lines = ["# Training throughput of the reference shape", "",
+             *_host.environment_lines(load),
+             f"- Config: `{args.config}` {' '.join(overrides)}; {tokens} tokens/step; "
+             f"{fpt / 1e6:.2f} MFLOP/token (6 x matmul params + causal attention)",
+             f"- Roof: {roof / 1e9:.1f} GFLOP/s ({roof_source})",
+             f"- Median over {args.steps} steps after {WARMUP} warm-up steps "
+             f"(`experiments/bench_throughput.py`)", "",
+             "| layout | mesh | median step (ms) | min step (ms) | tokens/s | MFU of roof |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        med = statistics.median(row["times"])
+        mfu = tokens / med * fpt / roof
+        print(f"{row['layout']:>22}: {med * 1e3:8.1f} ms/step  {tokens / med:8.0f} tok/s  "
+              f"MFU {mfu:6.1%}", flush=True)
+        lines.append(f"| {row['layout']} | {row['mesh']} | {med * 1e3:.1f} | "
+                     f"{min(row['times']) * 1e3:.1f} | {tokens / med:.0f} | {mfu:.1%} |")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
