@@ -13,6 +13,12 @@ head_dim. Also the same model as a hand-written `jax.jit` step on one device. On
 
 # ruff: noqa: E402  (XLA_FLAGS must be set before jax is imported)
 
+import sys
+
+from jaxscale.cli import reexec_with_huge_pages
+
+reexec_with_huge_pages([sys.executable, *sys.argv])  # as the `jaxscale` command runs
+
 import _host
 
 _host.emulate_devices()
@@ -125,6 +131,7 @@ def main() -> None:
             rows.append(run_hand_written(config, args.steps))
     lines = ["# Training throughput of the reference shape", "",
              *_host.environment_lines(load),
+             f"- GLIBC_TUNABLES: `{os.environ.get('GLIBC_TUNABLES', '')}`",
              f"- Config: `{args.config}` {' '.join(overrides)}; {tokens} tokens/step; "
              f"{fpt / 1e6:.2f} MFLOP/token (6 x matmul params + causal attention)",
              f"- Roof: {roof / 1e9:.1f} GFLOP/s ({roof_source})",

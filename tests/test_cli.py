@@ -148,3 +148,14 @@ def test_generate_streams_a_prompt_and_eval_reports_perplexity(tiny_run):
     ppl, loss = float(found[1]), float(found[2])
     assert 1 < ppl < 264 and abs(ppl - math.exp(loss)) < 0.01 * ppl
     assert int(found[3].replace(",", "")) > 20_000  # the embedded held-out split: ~29 KB
+
+
+@pytest.mark.parametrize("setting, child", [("1", "glibc.malloc.hugetlb=1"), ("0", None)])
+def test_the_command_reexecutes_itself_with_huge_pages_unless_told_not_to(setting, child):
+    code = ("import sys; from jaxscale.cli import reexec_with_huge_pages; "
+            "reexec_with_huge_pages([sys.executable, '-c', "
+            "'import os; print(os.environ.get(\"GLIBC_TUNABLES\"))']); print('parent')")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "JAXSCALE_HUGE_PAGES": setting}).stdout.strip()
+    assert out == (child if sys.platform == "linux" and child else "parent")

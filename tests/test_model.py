@@ -93,7 +93,7 @@ def test_remat_policies_give_the_same_loss_and_grads(policy):
 
     (ref_loss, ref_grads), (loss, grads) = loss_and_grads("none"), loss_and_grads(policy)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, ref_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
 
 
 def test_bad_remat_policy_is_a_config_error():
@@ -134,3 +134,35 @@ def test_gpt2_trains_the_same_on_one_device_sharded_and_pipelined():
     for layout in (dict(data=2, fsdp=2, tensor=2), dict(pipeline=2, fsdp=4, zero_stage=3)):
         np.testing.assert_allclose(train_losses(gpt2_config(**layout), devices), reference,
                                    rtol=1e-5, err_msg=str(layout))
+
+
+@pytest.mark.parametrize("chunk", [16, 24, 1000])  # dividing, padded, one chunk
+def test_chunked_loss_matches_the_materialised_logits(chunk):
+    model, x = make(), tokens((2, 32))
+    targets = jnp.roll(x, -1, axis=1)
+    mask = (jax.random.uniform(jax.random.key(3), x.shape) > 0.2).astype(jnp.float32)
+    batch = {"inputs": x, "targets": targets, "loss_mask": mask, "segment_ids": None,
+             "positions": jnp.broadcast_to(jnp.arange(32), x.shape)}
+    graphdef, params = nnx.split(model)
+
+    def loss(params, chunk):
+        m = nnx.merge(graphdef, params)
+        m.config = dataclasses.replace(m.config, loss_chunk=chunk)
+        total, count = m.loss_sums(batch)
+        return total / count
+
+    want, want_grads = jax.value_and_grad(loss)(params, 0)
+    got, got_grads = jax.value_and_grad(loss)(params, chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_trains_like_the_plain_one_on_a_hybrid_mesh():
+    devices = devices_or_skip(8)
+    reference = train_losses(tiny_config(), devices[:1])
+    layout = dict(data=2, fsdp=2, tensor=2)
+    for config in (tiny_config(), tiny_config(**layout)):
+        config.model.loss_chunk = 48  # 128 tokens per device on the mesh: padded to 144
+        n = 8 if config.mesh.fsdp > 1 else 1
+        np.testing.assert_allclose(train_losses(config, devices[:n]), reference, rtol=1e-5)

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.layers import LayerNorm, param, remat_policy, stack_layers
+from jaxscale.models.layers import LayerNorm, dense, param, remat_policy, stack_layers
 from jaxscale.models.llama import RESIDUAL, Attend, Decoder, LlamaConfig
 from jaxscale.sharding import constrain
 
@@ -38,7 +38,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array | None, attend: Attend | None) -> jax.Array:
         dt = x.dtype
-        q, k, v = (constrain(jnp.einsum("bse,ehd->bshd", x, w[...].astype(dt)) + b[...].astype(dt),
+        q, k, v = (constrain(dense(x, w[...].astype(dt)) + b[...].astype(dt),
                              ("batch", "seq", "heads", "head_dim"))
                    for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
@@ -47,7 +47,7 @@ class Attention(nnx.Module):
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
-        return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+        return dense(out, self.wo[...].astype(dt), 2) + self.bo[...].astype(dt)
 
 
 class MLP(nnx.Module):
@@ -59,10 +59,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        h = jnp.einsum("bse,ef->bsf", x, self.w_fc[...].astype(dt)) + self.b_fc[...].astype(dt)
+        h = dense(x, self.w_fc[...].astype(dt)) + self.b_fc[...].astype(dt)
         h = checkpoint_name(constrain(jax.nn.gelu(h, approximate=True), ("batch", "seq", "mlp")),
                             "mlp_hidden")
-        out = jnp.einsum("bsf,fe->bse", h, self.w_proj[...].astype(dt)) + self.b_proj[...].astype(dt)
+        out = dense(h, self.w_proj[...].astype(dt)) + self.b_proj[...].astype(dt)
         return checkpoint_name(out, "mlp_out")
 
 
@@ -105,7 +105,8 @@ class GPT2(Decoder):
         x = jnp.take(wte, tokens, axis=0) + jnp.take(wpe, positions, axis=0)
         return constrain(x.astype(self.config.dtype), RESIDUAL)
 
-    def head(self, x: jax.Array) -> jax.Array:
-        """Float32 logits from the last block's output."""
-        head = self.wte[...].T if self.config.tie_embeddings else self.lm_head[...]
-        return self.logits(self.ln_f(x), head)
+    def final(self, x: jax.Array) -> jax.Array:
+        return self.ln_f(x)
+
+    def output_table(self) -> jax.Array:
+        return self.wte[...].T if self.config.tie_embeddings else self.lm_head[...]

@@ -21,6 +21,8 @@ from jaxscale.errors import UserError
 from jaxscale.models.layers import (
     RMSNorm,
     RopeScaling,
+    chunked_xent_sums,
+    dense,
     param,
     remat_policy,
     rope,
@@ -53,6 +55,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"
     remat: str = "none"
+    loss_chunk: int = 0  # > 0: output layer + cross-entropy in chunks of this many tokens
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -91,9 +94,9 @@ class Attention(nnx.Module):
         """Self-attention of `x`; `attend(q, k, v)`, given rotated q, k and v [batch, seq, heads,
         head_dim], replaces causal attention over these tokens (and `mask`)."""
         dt = x.dtype
-        q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))
-        k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))
-        v = jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt))
+        q = dense(x, self.wq[...].astype(dt))
+        k = dense(x, self.wk[...].astype(dt))
+        v = dense(x, self.wv[...].astype(dt))
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -105,7 +108,7 @@ class Attention(nnx.Module):
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
-        return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt))
+        return dense(out, self.wo[...].astype(dt), 2)
 
 
 class MLP(nnx.Module):
@@ -117,11 +120,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        gate = jnp.einsum("bse,ef->bsf", x, self.w_gate[...].astype(dt))
-        up = jnp.einsum("bse,ef->bsf", x, self.w_up[...].astype(dt))
+        gate = dense(x, self.w_gate[...].astype(dt))
+        up = dense(x, self.w_up[...].astype(dt))
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
         h = checkpoint_name(h, "mlp_hidden")
-        return checkpoint_name(jnp.einsum("bsf,fe->bse", h, self.w_down[...].astype(dt)), "mlp_out")
+        return checkpoint_name(dense(h, self.w_down[...].astype(dt)), "mlp_out")
 
 
 class Block(nnx.Module):
@@ -160,7 +163,8 @@ def scan_blocks(blocks: Block, x: jax.Array, positions: jax.Array, mask: jax.Arr
 class Decoder(nnx.Module):
     """What the decoder families share: run the stacked `blocks` between `embed_tokens` and `head`.
 
-    Subclasses set `config`, `blocks` and define `embed_tokens(tokens, positions)` and `head(x)`.
+    Subclasses set `config`, `blocks` and define `embed_tokens(tokens, positions)`, `final(x)`
+    (the final norm) and `output_table()` (the output layer's [embed, vocab] weights).
     """
 
     config: LlamaConfig
@@ -173,16 +177,26 @@ class Decoder(nnx.Module):
         """Logits for `tokens`. Parallelism strategies may replace how the blocks run:
         `apply_block(block, x, positions, mask)` runs one layer (to gather its parameters just in
         time), `run_blocks(blocks, x, positions, mask, apply_block)` runs the stack (a pipeline)."""
+        return self.head(self.hidden(tokens, positions, segment_ids, apply_block, run_blocks))
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
+               apply_block: Callable[..., jax.Array] = apply_block,
+               run_blocks: Callable[..., jax.Array] = scan_blocks) -> jax.Array:
+        """The last block's output [batch, seq, embed] for `tokens` (see `__call__`)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.run(self.embed_tokens(tokens, positions), positions, attention_mask(segment_ids),
-                     apply_block, run_blocks)
-        return self.head(x)
+        return self.run(self.embed_tokens(tokens, positions), positions,
+                        attention_mask(segment_ids), apply_block, run_blocks)
 
     def loss_sums(self, batch: dict[str, jax.Array], **kwargs) -> tuple[jax.Array, jax.Array]:
-        """Summed next-token cross-entropy over `loss_mask`, and the mask's sum."""
-        logits = self(batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
-        return token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+        """Summed next-token cross-entropy over `loss_mask`, and the mask's sum. With
+        `loss_chunk`, the logits are never materialised (`chunked_xent_sums`)."""
+        x = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
+        if self.config.loss_chunk:
+            return chunked_xent_sums(self.final(x), self.output_table().astype(x.dtype),
+                                     batch["targets"], batch["loss_mask"], self.config.loss_chunk)
+        return token_loss_sums(self.head(x), batch["targets"], batch["loss_mask"])
 
     def run(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
             apply_block: Callable[..., jax.Array] = apply_block,
@@ -196,10 +210,10 @@ class Decoder(nnx.Module):
             return apply_block
         return nnx.remat(apply_block, policy=remat_policy(self.config.remat), prevent_cse=True)
 
-    def logits(self, x: jax.Array, table: jax.Array) -> jax.Array:
-        """Float32 logits of the final hidden states `x` against `table` [embed, vocab]."""
-        logits = jnp.einsum("bse,ev->bsv", x, table.astype(x.dtype),
-                            preferred_element_type=jnp.float32)
+    def head(self, x: jax.Array) -> jax.Array:
+        """Float32 logits [batch, seq, vocab] from the last block's output."""
+        x = self.final(x)
+        logits = dense(x, self.output_table().astype(x.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
 
 
@@ -221,10 +235,13 @@ class Llama(Decoder):
         table = constrain(self.embed[...], ("vocab", None))  # gathered whole over `fsdp` for use
         return constrain(jnp.take(table, tokens, axis=0).astype(self.config.dtype), RESIDUAL)
 
-    def head(self, x: jax.Array) -> jax.Array:
-        """Float32 logits from the last block's output."""
-        head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-        return self.logits(self.final_norm(x), head)
+    def final(self, x: jax.Array) -> jax.Array:
+        """The output layer's input: the final norm of the last block's output."""
+        return self.final_norm(x)
+
+    def output_table(self) -> jax.Array:
+        """The output layer's weights [embed, vocab] (the embedding's transpose when tied)."""
+        return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
 
 
 def attention_mask(segment_ids: jax.Array | None) -> jax.Array | None:
