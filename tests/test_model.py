@@ -158,11 +158,12 @@ def test_chunked_loss_matches_the_materialised_logits(chunk):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_chunked_loss_trains_like_the_plain_one_on_a_hybrid_mesh():
+def test_chunked_loss_and_unrolled_layers_train_like_the_defaults_on_a_hybrid_mesh():
     devices = devices_or_skip(8)
     reference = train_losses(tiny_config(), devices[:1])
     layout = dict(data=2, fsdp=2, tensor=2)
     for config in (tiny_config(), tiny_config(**layout)):
         config.model.loss_chunk = 48  # 128 tokens per device on the mesh: padded to 144
+        config.model.scan_layers = False
         n = 8 if config.mesh.fsdp > 1 else 1
         np.testing.assert_allclose(train_losses(config, devices[:n]), reference, rtol=1e-5)

@@ -9,6 +9,7 @@ by `jaxscale.sharding`. Activations tagged for `model.remat="save:..."`: `qkv`, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -56,6 +57,7 @@ class LlamaConfig:
     dtype: str = "float32"
     remat: str = "none"
     loss_chunk: int = 0  # > 0: output layer + cross-entropy in chunks of this many tokens
+    scan_layers: bool = True  # False: unroll the layer loop
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -150,14 +152,15 @@ def stacked_blocks(c: LlamaConfig, rngs: nnx.Rngs) -> Block:
 
 
 def scan_blocks(blocks: Block, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
-    """Run the stacked blocks in order with `jax.lax.scan` (one compiled layer, any depth)."""
+                apply_block: Callable[..., jax.Array] = apply_block, unroll: bool = False) -> jax.Array:
+    """Run the stacked blocks in order with `jax.lax.scan` (one compiled layer, any depth), or
+    `unroll`ed (every layer in the program: compiles longer, runs faster on XLA:CPU)."""
     graph, stacked = nnx.split(blocks)
 
     def layer(x, state):
         return apply_block(nnx.merge(graph, state), x, positions, mask), None
 
-    return jax.lax.scan(layer, x, stacked)[0]
+    return jax.lax.scan(layer, x, stacked, unroll=unroll)[0]
 
 
 class Decoder(nnx.Module):
@@ -202,6 +205,8 @@ class Decoder(nnx.Module):
             apply_block: Callable[..., jax.Array] = apply_block,
             run_blocks: Callable[..., jax.Array] = scan_blocks) -> jax.Array:
         """The blocks on a residual stream `x` [batch, seq, embed] (token or other embeddings)."""
+        if run_blocks is scan_blocks and not self.config.scan_layers:
+            run_blocks = functools.partial(scan_blocks, unroll=True)
         return run_blocks(self.blocks, x, positions, mask, self.block_fn(apply_block))
 
     def block_fn(self, apply_block: Callable[..., jax.Array] = apply_block) -> Callable[..., jax.Array]:
