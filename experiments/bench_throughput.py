@@ -1,7 +1,7 @@
 """Training throughput of the reference shape against the machine's GEMM roof (docs/throughput.md).
 
     python3 experiments/bench_throughput.py [--config configs/bench_reference.py] [--steps 12]
-        [--layouts single,data8,fsdp8] [--out docs/results/throughput.md]
+        [--layouts single,data8,data8_zero1,fsdp8] [--out docs/results/throughput.md]
 
 In one run: the roof (the best float32 2048^3 matmul on one device, or the datasheet peak of a
 known accelerator in the config's dtype), then for each layout the median step time over `--steps`
@@ -24,6 +24,7 @@ import _host
 _host.emulate_devices()
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -39,7 +40,9 @@ from jaxscale.data import build_data, make_global_batch
 from jaxscale.mesh import AXES, describe, mesh_from_config
 from jaxscale.train.trainer import build_trainer
 
-LAYOUTS = {"single": {}, "data8": {"data": 8}, "fsdp8": {"fsdp": 8}}
+# name: (mesh axes, parallel.zero_stage)
+LAYOUTS = {"single": ({}, 0), "data8": ({"data": 8}, 0), "data8_zero1": ({"data": 8}, 1),
+           "fsdp8": ({"fsdp": 8}, 0)}
 WARMUP = 3
 
 
@@ -82,15 +85,16 @@ def time_steps(step, state, batches, steps: int) -> tuple[list[float], object]:
 
 def run_layout(config, name: str, steps: int) -> dict:
     c = config.copy_and_resolve_references()
+    axes, c.parallel.zero_stage = LAYOUTS[name]
     for axis in AXES:
-        c.mesh[axis] = LAYOUTS[name].get(axis, 1)
-    n = max(1, int(jnp.prod(jnp.array(list(LAYOUTS[name].values()) or [1]))))
-    trainer = build_trainer(c, mesh_from_config(c.mesh, jax.devices()[:n]))
+        c.mesh[axis] = axes.get(axis, 1)
+    trainer = build_trainer(c, mesh_from_config(c.mesh, jax.devices()[:math.prod(axes.values())]))
     trainer.compile()
     _, data = build_data(c)
     batches = [make_global_batch(next(data), trainer.batch_sharding) for _ in range(4)]
     times, _ = time_steps(trainer.step, trainer.init(), batches, steps)
-    return {"layout": name, "mesh": describe(trainer.mesh), "times": times}
+    zero = f", ZeRO-{c.parallel.zero_stage}" if c.parallel.zero_stage else ""
+    return {"layout": name, "mesh": describe(trainer.mesh) + zero, "times": times}
 
 
 def run_hand_written(config, steps: int) -> dict:
@@ -109,7 +113,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/bench_reference.py")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--layouts", default="single,data8,fsdp8")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--hand-written", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="docs/results/throughput.md")
     args, overrides = p.parse_known_args()
@@ -123,7 +127,7 @@ def main() -> None:
     rows = []
     names = [n for n in args.layouts.split(",") if n]
     for name in names:
-        if max(LAYOUTS[name].values(), default=1) > jax.device_count():
+        if math.prod(LAYOUTS[name][0].values()) > jax.device_count():
             print(f"skip {name}: needs more devices than the {jax.device_count()} present")
             continue
         rows.append(run_layout(config, name, args.steps))

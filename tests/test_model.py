@@ -12,7 +12,7 @@ from test_parallel import train_losses
 
 from jaxscale.metrics import param_count
 from jaxscale.models import Llama, LlamaConfig
-from jaxscale.models.layers import rope
+from jaxscale.models.layers import causal_attention, rope
 from jaxscale.train.step import loss_sums
 from jaxscale.train.trainer import abstract_model
 
@@ -158,12 +158,26 @@ def test_chunked_loss_matches_the_materialised_logits(chunk):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_chunked_loss_and_unrolled_layers_train_like_the_defaults_on_a_hybrid_mesh():
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_einsum_attention_equals_dot_product_attention(kv_heads):
+    k = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(k[0], (2, 16, 4, 8))
+    kv = [jax.random.normal(key, (2, 16, kv_heads, 8)) for key in k[1:3]]
+    segments = jnp.array([[0] * 10 + [1] * 6, [0] * 16])
+    mask = (segments[:, :, None] == segments[:, None, :])[:, None]
+    for m in (None, mask):
+        want = causal_attention(q, *kv, m, "dot_product")
+        np.testing.assert_allclose(causal_attention(q, *kv, m, "einsum"), want, atol=1e-6)
+
+
+def test_throughput_options_train_like_the_defaults_on_a_hybrid_mesh():
+    """Chunked loss, unrolled layers and einsum attention (the reference config's options)."""
     devices = devices_or_skip(8)
     reference = train_losses(tiny_config(), devices[:1])
     layout = dict(data=2, fsdp=2, tensor=2)
     for config in (tiny_config(), tiny_config(**layout)):
         config.model.loss_chunk = 48  # 128 tokens per device on the mesh: padded to 144
         config.model.scan_layers = False
+        config.model.attention = "einsum"
         n = 8 if config.mesh.fsdp > 1 else 1
         np.testing.assert_allclose(train_losses(config, devices[:n]), reference, rtol=1e-5)

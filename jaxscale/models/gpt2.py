@@ -15,7 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.layers import LayerNorm, dense, param, remat_policy, stack_layers
+from jaxscale.models.layers import LayerNorm, causal_attention, dense, param, remat_policy, stack_layers
 from jaxscale.models.llama import RESIDUAL, Attend, Decoder, LlamaConfig
 from jaxscale.sharding import constrain
 
@@ -35,6 +35,7 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"),
                         out_std)
         self.bo = _bias((c.d_model,), ("embed",))
+        self.kind = c.attention
 
     def __call__(self, x: jax.Array, mask: jax.Array | None, attend: Attend | None) -> jax.Array:
         dt = x.dtype
@@ -43,7 +44,7 @@ class Attention(nnx.Module):
                    for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         if attend is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+            out = causal_attention(q, k, v, mask, self.kind)
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")

@@ -20,8 +20,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
 from jaxscale.models.layers import (
+    ATTENTION,
     RMSNorm,
     RopeScaling,
+    causal_attention,
     chunked_xent_sums,
     dense,
     param,
@@ -58,6 +60,7 @@ class LlamaConfig:
     remat: str = "none"
     loss_chunk: int = 0  # > 0: output layer + cross-entropy in chunks of this many tokens
     scan_layers: bool = True  # False: unroll the layer loop
+    attention: str = "dot_product"  # or "einsum" (layers.causal_attention)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -68,6 +71,8 @@ class LlamaConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"model.dtype={self.dtype!r}; use float32 or bfloat16")
         self.rope()  # reject a bad scaling at construction time
+        if self.attention not in ATTENTION:
+            raise UserError(f"model.attention={self.attention!r}; use {' or '.join(ATTENTION)}")
 
     def rope(self) -> RopeScaling:
         """The RoPE frequency scaling of `rope_*`."""
@@ -106,7 +111,7 @@ class Attention(nnx.Module):
         scaling = self.c.rope()
         q, k = (rope(t, positions, self.c.rope_theta, scaling) for t in (q, k))
         if attend is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+            out = causal_attention(q, k, v, mask, self.c.attention)
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
