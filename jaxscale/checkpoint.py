@@ -37,7 +37,9 @@ def _saved_names(metadata_tree) -> dict[str, tuple[tuple[int, ...], str]]:
     return {m.name: (tuple(m.shape), str(np.dtype(m.dtype))) for m in leaves}
 
 
-def check_compatible(saved: dict, wanted: dict, where: str) -> None:
+def check_compatible(saved: dict, wanted: dict, where: str,
+                     hint: str = "use the config it was saved with (its config.json) or a fresh "
+                                 "run_dir") -> None:
     """Raise `UserError` naming the first differences between a checkpoint's tree and the model's."""
     def order(names):  # parameters first: they say most about which model a checkpoint holds
         return sorted(names, key=lambda k: (not k.startswith("params."), k))
@@ -56,8 +58,29 @@ def check_compatible(saved: dict, wanted: dict, where: str) -> None:
                 else f"not in the model: {extra[0]}")
     count = len(missing) + len(extra) + len(changed)
     raise UserError(f"{where} does not match the model: {what}"
-                    f"{f' ({count - 1} more differences)' if count > 1 else ''}; use the config it "
-                    f"was saved with (its config.json) or a fresh run_dir")
+                    f"{f' ({count - 1} more differences)' if count > 1 else ''}; {hint}")
+
+
+def parse_init_params_from(spec: str, groups) -> dict[str | None, str]:
+    """`checkpoint.init_params_from` as `{group: directory}`; `{None: directory}` for a whole model.
+
+    `spec` is a checkpoint directory, or comma-separated `group=directory` entries naming
+    top-level parameter groups of the model (`groups`), e.g. `vision=runs/clip/checkpoints`.
+    """
+    if "=" not in spec:
+        return {None: spec}
+    out = {}
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        group, _, directory = (x.strip() for x in entry.partition("="))
+        if group not in groups:
+            raise UserError(f"checkpoint.init_params_from names group {group!r}; the model's "
+                            f"parameter groups are {', '.join(groups)}")
+        if not directory or group in out:
+            raise UserError(f"checkpoint.init_params_from entry {entry!r}: "
+                            f"{'no directory' if not directory else 'group given twice'}; "
+                            f"use group=directory,group=directory")
+        out[group] = directory
+    return out
 
 
 class Checkpointer:
@@ -126,8 +149,13 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return restored.state, restored.data, step
 
-    def restore_params(self, abstract_params, step: int | None = None):
-        """Only the parameters (for fine-tuning from another run's checkpoint)."""
+    def restore_params(self, abstract_params, step: int | None = None,
+                       groups: tuple[str, ...] | None = None):
+        """Only the parameters (for fine-tuning from another run's checkpoint).
+
+        `groups`: only these top-level subtrees (`{group: subtree}`), read from the subtrees of
+        the same names in the checkpoint; the rest of the checkpoint is not read.
+        """
         steps = self.steps()
         if not steps or (step is not None and step not in steps):
             raise UserError(f"no complete checkpoint {'at step ' + str(step) + ' ' if step else ''}"
@@ -136,8 +164,19 @@ class Checkpointer:
         saved = {k[len("params."):]: v for k, v in
                  _saved_names(self._manager.item_metadata(step).state).items()
                  if k.startswith("params.")}
-        check_compatible(saved, _names(abstract_params), f"checkpoint step {step} in "
-                         f"{self.directory}")
+        where = f"checkpoint step {step} in {self.directory}"
+        if groups is None:
+            check_compatible(saved, _names(abstract_params), where)
+        else:
+            in_checkpoint = sorted({k.split(".")[0] for k in saved})
+            for g in groups:
+                if g not in in_checkpoint:
+                    raise UserError(f"no parameter group {g!r} in {where} (it has "
+                                    f"{', '.join(in_checkpoint)})")
+            abstract_params = {g: abstract_params[g] for g in groups}
+            check_compatible({k: v for k, v in saved.items() if k.split(".")[0] in groups},
+                             _names(abstract_params), f"{', '.join(groups)} of {where}",
+                             hint="a group taken from another run needs the same shapes in both")
         target = {"params": abstract_params}
         reader = ocp.CheckpointManager(  # the PyTree handler can read a subtree of the state
             self.directory, options=ocp.CheckpointManagerOptions(read_only=True,

@@ -107,7 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep_every = 0  # and also every M-th step for good (0: none)
     c.checkpoint.async_save = True  # training goes on while a save is written
     c.checkpoint.resume_step = -1  # -1: resume from the latest complete checkpoint, if any
-    c.checkpoint.init_params_from = ""  # a checkpoint directory to take parameters from
+    # parameters to start from: a checkpoint directory (the whole model), or comma-separated
+    # group=directory entries for top-level groups, e.g. "vision=runs/clip/checkpoints"
+    c.checkpoint.init_params_from = ""
 
     c.infer = ml_collections.ConfigDict()  # `jaxscale generate` and `jaxscale eval` (docs/inference.md)
     c.infer.max_new_tokens = 64

@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxscale import metrics
-from jaxscale.checkpoint import Checkpointer
+from jaxscale.checkpoint import Checkpointer, parse_init_params_from
 from jaxscale.config import validate
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.data.loader import process_rows
@@ -106,14 +106,33 @@ def _initial_state(config, trainer, data, ckpt: Checkpointer):
         data.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, step)
         return trainer.from_canonical(state)
+    loaded = _read_init_params(ckpt_cfg.init_params_from, trainer)  # errors before init's compile
     state = trainer.init()
-    if ckpt_cfg.init_params_from:
-        source = Checkpointer(ckpt_cfg.init_params_from, read_only=True)
-        params = source.restore_params(trainer.abstract_state(canonical=True).params)
-        params = trainer.from_canonical(params)
-        log.info("initialised parameters from %s", source.directory)
-        state = state.replace(params=params)
+    if None in loaded:
+        return state.replace(params=trainer.from_canonical(loaded[None]))
+    if loaded:  # the other groups keep their fresh initialisation
+        params = trainer.to_canonical(state.params)
+        for group, subtree in loaded.items():
+            params[group] = subtree
+        state = state.replace(params=trainer.from_canonical(params))
     return state
+
+
+def _read_init_params(spec: str, trainer) -> dict:
+    """`{group: subtree}` as `checkpoint.init_params_from` says (`{None: params}`: the whole
+    model; `{}`: nothing), in checkpoint form and in the current mesh's shardings."""
+    if not spec:
+        return {}
+    abstract = trainer.abstract_state(canonical=True).params
+    loaded = {}
+    for group, directory in parse_init_params_from(spec, list(abstract)).items():
+        source = Checkpointer(directory, read_only=True)
+        if group is None:
+            loaded[None] = source.restore_params(abstract)
+        else:
+            loaded[group] = source.restore_params(abstract, groups=(group,))[group]
+        log.info("initialised %s from %s", group or "parameters", source.directory)
+    return loaded
 
 
 class _Signals:
