@@ -58,7 +58,7 @@ def _gather(x: jax.Array, spec: PartitionSpec) -> jax.Array:
 
 def _not_gathered(prim, *_, **__) -> bool:
     """Remat policy: save everything but gathered parameters (and their aliases and casts)."""
-    return prim.name not in ("all_gather", "pvary", "pcast", "name")
+    return prim.name not in ("all_gather", "pvary", "pcast", "name", "reshape", "convert_element_type")
 
 
 def _keys(path) -> list[str]:
