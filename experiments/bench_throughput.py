@@ -65,10 +65,9 @@ def gemm_roof(dtype: str) -> tuple[float, str]:
 
 
 def flops_per_token(m, seq_len: int) -> float:
-    """6 x matmul parameters (output layer included) + causal attention (the issue's count)."""
-    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-    layer = 2 * m.d_model * q + 2 * m.d_model * kv + 3 * m.d_model * m.d_ff
-    return 6 * (m.n_layers * layer + m.d_model * m.vocab_size) + 6 * m.n_layers * seq_len * q
+    """6 x matmul parameters (output layer included) + causal attention (the issue's count):
+    `metrics.flops_per_token` counts attention without the causal half."""
+    return metrics.flops_per_token(m, seq_len) - 6 * m.n_layers * seq_len * m.n_heads * m.head_dim
 
 
 def time_steps(step, state, batches, steps: int) -> tuple[list[float], object]:

@@ -188,6 +188,11 @@ class Checkpointer:
         reader.close()
         return restored.state["params"]
 
+    def saved_config(self, step: int) -> dict:
+        """The run config (as JSON data) saved with `step`."""
+        return self._manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+
     def wait(self) -> None:
         """Block until every started save is on disk."""
         self._manager.wait_until_finished()
@@ -220,7 +225,6 @@ def describe(directory: str) -> str:
     lines.append(f"parameters at step {latest}: {total:,}")
     lines += [f"  {k[len('params.'):].removesuffix('.value'):<40} {dtype:<8} {list(shape)}"
               for k, (shape, dtype) in sorted(params.items())]
-    config = ckpt._manager.restore(latest, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore())).config
+    config = ckpt.saved_config(latest)
     lines.append("config: " + json.dumps(config, sort_keys=True))
     return "\n".join(lines)

@@ -19,7 +19,6 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import base_config, validate
@@ -212,8 +211,7 @@ def checkpoint_config(directory: str) -> ml_collections.ConfigDict:
         steps = ckpt.steps()
         if not steps:
             raise UserError(f"no complete checkpoint in {directory}")
-        saved = ckpt._manager.restore(steps[-1], args=ocp.args.Composite(
-            config=ocp.args.JsonRestore())).config
+        saved = ckpt.saved_config(steps[-1])
     config = base_config()
     _merge(config, saved)
     return config
