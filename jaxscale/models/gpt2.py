@@ -15,7 +15,15 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.layers import LayerNorm, causal_attention, dense, param, remat_policy, stack_layers
+from jaxscale.models.layers import (
+    LayerNorm,
+    causal_attention,
+    dense,
+    embed_lookup,
+    param,
+    remat_policy,
+    stack_layers,
+)
 from jaxscale.models.llama import RESIDUAL, Attend, Decoder, LlamaConfig
 from jaxscale.sharding import constrain
 
@@ -97,13 +105,14 @@ class GPT2(Decoder):
             self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), 0.02)
         remat_policy(c.remat)
 
-    def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None,
+                     vocab_axes: tuple[str, ...] = ()) -> jax.Array:
         """Token plus position embeddings, in the compute dtype."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         wte = constrain(self.wte[...], ("vocab", None))
         wpe = constrain(self.wpe[...], ("positions", None))
-        x = jnp.take(wte, tokens, axis=0) + jnp.take(wpe, positions, axis=0)
+        x = embed_lookup(wte, tokens, vocab_axes) + jnp.take(wpe, positions, axis=0)
         return constrain(x.astype(self.config.dtype), RESIDUAL)
 
     def final(self, x: jax.Array) -> jax.Array:

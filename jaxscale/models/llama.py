@@ -26,6 +26,7 @@ from jaxscale.models.layers import (
     causal_attention,
     chunked_xent_sums,
     dense,
+    embed_lookup,
     param,
     remat_policy,
     rope,
@@ -190,20 +191,27 @@ class Decoder(nnx.Module):
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
                apply_block: Callable[..., jax.Array] = apply_block,
-               run_blocks: Callable[..., jax.Array] = scan_blocks) -> jax.Array:
-        """The last block's output [batch, seq, embed] for `tokens` (see `__call__`)."""
+               run_blocks: Callable[..., jax.Array] = scan_blocks,
+               vocab_axes: tuple[str, ...] = ()) -> jax.Array:
+        """The last block's output [batch, seq, embed] for `tokens` (see `__call__`; for
+        `vocab_axes`, `loss_sums`)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self.run(self.embed_tokens(tokens, positions), positions,
+        return self.run(self.embed_tokens(tokens, positions, vocab_axes), positions,
                         attention_mask(segment_ids), apply_block, run_blocks)
 
-    def loss_sums(self, batch: dict[str, jax.Array], **kwargs) -> tuple[jax.Array, jax.Array]:
+    def loss_sums(self, batch: dict[str, jax.Array], vocab_axes: tuple[str, ...] = (),
+                  **kwargs) -> tuple[jax.Array, jax.Array]:
         """Summed next-token cross-entropy over `loss_mask`, and the mask's sum. With
-        `loss_chunk`, the logits are never materialised (`chunked_xent_sums`)."""
-        x = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
-        if self.config.loss_chunk:
+        `loss_chunk`, the logits are never materialised (`chunked_xent_sums`). With
+        `vocab_axes`, data parallelism hands the model its slice of the vocabulary tables over
+        those mesh axes (see `embed_lookup`)."""
+        x = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                        vocab_axes=vocab_axes, **kwargs)
+        if self.config.loss_chunk or vocab_axes:
             return chunked_xent_sums(self.final(x), self.output_table().astype(x.dtype),
-                                     batch["targets"], batch["loss_mask"], self.config.loss_chunk)
+                                     batch["targets"], batch["loss_mask"],
+                                     self.config.loss_chunk or x.size // x.shape[-1], vocab_axes)
         return token_loss_sums(self.head(x), batch["targets"], batch["loss_mask"])
 
     def run(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
@@ -239,11 +247,13 @@ class Llama(Decoder):
             self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model**-0.5)
         remat_policy(c.remat)  # reject a bad policy name at construction time
 
-    def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None,
+                     vocab_axes: tuple[str, ...] = ()) -> jax.Array:
         """The residual stream's input: token embeddings in the compute dtype (RoPE places
         positions inside attention, so `positions` is unused)."""
         table = constrain(self.embed[...], ("vocab", None))  # gathered whole over `fsdp` for use
-        return constrain(jnp.take(table, tokens, axis=0).astype(self.config.dtype), RESIDUAL)
+        x = embed_lookup(table, tokens, vocab_axes)
+        return constrain(x.astype(self.config.dtype), RESIDUAL)
 
     def final(self, x: jax.Array) -> jax.Array:
         """The output layer's input: the final norm of the last block's output."""

@@ -11,15 +11,22 @@ out rather than left to backend passes (which differ: CPU XLA never forms reduce
 - `regather=True` (FSDP / ZeRO-3) gathers each block's parameters inside the block, under a
   `jax.checkpoint` policy that saves everything but them, so the backward pass gathers them again
   instead of holding every layer's full parameters; `regather=False` (ZeRO-2) gathers once per
-  step and keeps them.
+  step and keeps them;
+- vocabulary tables (the embedding and output layer, `vocab_tables`) sharded over the
+  data-parallel axes are not gathered when the devices' tokens are fewer than the vocabulary:
+  each device keeps a slice of the vocabulary (an all-to-all when they are stored split along
+  another dimension) and the model gathers the tokens instead (`layers.embed_lookup`,
+  `layers.chunked_xent_sums`), so the tables' gradients need no reduce-scatter either.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -47,18 +54,55 @@ def _manual_part(spec: PartitionSpec, axes: tuple[str, ...], where: str) -> Part
     return PartitionSpec(*out)
 
 
-def _gather(x: jax.Array, spec: PartitionSpec) -> jax.Array:
-    """All-gather `x` over the data-parallel axes in its spec (`pipeline` stays split)."""
-    for dim, axes in enumerate(spec):
-        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in DP_AXES)
-        if axes:
-            x = jax.lax.all_gather(x, axes, axis=dim, tiled=True)
-    return x
+def _split_dims(spec: PartitionSpec) -> list[tuple[int, tuple[str, ...]]]:
+    """The dimensions of `spec` split over data-parallel axes, with those axes."""
+    return [(dim, axes) for dim, d in enumerate(spec)
+            if (axes := tuple(a for a in ((d,) if isinstance(d, str) else d or ()) if a in DP_AXES))]
+
+
+def _unstack(whole: jax.Array, shape: tuple[int, ...], dim: int) -> jax.Array:
+    """[devices, *shape] gathered shards -> the array they split along `dim`."""
+    return jnp.moveaxis(whole.reshape(-1, *shape), 0, dim).reshape(
+        *shape[:dim], -1, *shape[dim + 1:])
+
+
+def _gather_all(xs: list[jax.Array], specs: list[PartitionSpec],
+                flat: bool) -> list[jax.Array]:
+    """All-gather each `x` over the data-parallel axes in its spec (`pipeline` stays split).
+
+    With `flat`, shards gathered over the same axes travel as one flat buffer: one all-gather
+    for all of them (and one reduce-scatter for their gradients) instead of one per parameter,
+    like the flat parameters of PyTorch FSDP. (Flattening a shard that other mesh axes split,
+    e.g. `tensor`, would gather it over them too: then each travels alone.) Each is gathered
+    along a new leading axis and moved into place, which XLA:CPU does several times faster than
+    gathering along an inner dimension.
+    """
+    out = list(xs)
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for i, (x, spec) in enumerate(zip(xs, specs, strict=True)):
+        split = _split_dims(spec)
+        if len(split) == 1:
+            groups.setdefault((split[0][1], x.dtype), []).append((i, split[0][0]))
+        for dim, axes in split if len(split) > 1 else ():  # rare: gathered on its own
+            out[i] = _unstack(jax.lax.all_gather(out[i], axes), out[i].shape, dim)
+    for (axes, _), members in groups.items():
+        if not flat or len(members) == 1:
+            for i, dim in members:
+                out[i] = _unstack(jax.lax.all_gather(xs[i], axes), xs[i].shape, dim)
+            continue
+        whole = jax.lax.all_gather(jnp.concatenate([xs[i].reshape(-1) for i, _ in members]),
+                                   axes)  # [devices, flat]
+        sizes = [xs[i].size for i, _ in members]
+        pieces = jnp.split(whole, list(itertools.accumulate(sizes))[:-1], axis=1)
+        for (i, dim), piece in zip(members, pieces, strict=True):
+            out[i] = _unstack(piece, xs[i].shape, dim)
+    return out
 
 
 def _not_gathered(prim, *_, **__) -> bool:
     """Remat policy: save everything but gathered parameters (and their aliases and casts)."""
-    return prim.name not in ("all_gather", "pvary", "pcast", "name", "reshape", "convert_element_type")
+    return prim.name not in ("all_gather", "pvary", "pcast", "name", "reshape", "split", "transpose",
+                             "convert_element_type")
 
 
 def _keys(path) -> list[str]:
@@ -90,8 +134,16 @@ def _layer_specs(manual, stacked_dims: int) -> dict[frozenset, dict[str, Partiti
     return out
 
 
+def _vocab_slice(x: jax.Array, spec: PartitionSpec, vocab_dim: int,
+                 axes: tuple[str, ...]) -> jax.Array:
+    """This device's slice of a table's vocabulary over `axes`, from its stored shard."""
+    (dim,) = [i for i, a in enumerate(spec) if a]
+    return x if dim == vocab_dim else jax.lax.all_to_all(x, axes, vocab_dim, dim, tiled=True)
+
+
 def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, regather: bool,
-                       model_loss: Callable = loss_sums, stacked_dims: int = 1) -> Callable:
+                       model_loss: Callable = loss_sums, stacked_dims: int = 1,
+                       vocab_tables: dict[str, int] | None = None) -> Callable:
     """`loss_sums` of the model, run manual over the data-parallel axes.
 
     Returns `loss(params, batch) -> (loss_sum, count)`, the global sums, differentiable in
@@ -101,6 +153,10 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
     the backward pass instead of being kept (`blocks` are stacked: their first `stacked_dims`
     axes index layers). With a `pipeline` axis, it is manual too and `model_loss` (`loss_sums` or
     a pipeline schedule's loss, see `pipeline.py`) returns the same sums on every stage.
+    `vocab_tables` maps top-level parameters to their vocabulary dimension; when all of them are
+    sharded over the same data-parallel axes (FSDP, ZeRO-2/3) and only those, and the tokens of
+    the devices along them are fewer than the vocabulary, `model_loss` gets their vocabulary
+    slices and `vocab_axes` (a decoder's `loss_sums`) instead of gathering them.
     """
     axes = dp_axes(layout)
     manual_axes = axes + (("pipeline",) if layout.mesh.shape["pipeline"] > 1 else ())
@@ -109,21 +165,56 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     manual = jax.tree.map(lambda s: _manual_part(s, manual_axes, "a parameter rule"),
                           param_specs, is_leaf=is_spec)
+    # flat buffers only where no other mesh axis splits the parameters (see `_gather_all`)
+    flat_buffers = all(n == 1 for a, n in layout.mesh.shape.items() if a not in manual_axes)
 
-    def gather(x, spec):
-        x = _gather(x, spec)
+    def varying(x):
         # Mark the full-precision value as varying here, so the gradient's psum over the
         # replicated axes happens in the parameter dtype (not in a bf16 compute copy).
-        varying = jax.typeof(x).manual_axis_type.varying
-        missing = tuple(a for a in manual_axes if a not in varying)
+        missing = tuple(a for a in manual_axes if a not in jax.typeof(x).manual_axis_type.varying)
         return jax.lax.pcast(x, missing, to="varying") if missing else x
 
-    def gather_tree(tree, specs, skip_blocks: bool = False):
-        """Gather every leaf (with `skip_blocks`: those outside stacked-block subtrees)."""
+    def vocab_axes(tree, tokens: int) -> tuple[str, ...]:
+        """The axes all vocabulary tables are split over (and nothing else splits their
+        vocabulary), or () to gather them like any parameter: also when the `tokens` gathered
+        over those axes outnumber the vocabulary (moving them would cost more)."""
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        specs = jax.tree.leaves(manual, is_leaf=is_spec)
+        full = jax.tree.leaves(param_specs, is_leaf=is_spec)
+        found = set()
+        for (path, x), spec, stored in zip(flat, specs, full, strict=True):
+            keys = _keys(path)
+            if len(keys) != 1 or keys[0] not in (vocab_tables or {}):
+                continue
+            vocab_dim, split = vocab_tables[keys[0]], [(i, a) for i, a in enumerate(spec) if a]
+            if len(split) != 1 or (stored[vocab_dim] if vocab_dim < len(stored) else None) not in (
+                    None, split[0][1]):
+                return ()
+            dim, axes = split[0][0], (split[0][1],) if isinstance(split[0][1], str) else split[0][1]
+            vocab = x.shape[vocab_dim] * (layout.size(axes) if dim == vocab_dim else 1)
+            if vocab % layout.size(axes) or tokens * layout.size(axes) > vocab:
+                return ()
+            found.add(tuple(axes))
+        return found.pop() if len(found) == 1 else ()
+
+    def gather_tree(tree, specs, skip_blocks: bool = False, vocab: tuple[str, ...] = ()):
+        """Gather every leaf (with `skip_blocks`: those outside stacked-block subtrees; with
+        `vocab`: the vocabulary tables are cut into vocabulary slices instead)."""
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
         specs = jax.tree.leaves(specs, is_leaf=is_spec)
-        return treedef.unflatten([x if skip_blocks and _block_part(p) else gather(x, s)
-                                  for (p, x), s in zip(flat, specs, strict=True)])
+        out = [x for _, x in flat]
+        todo = []
+        for i, ((p, x), s) in enumerate(zip(flat, specs, strict=True)):
+            keys = _keys(p)
+            if vocab and len(keys) == 1 and keys[0] in vocab_tables:
+                out[i] = varying(_vocab_slice(x, s, vocab_tables[keys[0]], vocab))
+            elif not (skip_blocks and _block_part(p)):
+                todo.append(i)
+        gathered = _gather_all([out[i] for i in todo], [specs[i] for i in todo],
+                               flat_buffers)
+        for i, x in zip(todo, gathered, strict=True):
+            out[i] = varying(x)
+        return treedef.unflatten(out)
 
     layer_specs = _layer_specs(manual, stacked_dims)
 
@@ -134,18 +225,23 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
         specs = layer_specs[frozenset(names)]
 
         def run(shards, *args):
-            full = treedef.unflatten([gather(x, specs[n]) for x, n in
-                                      zip(jax.tree.leaves(shards), names, strict=True)])
+            gathered = _gather_all(jax.tree.leaves(shards), [specs[n] for n in names],
+                                   flat_buffers)
+            full = treedef.unflatten([varying(x) for x in gathered])
             return nnx.merge(block_graph, full)(*args)
 
         return jax.checkpoint(run, policy=_not_gathered)(shards, *args)
 
     def local(params, batch):
+        vocab = vocab_axes(params, batch["inputs"].size) if vocab_tables else ()
+        kwargs = {"vocab_axes": vocab} if vocab else {}
         if regather:
-            full = gather_tree(params, manual, skip_blocks=True)
-            loss_sum, count = model_loss(graphdef, full, batch, apply_block=regathered_block)
+            full = gather_tree(params, manual, skip_blocks=True, vocab=vocab)
+            loss_sum, count = model_loss(graphdef, full, batch, apply_block=regathered_block,
+                                         **kwargs)
         else:
-            loss_sum, count = model_loss(graphdef, gather_tree(params, manual), batch)
+            loss_sum, count = model_loss(graphdef, gather_tree(params, manual, vocab=vocab),
+                                         batch, **kwargs)
         if axes:
             loss_sum, count = jax.lax.psum(loss_sum, axes), jax.lax.psum(count, axes)
         return loss_sum, count

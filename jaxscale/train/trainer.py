@@ -180,8 +180,13 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     param_specs = state_specs.params
     model_loss = (pipeline_loss(pipe.schedule, pipe.microbatches, stages, virtual) if stages > 1
                   else loss_sums)
-    loss_fn = data_parallel_loss(graphdef, layout, param_specs, regather=regather,
-                                 model_loss=model_loss, stacked_dims=1 + (virtual > 1))
+    vocab_tables = {key: p.get_metadata()["logical_axes"].index("vocab")
+                    for key, p in params.items()
+                    if isinstance(p, nnx.Variable) and "vocab" in p.get_metadata()["logical_axes"]}
+    loss_fn = data_parallel_loss(
+        graphdef, layout, param_specs, regather=regather, model_loss=model_loss,
+        stacked_dims=1 + (virtual > 1),
+        vocab_tables=vocab_tables if config.model.family in DECODERS and stages == 1 else None)
     step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,
                               layout.shardings(param_specs))
     shardings = layout.shardings(state_specs)
