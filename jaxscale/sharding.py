@@ -105,8 +105,7 @@ class Layout:
 
     def zero_spec(self, spec: PartitionSpec, shape: Sequence[int],
                   names: Sequence[str | None] = ()) -> PartitionSpec:
-        """`spec` with `data` added to the first dimension it divides (ZeRO over data parallel),
-        a `vocab` dimension before the others.
+        """`spec` with `data` added to the first dimension it divides (ZeRO over data parallel).
 
         Only dimensions that are unsharded or sharded over `fsdp` alone are candidates, so data
         parallel and model parallel axes never share a dimension, and never the `layers` axis of
@@ -117,31 +116,13 @@ class Layout:
         dims = list(spec) + [None] * (len(shape) - len(spec))
         if n == 1 or any("data" in _as_tuple(d) for d in dims):
             return spec
-        # a table's vocabulary first (see `vocab_split`)
-        order = sorted(range(len(dims)), key=lambda i: not (i < len(names) and names[i] == "vocab"))
-        for i in order:
-            d = dims[i]
+        for i, d in enumerate(dims):
             if i < len(names) and names[i] == "layers":
                 continue
             if set(_as_tuple(d)) <= {"fsdp"} and shape[i] % (self.size(_as_tuple(d)) * n) == 0:
                 dims[i] = _as_tuple(d) + ("data",) if d else "data"
                 return PartitionSpec(*dims)
         return spec
-
-    def vocab_split(self, spec: PartitionSpec, shape: Sequence[int],
-                    names: Sequence[str | None]) -> PartitionSpec:
-        """A vocabulary table's `fsdp` split moved onto its `vocab` dimension where the rules
-        leave that unsplit, so data parallelism can keep the table split by vocabulary (see
-        `parallel/data_parallel.py`) without first exchanging its shards."""
-        if "vocab" not in names:
-            return spec
-        dims = list(spec) + [None] * (len(shape) - len(spec))
-        v = list(names).index("vocab")
-        for i, d in enumerate(dims):
-            if (i != v and _as_tuple(d) == ("fsdp",) and dims[v] is None
-                    and shape[v] % self.mesh.shape["fsdp"] == 0):
-                dims[i], dims[v] = None, d
-        return PartitionSpec(*dims)
 
     def param_specs(self, tree, *, zero_from_stage: int = 4):
         """Specs for a tree of `nnx.Variable`s (params, or optimizer state mirroring them).
@@ -157,7 +138,7 @@ class Layout:
             where = "parameter " + jax.tree_util.keystr(path, simple=True, separator="/")
             if names is None or len(names) != leaf.ndim:
                 raise ValueError(f"{where} of shape {leaf.shape} has logical_axes={names!r}")
-            s = self.vocab_split(self.spec(names, leaf.shape, where), leaf.shape, names)
+            s = self.spec(names, leaf.shape, where)
             return self.zero_spec(s, leaf.shape, names) if self.zero_stage >= zero_from_stage else s
 
         return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
