@@ -1,7 +1,7 @@
 """Training throughput of the reference shape against the machine's GEMM roof (docs/throughput.md).
 
     python3 experiments/bench_throughput.py [--config configs/bench_reference.py] [--steps 12]
-        [--layouts single,data8,data8_zero1,fsdp8] [--out docs/results/throughput.md]
+        [--layouts single,data8,data8_zero1,data8_zero2,fsdp8] [--out docs/results/throughput.md]
 
 In one run: the roof (the best float32 2048^3 matmul on one device, or the datasheet peak of a
 known accelerator in the config's dtype), then for each layout the median step time over `--steps`
@@ -42,7 +42,7 @@ from jaxscale.train.trainer import build_trainer
 
 # name: (mesh axes, parallel.zero_stage)
 LAYOUTS = {"single": ({}, 0), "data8": ({"data": 8}, 0), "data8_zero1": ({"data": 8}, 1),
-           "fsdp8": ({"fsdp": 8}, 0)}
+           "data8_zero2": ({"data": 8}, 2), "fsdp8": ({"fsdp": 8}, 0)}
 WARMUP = 3
 
 

@@ -242,8 +242,8 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
         else:
             loss_sum, count = model_loss(graphdef, gather_tree(params, manual, vocab=vocab),
                                          batch, **kwargs)
-        if axes:
-            loss_sum, count = jax.lax.psum(loss_sum, axes), jax.lax.psum(count, axes)
+        if axes:  # one all-reduce, after the loss (the count alone would not wait for it)
+            loss_sum, count = jax.lax.psum((loss_sum, count), axes)
         return loss_sum, count
 
     def wrapped(params, batch):
