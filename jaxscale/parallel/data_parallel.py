@@ -72,10 +72,10 @@ def _gather_all(xs: list[jax.Array], specs: list[PartitionSpec],
 
     With `flat`, shards gathered over the same axes travel as one flat buffer: one all-gather
     for all of them (and one reduce-scatter for their gradients) instead of one per parameter,
-    like the flat parameters of PyTorch FSDP. (Flattening a shard that other mesh axes split,
-    e.g. `tensor`, would gather it over them too: then each travels alone.) Each is gathered
-    along a new leading axis and moved into place, which XLA:CPU does several times faster than
-    gathering along an inner dimension.
+    like the flat parameters of PyTorch FSDP; each is gathered along a new leading axis and
+    moved into place, which XLA:CPU does several times faster than gathering along an inner
+    dimension. Without `flat` (where other mesh axes, e.g. `tensor`, split the shards, which
+    flattening would gather over them too) each is gathered along its own dimension.
     """
     out = list(xs)
     groups: dict[tuple, list[tuple[int, int]]] = {}
@@ -86,9 +86,13 @@ def _gather_all(xs: list[jax.Array], specs: list[PartitionSpec],
         for dim, axes in split if len(split) > 1 else ():  # rare: gathered on its own
             out[i] = _unstack(jax.lax.all_gather(out[i], axes), out[i].shape, dim)
     for (axes, _), members in groups.items():
-        if not flat or len(members) == 1:
+        if not flat:  # as gathered before flat buffers (other mesh axes split the array)
             for i, dim in members:
-                out[i] = _unstack(jax.lax.all_gather(xs[i], axes), xs[i].shape, dim)
+                out[i] = jax.lax.all_gather(xs[i], axes, axis=dim, tiled=True)
+            continue
+        if len(members) == 1:
+            i, dim = members[0]
+            out[i] = _unstack(jax.lax.all_gather(xs[i], axes), xs[i].shape, dim)
             continue
         whole = jax.lax.all_gather(jnp.concatenate([xs[i].reshape(-1) for i, _ in members]),
                                    axes)  # [devices, flat]
