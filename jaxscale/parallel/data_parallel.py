@@ -90,10 +90,6 @@ def _gather_all(xs: list[jax.Array], specs: list[PartitionSpec],
             for i, dim in members:
                 out[i] = jax.lax.all_gather(xs[i], axes, axis=dim, tiled=True)
             continue
-        if len(members) == 1:
-            i, dim = members[0]
-            out[i] = _unstack(jax.lax.all_gather(xs[i], axes), xs[i].shape, dim)
-            continue
         whole = jax.lax.all_gather(jnp.concatenate([xs[i].reshape(-1) for i, _ in members]),
                                    axes)  # [devices, flat]
         sizes = [xs[i].size for i, _ in members]
@@ -141,7 +137,7 @@ def _layer_specs(manual, stacked_dims: int) -> dict[frozenset, dict[str, Partiti
 def _vocab_slice(x: jax.Array, spec: PartitionSpec, vocab_dim: int,
                  axes: tuple[str, ...]) -> jax.Array:
     """This device's slice of a table's vocabulary over `axes`, from its stored shard."""
-    (dim,) = [i for i, a in enumerate(spec) if a]
+    ((dim, _),) = _split_dims(spec)
     return x if dim == vocab_dim else jax.lax.all_to_all(x, axes, vocab_dim, dim, tiled=True)
 
 
@@ -190,15 +186,15 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
             keys = _keys(path)
             if len(keys) != 1 or keys[0] not in (vocab_tables or {}):
                 continue
-            vocab_dim, split = vocab_tables[keys[0]], [(i, a) for i, a in enumerate(spec) if a]
+            vocab_dim, split = vocab_tables[keys[0]], _split_dims(spec)
             if len(split) != 1 or (stored[vocab_dim] if vocab_dim < len(stored) else None) not in (
-                    None, split[0][1]):
+                    None, spec[split[0][0]]):
                 return ()
-            dim, axes = split[0][0], (split[0][1],) if isinstance(split[0][1], str) else split[0][1]
-            vocab = x.shape[vocab_dim] * (layout.size(axes) if dim == vocab_dim else 1)
-            if vocab % layout.size(axes) or tokens * layout.size(axes) > vocab:
+            (dim, axes), n = split[0], layout.size(split[0][1])
+            vocab = x.shape[vocab_dim] * (n if dim == vocab_dim else 1)
+            if vocab % n or tokens * n > vocab:
                 return ()
-            found.add(tuple(axes))
+            found.add(axes)
         return found.pop() if len(found) == 1 else ()
 
     def gather_tree(tree, specs, skip_blocks: bool = False, vocab: tuple[str, ...] = ()):
