@@ -15,6 +15,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxscale.errors import UserError
+from jaxscale.host_memory import reexec_with_host_memory
 
 USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...] [--num_devices N]
        jaxscale generate [--config FILE] [--config.KEY=VALUE ...] [--checkpoint DIR] --prompt TEXT
@@ -117,7 +118,6 @@ def _first_line(e: BaseException) -> str:
 
 COMMANDS = ("train", "info", "generate", "eval", "inspect", "launch", "import-hf", "export-hf")
 CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
 def _launch(argv: list[str]) -> int:
@@ -238,25 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def reexec_with_huge_pages(command: list[str]) -> None:
-    """Re-run `command` (this process's own) with glibc's malloc on transparent huge pages.
-
-    On Linux, unless JAXSCALE_HUGE_PAGES=0 or GLIBC_TUNABLES already sets it. XLA:CPU allocates
-    each step's temporaries afresh; on 4 KiB pages, faulting them in took a third of the reference
-    step (docs/throughput.md). glibc reads the setting only at start-up, hence the re-exec (same
-    pid, before JAX starts); without transparent huge pages (or glibc < 2.35) it changes nothing.
-    """
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (sys.platform != "linux" or not sys.executable or "glibc.malloc.hugetlb" in tunables
-            or os.environ.get("JAXSCALE_HUGE_PAGES", "1") == "0" or "jax" in sys.modules):
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGE_PAGES))))
-    os.execve(sys.executable, command, env)
-
-
 def run() -> None:
     """The `jaxscale` command."""
-    reexec_with_huge_pages([sys.executable, "-m", "jaxscale.cli", *sys.argv[1:]])
+    reexec_with_host_memory([sys.executable, "-m", "jaxscale.cli", *sys.argv[1:]])
     sys.exit(main())
 
 

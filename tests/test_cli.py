@@ -150,12 +150,22 @@ def test_generate_streams_a_prompt_and_eval_reports_perplexity(tiny_run):
     assert int(found[3].replace(",", "")) > 20_000  # the embedded held-out split: ~29 KB
 
 
-@pytest.mark.parametrize("setting, child", [("1", "glibc.malloc.hugetlb=1"), ("0", None)])
-def test_the_command_reexecutes_itself_with_huge_pages_unless_told_not_to(setting, child):
-    code = ("import sys; from jaxscale.cli import reexec_with_huge_pages; "
-            "reexec_with_huge_pages([sys.executable, '-c', "
-            "'import os; print(os.environ.get(\"GLIBC_TUNABLES\"))']); print('parent')")
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_the_command_reexecutes_itself_with_its_host_memory_unless_told_not_to(switch):
+    from jaxscale.host_memory import block_cache_library
+
+    code = ("import sys; from jaxscale.host_memory import reexec_with_host_memory; "
+            "reexec_with_host_memory([sys.executable, '-c', 'import os; "
+            "print(os.environ.get(\"GLIBC_TUNABLES\"), os.environ.get(\"LD_PRELOAD\"))']); "
+            "print('parent')")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "JAXSCALE_HOST_MEMORY")}
+    if switch is not None:
+        env["JAXSCALE_HOST_MEMORY"] = switch
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**env, "JAXSCALE_HUGE_PAGES": setting}).stdout.strip()
-    assert out == (child if sys.platform == "linux" and child else "parent")
+                         env=env).stdout.strip()
+    if switch == "0" or sys.platform != "linux":
+        assert out == "parent"
+    else:
+        lib = block_cache_library()
+        assert out == f"glibc.malloc.hugetlb=1 {lib}"

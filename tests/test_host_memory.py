@@ -1,0 +1,63 @@
+"""The block cache preloaded into jaxscale processes (jaxscale/block_cache.c)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxscale.host_memory import block_cache_library
+
+MIB = 1 << 20
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux (glibc) only")
+
+PROGRAM = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.realloc.restype = lib.malloc.restype = ctypes.c_void_p
+lib.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+lib.free.argtypes = [ctypes.c_void_p]
+
+def alloc(mib):
+    p = ctypes.c_void_p()
+    assert lib.posix_memalign(ctypes.byref(p), 64, int(mib * (1 << 20))) == 0
+    return p.value
+
+def mapped(p):
+    return any(line.startswith(f"{p:x}-") for line in open("/proc/self/maps"))
+"""
+
+
+def run(script: str, *env: str) -> list[str]:
+    lib = block_cache_library()
+    if lib is None:
+        pytest.skip("no C compiler to build the block cache")
+    out = subprocess.run([sys.executable, "-c", PROGRAM + script, str(lib)], capture_output=True,
+                         text=True, env=dict(e.split("=", 1) for e in env))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+def test_freed_large_blocks_are_handed_out_again_for_requests_of_about_their_size():
+    out = run("""
+a = alloc(40); ctypes.memset(a, 7, 40 << 20); lib.free(a)
+b = alloc(35)                      # 35 MiB fits the idle 40 MiB block
+c = alloc(40)                      # b holds it: a new block
+d = alloc(100); lib.free(d)
+e = alloc(60)                      # 100 MiB is more than 1.25 x 60: not reused
+small = alloc(1); lib.free(small)  # the C library's
+print(a % (2 << 20), b == a, c != a, e not in (a, d), ctypes.string_at(b, 4) == bytes([7] * 4),
+      small % (2 << 20) != 0)
+q = lib.realloc(b, 10)             # leaves the cache; the contents move
+print(ctypes.string_at(q, 4) == bytes([7] * 4), lib.malloc(38 << 20) == a)  # Eigen's way
+""")
+    assert out == ["0", "True", "True", "True", "True", "True", "True", "True"]
+
+
+def test_idle_blocks_beyond_the_cap_go_back_to_the_system():
+    out = run("""
+a, b = alloc(40), alloc(48)
+lib.free(a); lib.free(b)           # 88 MiB idle > 64: the largest (b) is unmapped
+print(mapped(a), mapped(b), alloc(40) == a)
+""", "JAXSCALE_BLOCK_CACHE_MB=64")
+    assert out == ["True", "False", "True"]
