@@ -12,7 +12,7 @@ def get_config():
     c.run_dir = "runs/bench_reference"
     c.model.update(vocab_size=32000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64,
                    d_ff=1024, max_seq_len=256, tie_embeddings=False, dtype="float32",
-                   loss_chunk=1024, scan_layers=False, attention="einsum")
+                   loss_chunk=2048, scan_layers=False, attention="einsum")
     c.data.seq_len = 256
     c.train.update(steps=100, global_batch_size=8, log_every=10)
     c.optim.update(lr=1e-3, warmup_steps=10)
