@@ -24,7 +24,8 @@ def alloc(mib):
     return p.value
 
 def mapped(p):
-    return any(line.startswith(f"{p:x}-") for line in open("/proc/self/maps"))
+    spans = (line.split()[0].split("-") for line in open("/proc/self/maps"))
+    return any(int(a, 16) <= p < int(b, 16) for a, b in spans)
 """
 
 
@@ -61,3 +62,15 @@ lib.free(a); lib.free(b)           # 88 MiB idle > 64: the largest (b) is unmapp
 print(mapped(a), mapped(b), alloc(40) == a)
 """, "JAXSCALE_BLOCK_CACHE_MB=64")
     assert out == ["True", "False", "True"]
+
+
+def test_when_all_slots_hold_blocks_the_largest_idle_one_makes_room():
+    out = run("""
+held = [alloc(16) for _ in range(256)]   # every slot (mapped, never touched)
+extra = alloc(16)                         # none left: the C library's
+for p in held[:2]: lib.free(p)
+big = alloc(64)                           # no idle block fits: one makes room
+print(all(p % (2 << 20) == 0 for p in held), extra % (2 << 20) != 0, big % (2 << 20) == 0,
+      sum(mapped(p) and not big <= p < big + (64 << 20) for p in held[:2]))
+""", "JAXSCALE_BLOCK_CACHE_MB=100000")
+    assert out == ["True", "True", "True", "1"]
