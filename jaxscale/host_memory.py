@@ -28,7 +28,10 @@ def block_cache_library() -> Path | None:
     """The block cache (`block_cache.c`) built for this machine, or None without a C compiler.
 
     Built once per source version into $XDG_CACHE_HOME/jaxscale (~/.cache/jaxscale)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxscale"
+    try:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxscale"
+    except RuntimeError:  # no home directory
+        return None
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     lib = cache / f"block_cache-{digest}-{platform.machine()}.so"
     if lib.exists():

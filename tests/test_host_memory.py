@@ -74,3 +74,23 @@ print(all(p % (2 << 20) == 0 for p in held), extra % (2 << 20) != 0, big % (2 <<
       sum(mapped(p) and not big <= p < big + (64 << 20) for p in held[:2]))
 """, "JAXSCALE_BLOCK_CACHE_MB=100000")
     assert out == ["True", "True", "True", "1"]
+
+
+def test_the_environment_builds_the_cache_once_and_does_without_it_when_no_compiler_works(
+        tmp_path, monkeypatch):
+    from jaxscale.host_memory import host_memory_env
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "broken"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    env = host_memory_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=8"})
+    assert "LD_PRELOAD" not in env and env["JAXSCALE_HOST_MEMORY"] == "1"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=8:glibc.malloc.hugetlb=1"
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh"))
+    monkeypatch.delenv("CC")
+    lib = block_cache_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    assert lib.parent == tmp_path / "fresh" / "jaxscale" and lib.is_file()
+    env = host_memory_env({"LD_PRELOAD": "/other.so"})
+    assert env["LD_PRELOAD"] == f"{lib}:/other.so" and block_cache_library() == lib
