@@ -54,18 +54,25 @@ static int find(const void *p) {
   return -1;
 }
 
+/* The largest idle block's slot, or -1. Called with the lock held. */
+static int largest_idle(void) {
+  int worst = -1;
+  for (int i = 0; i < SLOTS; i++)
+    if (blocks[i].p && !blocks[i].used && (worst < 0 || blocks[i].size > blocks[worst].size))
+      worst = i;
+  return worst;
+}
+
+/* Gives the idle block in slot `i` back to the system. Called with the lock held. */
+static void unmap_idle(int i) {
+  munmap(blocks[i].p, blocks[i].size);
+  idle_bytes -= blocks[i].size;
+  blocks[i].p = NULL;
+}
+
 /* Unmaps idle blocks, largest first, until they fit the cap. Called with the lock held. */
 static void trim(void) {
-  while (idle_bytes > idle_cap) {
-    int worst = -1;
-    for (int i = 0; i < SLOTS; i++)
-      if (blocks[i].p && !blocks[i].used && (worst < 0 || blocks[i].size > blocks[worst].size))
-        worst = i;
-    if (worst < 0) return;
-    munmap(blocks[worst].p, blocks[worst].size);
-    idle_bytes -= blocks[worst].size;
-    blocks[worst].p = NULL;
-  }
+  for (int i; idle_bytes > idle_cap && (i = largest_idle()) >= 0;) unmap_idle(i);
 }
 
 static char *map_aligned(size_t size) {
@@ -93,15 +100,8 @@ static void *take(size_t size) {
       best = i;
     }
   }
-  if (best < 0 && empty < 0) {  /* all slots taken: the largest idle block makes room */
-    for (int i = 0; i < SLOTS; i++)
-      if (!blocks[i].used && (empty < 0 || blocks[i].size > blocks[empty].size)) empty = i;
-    if (empty >= 0) {
-      munmap(blocks[empty].p, blocks[empty].size);
-      idle_bytes -= blocks[empty].size;
-      blocks[empty].p = NULL;
-    }
-  }
+  if (best < 0 && empty < 0 && (empty = largest_idle()) >= 0)  /* all slots taken: make room */
+    unmap_idle(empty);
   char *p = NULL;
   if (best >= 0) {
     blocks[best].used = 1;
