@@ -38,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | save_dots | save:<name>,<name> (names: see models/llama.py)
     c.model.loss_chunk = 0  # > 0: fused output layer + cross-entropy, this many tokens at a time
     c.model.scan_layers = True  # False: unroll the layers (longer compile; faster on XLA:CPU)
-    c.model.attention = "dot_product"  # jax.nn.dot_product_attention, or "einsum" (faster on XLA:CPU)
+    c.model.attention = "dot_product"  # jax.nn.dot_product_attention; "einsum" (faster on XLA:CPU);
+    # "cudnn" (cuDNN flash attention: NVIDIA GPUs, bfloat16)
     c.model.family = "llama"  # llama | gpt2 | early_fusion | cross_attention | clip (docs/multimodal.md)
 
     c.model.vision = ml_collections.ConfigDict()  # the ViT encoder of the multimodal families

@@ -35,7 +35,7 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1,
     return out.reshape(*lead, *w.shape[n_in:])
 
 
-ATTENTION = ("dot_product", "einsum")
+ATTENTION = ("dot_product", "einsum", "cudnn")
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
@@ -43,10 +43,17 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     """Causal attention of q [batch, seq, heads, head_dim] over k, v [batch, seq, kv_heads,
     head_dim], also limited by `mask` [batch, 1, seq, seq] where given.
 
-    "dot_product" is `jax.nn.dot_product_attention`; "einsum" writes it out with heads-major
-    batched matmuls (query groups of a KV head stacked as rows) and a float32 softmax, which
-    XLA:CPU runs about twice as fast, backward included (docs/throughput.md).
+    "dot_product" is `jax.nn.dot_product_attention` as XLA writes it; "cudnn" is the same call
+    run as cuDNN's fused (flash) attention, for NVIDIA GPUs in bfloat16; "einsum" writes it out
+    with heads-major batched matmuls (query groups of a KV head stacked as rows) and a float32
+    softmax, which XLA:CPU runs about twice as fast, backward included (docs/throughput.md).
     """
+    if kind == "cudnn":
+        if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU and model.dtype=bfloat16 "
+                            f"(found {jax.default_backend()}, {q.dtype.name}); use dot_product")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            implementation="cudnn")
     if kind == "dot_product":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
     b, t, h, d = q.shape

@@ -61,7 +61,7 @@ class LlamaConfig:
     remat: str = "none"
     loss_chunk: int = 0  # > 0: output layer + cross-entropy in chunks of this many tokens
     scan_layers: bool = True  # False: unroll the layer loop
-    attention: str = "dot_product"  # or "einsum" (layers.causal_attention)
+    attention: str = "dot_product"  # or "einsum", "cudnn" (layers.causal_attention)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -73,7 +73,7 @@ class LlamaConfig:
             raise UserError(f"model.dtype={self.dtype!r}; use float32 or bfloat16")
         self.rope()  # reject a bad scaling at construction time
         if self.attention not in ATTENTION:
-            raise UserError(f"model.attention={self.attention!r}; use {' or '.join(ATTENTION)}")
+            raise UserError(f"model.attention={self.attention!r}; use {', '.join(ATTENTION)}")
 
     def rope(self) -> RopeScaling:
         """The RoPE frequency scaling of `rope_*`."""
