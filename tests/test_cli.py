@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import devices_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,7 @@ def test_default_training_lowers_the_loss_and_writes_metrics(tmp_path):
 
 
 def test_overrides_and_mesh_apply_to_a_sharded_run(tmp_path):
+    devices_or_skip(8)
     result = jaxscale("train", "--config", str(ROOT / "configs/default.py"),
                       f"--config.run_dir={tmp_path}", "--config.train.steps=3",
                       "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
@@ -102,6 +104,8 @@ def test_info_sizes_a_realistic_multimodal_preset():
      "infer.weights='int3' is not a weight format"),
 ])
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message, tmp_path):
+    if any(a.startswith("--config.mesh.") for a in args):
+        devices_or_skip(8)  # the messages name the 8 devices (or a mesh that needs several)
     result = jaxscale(*args, f"--config.run_dir={tmp_path}/run", cwd=ROOT) if args[0] == "train" \
         else jaxscale(*args)
     assert result.returncode == 2
@@ -127,6 +131,7 @@ def tiny_run(tmp_path_factory):
 def test_generate_streams_a_prompt_and_eval_reports_perplexity(tiny_run):
     """Train -> generate (streamed; a batch on a data x tensor mesh with int8 weights and
     sampling) -> eval with int4 weights, all from the command line."""
+    devices_or_skip(8)
     one = jaxscale("generate", *TINY, f"--config.run_dir={tiny_run}", "--prompt", "The ",
                    "--config.infer.max_new_tokens=12")
     assert one.returncode == 0, one.stderr[-2000:]
