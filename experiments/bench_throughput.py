@@ -2,6 +2,7 @@
 
     python3 experiments/bench_throughput.py [--config configs/bench_reference.py] [--steps 12]
         [--layouts single,data8,data8_zero1,data8_zero2,fsdp8] [--out docs/results/throughput.md]
+        [--config.<section>.<key>=<value> ...]
 
 In one run: the roof (the best float32 2048^3 matmul on one device, measured before and after the
 layouts, the better kept; or the datasheet peak of a known accelerator in the config's dtype),
@@ -20,13 +21,15 @@ from jaxscale.host_memory import reexec_with_host_memory
 
 reexec_with_host_memory([sys.executable, *sys.argv])  # as the `jaxscale` command runs
 
+import os
+
 import _host
 
 _host.emulate_devices()
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # an accelerator is the run's alone
 
 import argparse
 import math
-import os
 import statistics
 import time
 
@@ -65,6 +68,10 @@ def gemm_roof(dtype: str) -> tuple[float, str]:
     return 2 * n**3 / min(times), f"measured float32 {n}^3 GEMM, best of 10"
 
 
+def rate(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+
+
 def flops_per_token(m, seq_len: int) -> float:
     """6 x matmul parameters (output layer included) + causal attention (the issue's count):
     `metrics.flops_per_token` counts attention without the causal half."""
@@ -94,7 +101,15 @@ def run_layout(config, name: str, steps: int) -> dict:
     batches = [make_global_batch(next(data), trainer.batch_sharding) for _ in range(4)]
     times, _ = time_steps(trainer.step, trainer.init(), batches, steps)
     zero = f", ZeRO-{c.parallel.zero_stage}" if c.parallel.zero_stage else ""
-    return {"layout": name, "mesh": describe(trainer.mesh) + zero, "times": times}
+    return {"layout": name, "mesh": describe(trainer.mesh) + zero, "times": times,
+            "peak": peak_memory()}
+
+
+def peak_memory() -> str:
+    """The first device's peak allocation so far in GiB, where the platform reports it (not CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return "-" if peak is None else f"{peak / 2**30:.1f}"
 
 
 def run_hand_written(config, steps: int) -> dict:
@@ -106,7 +121,8 @@ def run_hand_written(config, steps: int) -> dict:
     device = jax.devices()[0]
     batches = [jax.device_put(next(data), device) for _ in range(4)]
     times, _ = time_steps(step, jax.device_put(state, device), batches, steps)
-    return {"layout": "hand-written jax.jit", "mesh": "1 device", "times": times}
+    return {"layout": "hand-written jax.jit", "mesh": "1 device", "times": times,
+            "peak": peak_memory()}
 
 
 def main() -> None:
@@ -117,12 +133,14 @@ def main() -> None:
     p.add_argument("--hand-written", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="docs/results/throughput.md")
     args, overrides = p.parse_known_args()
+    if stray := [o for o in overrides if not o.startswith("--config.")]:
+        p.error(f"unknown argument {stray[0]!r}; config overrides look like --config.model.remat=full")
     config, _ = _parse(["--config", args.config, *overrides])
     load = os.getloadavg()[0]
     tokens = config.train.global_batch_size * config.data.seq_len
     fpt = flops_per_token(config.model, config.data.seq_len)
     roof, roof_source = gemm_roof(config.model.dtype)
-    print(f"roof {roof / 1e9:.1f} GFLOP/s ({roof_source}); {fpt / 1e6:.2f} MFLOP/token; "
+    print(f"roof {rate(roof)} ({roof_source}); {fpt / 1e6:.2f} MFLOP/token; "
           f"{tokens} tokens/step", flush=True)
     rows = []
     names = [n for n in args.layouts.split(",") if n]
@@ -139,26 +157,28 @@ def main() -> None:
         roof = max(roof, again)
         print(f"roof at the end {again / 1e9:.1f} GFLOP/s; using {roof / 1e9:.1f}", flush=True)
     single = next((statistics.median(r["times"]) for r in rows if r["layout"] == "single"), None)
-    lines = ["# Training throughput of the reference shape", "",
+    lines = [f"# Training throughput of `{args.config}`", "",
              *_host.environment_lines(load),
              f"- GLIBC_TUNABLES: `{os.environ.get('GLIBC_TUNABLES', '')}`; LD_PRELOAD: "
              f"`{os.path.basename(os.environ.get('LD_PRELOAD', '')) or 'none'}` (jaxscale/host_memory.py)",
              f"- Config: `{args.config}` {' '.join(overrides)}; {tokens} tokens/step; "
              f"{fpt / 1e6:.2f} MFLOP/token (6 x matmul params + causal attention)",
-             f"- Roof: {roof / 1e9:.1f} GFLOP/s ({roof_source})",
+             f"- Roof: {rate(roof)} ({roof_source})",
              f"- Median over {args.steps} steps after {WARMUP} warm-up steps "
              f"(`experiments/bench_throughput.py`)", "",
              "| layout | mesh | median step (ms) | min step (ms) | vs one device | tokens/s "
-             "| MFU of roof |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| MFU of roof | peak memory (GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         med = statistics.median(row["times"])
         mfu = tokens / med * fpt / roof
         print(f"{row['layout']:>22}: {med * 1e3:8.1f} ms/step  {tokens / med:8.0f} tok/s  "
-              f"MFU {mfu:6.1%}" + (f"  x{med / single:.3f} of one device" if single else ""),
+              f"MFU {mfu:6.1%}  peak {row['peak']} GiB"
+              + (f"  x{med / single:.3f} of one device" if single else ""),
               flush=True)
         ratio = f"{med / single:.3f}" if single else "-"
         lines.append(f"| {row['layout']} | {row['mesh']} | {med * 1e3:.1f} | "
-                     f"{min(row['times']) * 1e3:.1f} | {ratio} | {tokens / med:.0f} | {mfu:.1%} |")
+                     f"{min(row['times']) * 1e3:.1f} | {ratio} | {tokens / med:.0f} | {mfu:.1%} "
+                     f"| {row['peak']} |")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
