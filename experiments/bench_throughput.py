@@ -2,6 +2,7 @@
 
     python3 experiments/bench_throughput.py [--config configs/bench_reference.py] [--steps 12]
         [--layouts single,data8,data8_zero1,data8_zero2,fsdp8] [--out docs/results/throughput.md]
+        [--profile DIR]
         [--config.<section>.<key>=<value> ...]
 
 In one run: the roof (the best float32 2048^3 matmul on one device, measured before and after the
@@ -90,7 +91,7 @@ def time_steps(step, state, batches, steps: int) -> tuple[list[float], object]:
     return times, state
 
 
-def run_layout(config, name: str, steps: int) -> dict:
+def run_layout(config, name: str, steps: int, profile: str = "") -> dict:
     c = config.copy_and_resolve_references()
     axes, c.parallel.zero_stage = LAYOUTS[name]
     for axis in AXES:
@@ -99,7 +100,12 @@ def run_layout(config, name: str, steps: int) -> dict:
     trainer.compile()
     _, data = build_data(c)
     batches = [make_global_batch(next(data), trainer.batch_sharding) for _ in range(4)]
-    times, _ = time_steps(trainer.step, trainer.init(), batches, steps)
+    times, state = time_steps(trainer.step, trainer.init(), batches, steps)
+    if profile:  # after the timing: a trace of 3 more steps for TensorBoard or Perfetto
+        with jax.profiler.trace(os.path.join(profile, name), create_perfetto_trace=True):
+            for batch in batches[:3]:
+                state, out = trainer.step(state, batch)
+            jax.block_until_ready(out)
     zero = f", ZeRO-{c.parallel.zero_stage}" if c.parallel.zero_stage else ""
     return {"layout": name, "mesh": describe(trainer.mesh) + zero, "times": times,
             "peak": peak_memory()}
@@ -132,6 +138,8 @@ def main() -> None:
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--hand-written", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="docs/results/throughput.md")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="also trace 3 steps of each layout into DIR/<layout> (jax.profiler)")
     args, overrides = p.parse_known_args()
     if stray := [o for o in overrides if not o.startswith("--config.")]:
         p.error(f"unknown argument {stray[0]!r}; config overrides look like --config.model.remat=full")
@@ -148,7 +156,7 @@ def main() -> None:
         if math.prod(LAYOUTS[name][0].values()) > jax.device_count():
             print(f"skip {name}: needs more devices than the {jax.device_count()} present")
             continue
-        rows.append(run_layout(config, name, args.steps))
+        rows.append(run_layout(config, name, args.steps, args.profile))
         if name == "single" and args.hand_written:
             rows.append(run_hand_written(config, args.steps))
     if jax.devices()[0].platform == "cpu":  # the host's speed drifts: the roof is the better of two
