@@ -170,9 +170,19 @@ def test_einsum_attention_equals_dot_product_attention(kv_heads):
     kv = [jax.random.normal(key, (2, 16, kv_heads, 8)) for key in k[1:3]]
     segments = jnp.array([[0] * 10 + [1] * 6, [0] * 16])
     mask = (segments[:, :, None] == segments[:, None, :])[:, None]
-    for m in (None, mask):
-        want = causal_attention(q, *kv, m, "dot_product")
-        np.testing.assert_allclose(causal_attention(q, *kv, m, "einsum"), want, atol=1e-6)
+
+    def out_and_grads(kind, m):
+        def loss(q, k, v):
+            out = causal_attention(q, k, v, m, kind)
+            return jnp.sum(out * jnp.cos(out)), out
+        (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, *kv)
+        return out, grads
+
+    for m in (None, mask):  # outputs and the hand-written backward's gradients
+        got, want = (jax.tree.leaves(out_and_grads(kind, m)) for kind in ("einsum", "dot_product"))
+        assert len(got) == 4
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_cudnn_attention_matches_xla_on_a_gpu_and_is_refused_elsewhere():
