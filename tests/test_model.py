@@ -163,6 +163,15 @@ def test_chunked_loss_matches_the_materialised_logits(chunk):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def attention_out_and_grads(kind, mask, q, k, v) -> list[jax.Array]:
+    """Float32 output and q, k, v gradients of `causal_attention` under a nonlinear loss."""
+    def loss(q, k, v):
+        out = causal_attention(q, k, v, mask, kind).astype(jnp.float32)
+        return jnp.sum(out * jnp.cos(out)), out
+    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return [t.astype(jnp.float32) for t in (out, *grads)]
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_einsum_attention_equals_dot_product_attention(kv_heads):
     k = jax.random.split(jax.random.key(0), 4)
@@ -170,16 +179,8 @@ def test_einsum_attention_equals_dot_product_attention(kv_heads):
     kv = [jax.random.normal(key, (2, 16, kv_heads, 8)) for key in k[1:3]]
     segments = jnp.array([[0] * 10 + [1] * 6, [0] * 16])
     mask = (segments[:, :, None] == segments[:, None, :])[:, None]
-
-    def out_and_grads(kind, m):
-        def loss(q, k, v):
-            out = causal_attention(q, k, v, m, kind)
-            return jnp.sum(out * jnp.cos(out)), out
-        (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, *kv)
-        return out, grads
-
     for m in (None, mask):  # outputs and the hand-written backward's gradients
-        got, want = (jax.tree.leaves(out_and_grads(kind, m)) for kind in ("einsum", "dot_product"))
+        got, want = (attention_out_and_grads(kind, m, q, *kv) for kind in ("einsum", "dot_product"))
         assert len(got) == 4
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5)
@@ -198,20 +199,13 @@ def test_cudnn_attention_matches_xla_on_a_gpu_and_is_refused_elsewhere():
             causal_attention(q, *kv, mask, "cudnn")
         return
 
-    def out_and_grads(kind, m, *qkv):
-        def loss(*qkv):
-            out = causal_attention(*qkv, m, kind).astype(jnp.float32)
-            return jnp.sum(out * jnp.cos(out)), out
-        (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(*qkv)
-        return [t.astype(jnp.float32) for t in (out, *grads)]
-
     def rel_err(a, b):
         return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
     for m in (None, mask):
-        want = out_and_grads("dot_product", m, *(t.astype(jnp.float32) for t in (q, *kv)))
-        got = out_and_grads("cudnn", m, q, *kv)
-        bf16 = out_and_grads("dot_product", m, q, *kv)  # XLA's own bfloat16 round-off
+        want = attention_out_and_grads("dot_product", m, *(t.astype(jnp.float32) for t in (q, *kv)))
+        got = attention_out_and_grads("cudnn", m, q, *kv)
+        bf16 = attention_out_and_grads("dot_product", m, q, *kv)  # XLA's own bfloat16 round-off
         for g, b, w in zip(got, bf16, want, strict=True):
             assert rel_err(g, w) < max(2 * rel_err(b, w), 1e-2), (rel_err(g, w), rel_err(b, w))
 

@@ -77,16 +77,12 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Ar
     return _grouped_attention_fwd(q, k, v, allowed)[0]
 
 
-def _grouped_probs(q, k, allowed):
+def _grouped_attention_fwd(q, k, v, allowed):
     b, kv, r, d = q.shape
     t, s = allowed.shape[-2:]
     scores = jnp.einsum("bkrd,bksd->bkrs", q, k, preferred_element_type=jnp.float32) * d**-0.5
     scores = jnp.where(allowed, scores.reshape(b, kv, r // t, t, s), jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1).reshape(b, kv, r, s)
-
-
-def _grouped_attention_fwd(q, k, v, allowed):
-    p = _grouped_probs(q, k, allowed)
+    p = jax.nn.softmax(scores, axis=-1).reshape(b, kv, r, s)
     return jnp.einsum("bkrs,bksd->bkrd", p.astype(v.dtype), v), (q, k, v, p)
 
 
