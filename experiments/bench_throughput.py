@@ -2,13 +2,13 @@
 
     python3 experiments/bench_throughput.py [--config configs/bench_reference.py] [--steps 12]
         [--layouts single,data8,data8_zero1,data8_zero2,fsdp8] [--out docs/results/throughput.md]
-        [--profile DIR]
+        [--no-interleave] [--profile DIR]
         [--config.<section>.<key>=<value> ...]
 
 In one run: the roof (the best float32 2048^3 matmul on one device, measured before and after the
 layouts, the better kept; or the datasheet peak of a known accelerator in the config's dtype),
-then for each layout the median step time over `--steps` steps after warm-up, its ratio to one
-device's, tokens/s and MFU = tokens/s x FLOPs per token / roof. FLOPs per token are 6 x matmul
+then for each layout the median step time over `--steps` steps after warm-up (the layouts' steps
+alternate, so the host's drift falls on all alike), its ratio to one device's, tokens/s and MFU = tokens/s x FLOPs per token / roof. FLOPs per token are 6 x matmul
 parameters (output layer included) + causal attention 6 x layers x seq x heads x head_dim. Also
 the same model as a hand-written `jax.jit` step on one device. On a CPU host the 8 devices are
 emulated and share the host's cores, so every layout is held to the one roof.
@@ -30,9 +30,12 @@ _host.emulate_devices()
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # an accelerator is the run's alone
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -79,19 +82,31 @@ def flops_per_token(m, seq_len: int) -> float:
     return metrics.flops_per_token(m, seq_len) - 6 * m.n_layers * seq_len * m.n_heads * m.head_dim
 
 
-def time_steps(step, state, batches, steps: int) -> tuple[list[float], object]:
-    """Each step's wall time (the step's outputs waited for), after `WARMUP` untimed steps."""
-    times = []
-    for i in range(WARMUP + steps):
+@dataclasses.dataclass
+class Run:
+    """One layout's (or the hand-written step's) compiled step, state, batches and step times."""
+
+    layout: str
+    mesh: str
+    step: Callable
+    state: object
+    batches: list
+    times: list[float] = dataclasses.field(default_factory=list)
+    peak: str = "-"
+
+    def tick(self, i: int) -> float:
+        """Run step `i` and wait for its outputs; its wall time."""
         start = time.perf_counter()
-        state, out = step(state, batches[i % len(batches)])
+        self.state, out = self.step(self.state, self.batches[i % len(self.batches)])
         jax.block_until_ready(out)
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
-    return times, state
+        return time.perf_counter() - start
+
+    def warm_up(self) -> None:
+        for i in range(WARMUP):
+            self.tick(i)
 
 
-def run_layout(config, name: str, steps: int, profile: str = "") -> dict:
+def prepare_layout(config, name: str) -> Run:
     c = config.copy_and_resolve_references()
     axes, c.parallel.zero_stage = LAYOUTS[name]
     for axis in AXES:
@@ -100,15 +115,57 @@ def run_layout(config, name: str, steps: int, profile: str = "") -> dict:
     trainer.compile()
     _, data = build_data(c)
     batches = [make_global_batch(next(data), trainer.batch_sharding) for _ in range(4)]
-    times, state = time_steps(trainer.step, trainer.init(), batches, steps)
-    if profile:  # after the timing: a trace of 3 more steps for TensorBoard or Perfetto
-        with jax.profiler.trace(os.path.join(profile, name), create_perfetto_trace=True):
-            for batch in batches[:3]:
-                state, out = trainer.step(state, batch)
-            jax.block_until_ready(out)
     zero = f", ZeRO-{c.parallel.zero_stage}" if c.parallel.zero_stage else ""
-    return {"layout": name, "mesh": describe(trainer.mesh) + zero, "times": times,
-            "peak": peak_memory()}
+    return Run(name, describe(trainer.mesh) + zero, trainer.step, trainer.init(), batches)
+
+
+def prepare_hand_written(config) -> Run:
+    c = config.copy_and_resolve_references()
+    for axis in AXES:
+        c.mesh[axis] = 1
+    step, state = hand_written_step(c)
+    _, data = build_data(c)
+    device = jax.devices()[0]
+    batches = [jax.device_put(next(data), device) for _ in range(4)]
+    return Run("hand-written jax.jit", "1 device", step, jax.device_put(state, device), batches)
+
+
+def time_runs(prepares: list[Callable[[], Run]], steps: int, interleave: bool,
+              profile: str = "") -> list[Run]:
+    """Each run's `steps` timed steps after `WARMUP` untimed ones.
+
+    With `interleave` (and more than one run), all runs are prepared and warmed up first, then
+    timed in rounds of one step each (the order reversed every other round), so drift in the
+    host's speed falls on all of them alike; their peak memory is then not told apart.
+    Otherwise each is timed in turn, its peak memory read, and its state freed before the next.
+    With `profile`, 3 more steps of each layout are traced into `profile/<layout>`.
+    """
+    interleave = interleave and len(prepares) > 1
+    runs = []
+    for prepare in prepares:
+        run = prepare()
+        run.warm_up()
+        runs.append(run)
+        if not interleave:
+            run.times = [run.tick(i) for i in range(WARMUP, WARMUP + steps)]
+            run.peak = peak_memory()
+            finish(run, profile)
+    for i in range(WARMUP, WARMUP + steps if interleave else 0):
+        for run in runs if i % 2 else runs[::-1]:
+            run.times.append(run.tick(i))
+    for run in runs if interleave else ():
+        finish(run, profile)
+    return runs
+
+
+def finish(run: Run, profile: str) -> None:
+    """Trace 3 more steps of a layout into `profile/<layout>` (TensorBoard, Perfetto) if asked;
+    free its state."""
+    if profile and run.layout in LAYOUTS:
+        with jax.profiler.trace(os.path.join(profile, run.layout), create_perfetto_trace=True):
+            for i in range(3):
+                run.tick(i)
+    run.state = None
 
 
 def peak_memory() -> str:
@@ -118,19 +175,6 @@ def peak_memory() -> str:
     return "-" if peak is None else f"{peak / 2**30:.1f}"
 
 
-def run_hand_written(config, steps: int) -> dict:
-    c = config.copy_and_resolve_references()
-    for axis in AXES:
-        c.mesh[axis] = 1
-    step, state = hand_written_step(c)
-    _, data = build_data(c)
-    device = jax.devices()[0]
-    batches = [jax.device_put(next(data), device) for _ in range(4)]
-    times, _ = time_steps(step, jax.device_put(state, device), batches, steps)
-    return {"layout": "hand-written jax.jit", "mesh": "1 device", "times": times,
-            "peak": peak_memory()}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/bench_reference.py")
@@ -138,6 +182,8 @@ def main() -> None:
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--hand-written", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="docs/results/throughput.md")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the layouts in alternating rounds of one step (all held at once)")
     p.add_argument("--profile", default="", metavar="DIR",
                    help="also trace 3 steps of each layout into DIR/<layout> (jax.profiler)")
     args, overrides = p.parse_known_args()
@@ -150,21 +196,21 @@ def main() -> None:
     roof, roof_source = gemm_roof(config.model.dtype)
     print(f"roof {rate(roof)} ({roof_source}); {fpt / 1e6:.2f} MFLOP/token; "
           f"{tokens} tokens/step", flush=True)
-    rows = []
-    names = [n for n in args.layouts.split(",") if n]
-    for name in names:
+    prepares = []
+    for name in [n for n in args.layouts.split(",") if n]:
         if math.prod(LAYOUTS[name][0].values()) > jax.device_count():
             print(f"skip {name}: needs more devices than the {jax.device_count()} present")
             continue
-        rows.append(run_layout(config, name, args.steps, args.profile))
+        prepares.append(partial(prepare_layout, config, name))
         if name == "single" and args.hand_written:
-            rows.append(run_hand_written(config, args.steps))
+            prepares.append(partial(prepare_hand_written, config))
+    runs = time_runs(prepares, args.steps, args.interleave, args.profile)
     if jax.devices()[0].platform == "cpu":  # the host's speed drifts: the roof is the better of two
         again, _ = gemm_roof(config.model.dtype)
         roof_source += f" at the start ({roof / 1e9:.1f}) and at the end ({again / 1e9:.1f})"
         roof = max(roof, again)
         print(f"roof at the end {again / 1e9:.1f} GFLOP/s; using {roof / 1e9:.1f}", flush=True)
-    single = next((statistics.median(r["times"]) for r in rows if r["layout"] == "single"), None)
+    single = next((statistics.median(r.times) for r in runs if r.layout == "single"), None)
     lines = [f"# Training throughput of `{args.config}`", "",
              *_host.environment_lines(load),
              f"- GLIBC_TUNABLES: `{os.environ.get('GLIBC_TUNABLES', '')}`; LD_PRELOAD: "
@@ -172,21 +218,22 @@ def main() -> None:
              f"- Config: `{args.config}` {' '.join(overrides)}; {tokens} tokens/step; "
              f"{fpt / 1e6:.2f} MFLOP/token (6 x matmul params + causal attention)",
              f"- Roof: {rate(roof)} ({roof_source})",
-             f"- Median over {args.steps} steps after {WARMUP} warm-up steps "
-             f"(`experiments/bench_throughput.py`)", "",
+             f"- Median over {args.steps} steps after {WARMUP} warm-up steps"
+             + (", the layouts' steps alternating" if args.interleave and len(runs) > 1 else "")
+             + " (`experiments/bench_throughput.py`)", "",
              "| layout | mesh | median step (ms) | min step (ms) | vs one device | tokens/s "
              "| MFU of roof | peak memory (GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        med = statistics.median(row["times"])
+    for run in runs:
+        med = statistics.median(run.times)
         mfu = tokens / med * fpt / roof
-        print(f"{row['layout']:>22}: {med * 1e3:8.1f} ms/step  {tokens / med:8.0f} tok/s  "
-              f"MFU {mfu:6.1%}  peak {row['peak']} GiB"
+        print(f"{run.layout:>22}: {med * 1e3:8.1f} ms/step  {tokens / med:8.0f} tok/s  "
+              f"MFU {mfu:6.1%}  peak {run.peak} GiB"
               + (f"  x{med / single:.3f} of one device" if single else ""),
               flush=True)
         ratio = f"{med / single:.3f}" if single else "-"
-        lines.append(f"| {row['layout']} | {row['mesh']} | {med * 1e3:.1f} | "
-                     f"{min(row['times']) * 1e3:.1f} | {ratio} | {tokens / med:.0f} | {mfu:.1%} "
-                     f"| {row['peak']} |")
+        lines.append(f"| {run.layout} | {run.mesh} | {med * 1e3:.1f} | "
+                     f"{min(run.times) * 1e3:.1f} | {ratio} | {tokens / med:.0f} | {mfu:.1%} "
+                     f"| {run.peak} |")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

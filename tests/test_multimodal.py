@@ -17,7 +17,9 @@ from jaxscale.train.loop import _initial_state
 from jaxscale.train.trainer import build_trainer
 
 FAMILIES = ("early_fusion", "cross_attention", "clip")
-TRAIN_STEPS = 300  # enough for early fusion and CLIP to use the image on held-out scenes
+TRAIN_STEPS = {"early_fusion": 600}  # its whole schedule: at 300 steps it is only starting to
+# use the image (held-out answers 0.48-0.54 right with it, 0.32-0.40 without, by jax version)
+TRAIN_STEPS_DEFAULT = 300  # enough for CLIP and the cross-attention decoder
 HELDOUT = 256
 
 
@@ -161,7 +163,7 @@ def blind_metrics(config, trainer, params) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Each family trained for TRAIN_STEPS on one device: its held-out metrics with the image,
+    """Each family trained for its TRAIN_STEPS on one device: its held-out metrics with the image,
     zeroed and shuffled, and the directory of its final checkpoint."""
     cache = {}
 
@@ -169,11 +171,12 @@ def trained(tmp_path_factory):
         if family not in cache:
             config = multimodal_config(family)
             config.mesh.update(data=1)
-            trainer, state, _ = train(config, jax.devices()[:1], TRAIN_STEPS)
+            steps = TRAIN_STEPS.get(family, TRAIN_STEPS_DEFAULT)
+            trainer, state, _ = train(config, jax.devices()[:1], steps)
             cache[family] = blind_metrics(config, trainer, state.params)
             directory = str(tmp_path_factory.mktemp(family) / "checkpoints")
             with Checkpointer(directory) as ckpt:
-                ckpt.save(TRAIN_STEPS, trainer.to_canonical(state), {}, config.to_json())
+                ckpt.save(steps, trainer.to_canonical(state), {}, config.to_json())
             cache[family]["checkpoint"] = directory
         return cache[family]
 
@@ -193,13 +196,13 @@ def test_early_fusion_answers_from_the_image(trained):
 @pytest.mark.slow
 def test_cross_attention_answers_from_the_image_with_a_clip_encoder(trained, tmp_path):
     """Flamingo's recipe: the encoder taken from the CLIP run (`init_params_from="vision=..."`)
-    and frozen; TRAIN_STEPS of the rest make the image count (docs/multimodal.md)."""
+    and frozen; TRAIN_STEPS_DEFAULT of the rest make the image count (docs/multimodal.md)."""
     config = multimodal_config("cross_attention")
     config.mesh.update(data=1)
     config.checkpoint.init_params_from = f"vision={trained('clip')['checkpoint']}"
     config.model.fusion.freeze = "vision"
     own = Checkpointer(str(tmp_path / "checkpoints"))
-    trainer, state, _ = train(config, jax.devices()[:1], TRAIN_STEPS,
+    trainer, state, _ = train(config, jax.devices()[:1], TRAIN_STEPS_DEFAULT,
                               start=lambda t: _initial_state(config, t, None, own))
     metrics = blind_metrics(config, trainer, state.params)
     seeing = metrics["none"]["answer_correct"]
