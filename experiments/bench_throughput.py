@@ -147,18 +147,18 @@ def time_runs(prepares: list[Callable[[], Run]], steps: int, interleave: bool,
     interleave = interleave and len(prepares) > 1
     runs = []
     for prepare in prepares:
-        run = prepare()
+        runs.append(run := prepare())
         run.warm_up()
-        runs.append(run)
         if not interleave:
             run.times = [run.tick(i) for i in range(WARMUP, WARMUP + steps)]
             run.peak = peak_memory()
             finish(run, profile)
-    for i in range(WARMUP, WARMUP + steps if interleave else 0):
-        for run in runs if i % 2 else runs[::-1]:
-            run.times.append(run.tick(i))
-    for run in runs if interleave else ():
-        finish(run, profile)
+    if interleave:
+        for i in range(WARMUP, WARMUP + steps):
+            for run in runs if i % 2 else runs[::-1]:
+                run.times.append(run.tick(i))
+        for run in runs:
+            finish(run, profile)
     return runs
 
 

@@ -159,12 +159,6 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
     slices and `vocab_axes` (a decoder's `loss_sums`) instead of gathering them.
     """
     axes = dp_axes(layout)
-    # XLA:CPU runs a device's independent collectives in any order, so the emulated devices of
-    # one process can enter different ones and stop, or mix their data (NaN losses): the
-    # parameters gathered outside the blocks pass one barrier with the blocks' shards, so every
-    # device gathers them before the first block (and reduce-scatters their gradients after the
-    # last block's backward pass). Accelerators keep the overlap.
-    on_cpu = layout.mesh.devices.flat[0].platform == "cpu"
     manual_axes = axes + (("pipeline",) if layout.mesh.shape["pipeline"] > 1 else ())
     if not manual_axes:
         return partial(model_loss, graphdef)
@@ -243,7 +237,12 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
         kwargs = {"vocab_axes": vocab} if vocab else {}
         if regather:
             full = gather_tree(params, manual, skip_blocks=True, vocab=vocab)
-            if on_cpu:  # see `data_parallel_loss`
+            # XLA:CPU runs a device's independent collectives in any order, so the emulated
+            # devices of one process can enter different ones and stop, or mix their data (NaN
+            # losses): the parameters gathered here pass one barrier with the blocks' shards, so
+            # every device gathers them before the first block (and reduce-scatters their
+            # gradients after the last block's backward pass). Accelerators keep the overlap.
+            if layout.mesh.devices.flat[0].platform == "cpu":
                 full = jax.lax.optimization_barrier(full)
             loss_sum, count = model_loss(graphdef, full, batch, apply_block=regathered_block,
                                          **kwargs)
