@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
+
+import numpy as np
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
@@ -51,3 +54,109 @@ def format_stats(stats: dict[str, tuple[int, int]]) -> str:
     parts = [f"{ABBREVIATIONS[op]} {count} ({format_bytes(size)})"
              for op, (count, size) in stats.items() if count]
     return ", ".join(parts) or "none"
+
+
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"\b(?:body|condition|calls|branch_computations|true_computation|"
+                    r"false_computation)=(\{[^}]*\}|%?[\w.\-]+)")
+_COLLECTIVE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_LIST_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d, ]*\},?\s*)*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([\d,]+)\]"
+                          r"(?:T\(([\d,]+)\))?\))?\s*\{([^}]*)\}")
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    ids = np.arange(math.prod(int(d) for d in dims.split(","))).reshape(
+        [int(d) for d in dims.split(",")])
+    return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
+
+
+def _groups(line: str) -> frozenset | None:
+    """The replica groups of a collective as a set of device-id sets, in any of the notations
+    XLA prints (a list, `[groups,size]<=[dims]T(perm)`, `mesh[axes] {axes}`); None when absent
+    or unread (then it cannot be told apart from any other)."""
+    if m := _LIST_GROUPS.search(line):
+        groups = frozenset(frozenset(int(i) for i in g.split(",") if i.strip())
+                           for g in re.findall(r"\{([\d, ]*)\}", m.group(1)))
+        return groups or None  # `{}`: every device, in a program that may not say how many
+    if m := _IOTA_GROUPS.search(line):
+        ids = _iota(m.group(3), m.group(4)).reshape(int(m.group(1)), int(m.group(2)))
+    elif m := _MESH_GROUPS.search(line):
+        axes = dict(re.findall(r"'([^']*)'=(\d+)", m.group(1)))
+        sizes = [int(n) for n in axes.values()]
+        ids = (_iota(m.group(2), m.group(3)) if m.group(2) else np.arange(math.prod(sizes)))
+        ids = ids.reshape(sizes)
+        inner = [list(axes).index(a) for a in re.findall(r"'([^']*)'", m.group(4))]
+        outer = [i for i in range(len(sizes)) if i not in inner]
+        ids = ids.transpose(outer + inner).reshape(-1, math.prod(sizes[i] for i in inner))
+    else:
+        return None
+    return frozenset(frozenset(int(i) for i in row) for row in ids)
+
+
+def _ancestors(name: str, deps: dict[str, list[str]]) -> set[str]:
+    seen, todo = set(), list(deps.get(name, []))
+    while todo:
+        if (x := todo.pop()) not in seen:
+            seen.add(x)
+            todo.extend(deps.get(x, []))
+    return seen
+
+
+def unordered_collectives(hlo_text: str) -> list[tuple[str, str, str]]:
+    """Pairs of collectives that may meet the wrong partners: `(computation, a, b)`.
+
+    XLA:CPU runs a program's collectives in program order, but a loop (or call) holding some
+    runs as one operation, next to any other with no path between them; and its in-process
+    collectives tell collectives apart by kind, channel (jax gives all of `shard_map`'s the
+    same) and group only. So a loop and a collective (or two loops) of one computation with no
+    path between them, holding collectives of one kind, channel and group, can pair one
+    emulated device's `a` with another's `b`: an abort, or mixed data. Buffers the two share
+    may still order them; groups that cannot be read count as any group.
+    """
+    comps: dict[str, list[str]] = {}
+    body: list[str] | None = None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and (m := _HEADER.match(line)):
+            body = comps.setdefault(m.group(1), [])
+        elif body is not None and " = " in line:
+            body.append(line.strip())
+
+    held: dict[str, set] = {}
+
+    def holds(line: str) -> set:
+        """(kind, channel, groups) of the collectives `line` runs, itself or in what it calls."""
+        if m := _COLLECTIVE.search(line):
+            channel = re.search(r"channel_id=(\d+)", line)
+            return {(m.group(1), channel and int(channel.group(1)), _groups(line))}
+        out = set()
+        for m in _CALLS.finditer(line):
+            for comp in (c.strip(" {}%") for c in m.group(1).split(",")):
+                if comp in comps and comp not in held:
+                    held[comp] = set()  # (no recursion in HLO; this only guards the walk)
+                    held[comp] = set().union(*map(holds, comps[comp]))
+                out |= held.get(comp, set())
+        return out
+
+    def clash(a: set, b: set) -> bool:
+        return any(ka == kb and ca == cb and (ga == gb or ga is None or gb is None)
+                   for ka, ca, ga in a for kb, cb, gb in b)
+
+    pairs = []
+    for comp, lines in comps.items():
+        deps, nodes, loops = {}, {}, set()
+        for line in lines:
+            name, rhs = line.split(" = ", 1)
+            name = name.removeprefix("ROOT ").strip().lstrip("%")
+            deps[name] = [d for d in re.findall(r"%([\w.\-]+)", rhs) if d not in comps]
+            if found := holds(line):
+                nodes[name] = found
+                if not _COLLECTIVE.search(line):
+                    loops.add(name)
+        before = {n: _ancestors(n, deps) for n in nodes}
+        names = list(nodes)
+        pairs += [(comp, a, b) for i, a in enumerate(names) for b in names[i + 1:]
+                  if (a in loops or b in loops) and clash(nodes[a], nodes[b])
+                  and a not in before[b] and b not in before[a]]
+    return pairs
