@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -105,7 +107,8 @@ class Layout:
 
     def zero_spec(self, spec: PartitionSpec, shape: Sequence[int],
                   names: Sequence[str | None] = ()) -> PartitionSpec:
-        """`spec` with `data` added to the first dimension it divides (ZeRO over data parallel).
+        """`spec` with `data` added to the first dimension it divides (ZeRO over data parallel),
+        a `vocab` dimension before the others.
 
         Only dimensions that are unsharded or sharded over `fsdp` alone are candidates, so data
         parallel and model parallel axes never share a dimension, and never the `layers` axis of
@@ -116,13 +119,31 @@ class Layout:
         dims = list(spec) + [None] * (len(shape) - len(spec))
         if n == 1 or any("data" in _as_tuple(d) for d in dims):
             return spec
-        for i, d in enumerate(dims):
+        # a table's vocabulary first (see `vocab_split`)
+        order = sorted(range(len(dims)), key=lambda i: not (i < len(names) and names[i] == "vocab"))
+        for i in order:
+            d = dims[i]
             if i < len(names) and names[i] == "layers":
                 continue
             if set(_as_tuple(d)) <= {"fsdp"} and shape[i] % (self.size(_as_tuple(d)) * n) == 0:
                 dims[i] = _as_tuple(d) + ("data",) if d else "data"
                 return PartitionSpec(*dims)
         return spec
+
+    def vocab_split(self, spec: PartitionSpec, shape: Sequence[int],
+                    names: Sequence[str | None]) -> PartitionSpec:
+        """A vocabulary table's `fsdp` split moved onto its `vocab` dimension where the rules
+        leave that unsplit, so data parallelism can keep the table split by vocabulary (see
+        `parallel/data_parallel.py`) without first exchanging its shards."""
+        if "vocab" not in names:
+            return spec
+        dims = list(spec) + [None] * (len(shape) - len(spec))
+        v = list(names).index("vocab")
+        for i, d in enumerate(dims):
+            if (i != v and _as_tuple(d) == ("fsdp",) and dims[v] is None
+                    and shape[v] % self.mesh.shape["fsdp"] == 0):
+                dims[i], dims[v] = None, d
+        return PartitionSpec(*dims)
 
     def param_specs(self, tree, *, zero_from_stage: int = 4):
         """Specs for a tree of `nnx.Variable`s (params, or optimizer state mirroring them).
@@ -138,7 +159,7 @@ class Layout:
             where = "parameter " + jax.tree_util.keystr(path, simple=True, separator="/")
             if names is None or len(names) != leaf.ndim:
                 raise ValueError(f"{where} of shape {leaf.shape} has logical_axes={names!r}")
-            s = self.spec(names, leaf.shape, where)
+            s = self.vocab_split(self.spec(names, leaf.shape, where), leaf.shape, names)
             return self.zero_spec(s, leaf.shape, names) if self.zero_stage >= zero_from_stage else s
 
         return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -202,3 +223,62 @@ def gather_batch(x: jax.Array) -> tuple[jax.Array, jax.Array | int]:
     for a in axes:
         shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
     return jax.lax.all_gather(x, axes, axis=0, tiled=True), shard * x.shape[0]
+
+
+def _varying(x) -> frozenset:
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def _wait(tree, deps):
+    """`tree` made to wait for `deps` through a data dependency, which no pass drops. A leaf
+    waits for the dependencies that vary over no manual axes it does not (so its type stays);
+    float0 leaves (integers' cotangents) stay."""
+    # false, NaN or not, from one element of each dependency: nothing XLA folds away
+    flags = [(_varying(x), jnp.ravel(x)[0].astype(jnp.float32) * 0 > 1)
+             for x in jax.tree.leaves(deps) if x.dtype != jax.dtypes.float0]
+
+    def one(x):
+        mine = [f for axes, f in flags if x.dtype != jax.dtypes.float0 and axes <= _varying(x)]
+        if not mine:
+            return x
+        never = functools.reduce(jnp.logical_or, mine)
+        return x | never if x.dtype == jnp.bool_ else x + never.astype(x.dtype)
+
+    return jax.tree.map(one, tree)
+
+
+@jax.custom_vjp
+def _ordered(first, then):
+    return first, _wait(then, first)
+
+
+def _ordered_fwd(first, then):
+    return _ordered(first, then), None
+
+
+def _ordered_bwd(_, cts):
+    ct_first, ct_then = cts
+    return _wait(ct_first, ct_then), ct_then
+
+
+_ordered.defvjp(_ordered_fwd, _ordered_bwd)
+
+
+def in_order(first, then, layout: Layout | None = None):
+    """`(first, then)` unchanged, but on a CPU mesh `then` waits for `first`, and in the backward
+    pass the cotangents of `first` for those of `then`.
+
+    XLA:CPU runs a program's collectives in program order, but a loop holding some runs as one
+    operation, next to any other with no path between them, and its in-process collectives tell
+    collectives apart only by kind, group and channel (jax gives all of `shard_map`'s the same).
+    So the emulated devices of one process can pair one device's collective in a layer loop
+    with another's outside it, or in another tower's loop: the run stops, or mixes their data
+    (NaN losses). Computations that hold such collectives are ordered here by a data dependency
+    (XLA:CPU drops optimization barriers before it orders a program);
+    `jaxscale.hlo.unordered_collectives` finds the pairs left. Accelerators keep the overlap.
+    `layout` defaults to the active one (`use_layout`); without either, nothing changes.
+    """
+    layout = layout or _ACTIVE.get()
+    if layout is None or layout.mesh.devices.flat[0].platform != "cpu":
+        return first, then
+    return _ordered(first, then)

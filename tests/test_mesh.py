@@ -82,6 +82,17 @@ def test_zero_adds_data_to_a_data_parallel_dimension_only():
     assert lay.zero_spec(P(None), (6,)) == P(None)  # 4 does not divide 6
 
 
+def test_vocabulary_tables_are_split_by_vocabulary_where_the_rules_allow():
+    fsdp = Layout(make_mesh({"fsdp": 4, "tensor": 2}, devices_or_skip(8)))
+    assert fsdp.vocab_split(P("fsdp", None), (8, 32), ("embed", "vocab")) == P(None, "fsdp")
+    assert fsdp.vocab_split(P("fsdp", "tensor"), (8, 32), ("embed", "vocab")) == P("fsdp", "tensor")
+    assert fsdp.vocab_split(P(None, "fsdp"), (30, 8), ("vocab", "embed")) == P(None, "fsdp")  # 4∤30
+    assert fsdp.vocab_split(P("fsdp", None), (8, 32), ("embed", "mlp")) == P("fsdp", None)
+    zero = Layout(make_mesh({"data": 8}, devices_or_skip(8)), zero_stage=1)
+    assert zero.zero_spec(P(), (16, 32), ("embed", "vocab")) == P(None, "data")
+    assert zero.zero_spec(P(), (16, 32), ("embed", "mlp")) == P("data", None)
+
+
 class FakeDevice:
     """Enough of a device for `hybrid_devices`: an id, a process and optionally a slice."""
 

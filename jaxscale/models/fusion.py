@@ -39,7 +39,7 @@ from jaxscale.models.vit import (
     ViTConfig,
     vit_flops_per_example,
 )
-from jaxscale.sharding import constrain, gather_batch
+from jaxscale.sharding import constrain, gather_batch, in_order
 
 Batch = dict[str, jax.Array]
 
@@ -244,11 +244,12 @@ class CLIP(nnx.Module):
         # One pass of the text encoder over captions and questions (up to the answer) together.
         caption_last = jnp.sum(batch["caption_mask"], axis=1).astype(jnp.int32) - 1
         x = self.text.embed_tokens(jnp.concatenate([batch["captions"], batch["inputs"]]))
-        # The towers are independent; a barrier runs them (and their backward passes) one after
-        # the other, because XLA:CPU cannot run two collectives (FSDP's gathers) at the same time.
-        image, x = jax.lax.optimization_barrier((image, x))
+        # The towers are independent; on a CPU mesh they (and their backward passes) run one
+        # after the other, or their layer loops' FSDP gathers can meet (`in_order`).
+        image, x = in_order(image, x)
         text = self._text_features(x, jnp.concatenate([caption_last, batch["answer_start"]]),
                                    apply_block)
+        text, image = in_order(text, image)  # the contrastive loss gathers both after the loop
         caption, question = jnp.split(text, 2)
         answer_logits = image @ self.image_answer[...] + question @ self.text_answer[...]
         return image, caption, answer_logits

@@ -216,11 +216,12 @@ def _chunked_xent(x, table, targets, mask, chunk, vocab_axes):
         logits = jnp.einsum("cd,dv->cv", xc, table, preferred_element_type=jnp.float32)
         logits = constrain(logits, (None, "vocab"))
         target = jnp.take_along_axis(logits, jnp.clip(tc, 0, vocab - 1)[:, None], axis=-1)[:, 0]
-        if vocab_axes:
+        if vocab_axes:  # both sums in one all-reduce
             top = jax.lax.pmax(jnp.max(logits, axis=-1), vocab_axes)
-            lse = top + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1),
-                                             vocab_axes))
-            target = jax.lax.psum(jnp.where((tc >= 0) & (tc < vocab), target, 0.0), vocab_axes)
+            sums, target = jax.lax.psum(jnp.stack([
+                jnp.sum(jnp.exp(logits - top[:, None]), axis=-1),
+                jnp.where((tc >= 0) & (tc < vocab), target, 0.0)]), vocab_axes)
+            lse = top + jnp.log(sums)
         else:
             lse = jax.nn.logsumexp(logits, axis=-1)
         probs = jnp.exp(logits - lse[:, None])

@@ -16,14 +16,16 @@ out rather than left to backend passes (which differ: CPU XLA never forms reduce
   data-parallel axes are not gathered when the devices' tokens are fewer than the vocabulary:
   each device keeps a slice of the vocabulary (an all-to-all when they are stored split along
   another dimension) and the model gathers the tokens instead (`layers.embed_lookup`,
-  `layers.chunked_xent_sums`), so the tables' gradients need no reduce-scatter either.
+  `layers.chunked_xent_sums`), so the tables' gradients need no reduce-scatter either;
+- on a CPU mesh the batch and the layer loops wait for the gathers outside them, and the
+  backward pass's reduce-scatters for the loops' (`sharding.in_order`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
-from jaxscale.sharding import Layout
+from jaxscale.sharding import Layout, in_order
 from jaxscale.train.step import loss_sums
 
 DP_AXES = ("data", "fsdp")
@@ -141,6 +143,23 @@ def _vocab_slice(x: jax.Array, spec: PartitionSpec, vocab_dim: int,
     return x if dim == vocab_dim else jax.lax.all_to_all(x, axes, vocab_dim, dim, tiled=True)
 
 
+def _in_order(full, params, batch, layout: Layout):
+    """`full` (`params` after the gathers and exchanges) and `batch`, ordered on a CPU mesh
+    (`sharding.in_order`): the batch (whose tokens the model may gather) and the blocks'
+    shards left for the layer loops to gather wait for those collectives, and in the backward
+    pass their reduce-scatters wait for the loops'."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(full)
+    moved = [i for i, ((_, x), raw) in enumerate(zip(flat, jax.tree.leaves(params), strict=True))
+             if x is not raw]
+    blocks = [i for i, (p, _) in enumerate(flat) if _block_part(p) and i not in moved]
+    first, (batch, later) = in_order([flat[i][1] for i in moved],
+                                     (batch, [flat[i][1] for i in blocks]), layout)
+    leaves = [x for _, x in flat]
+    for i, x in zip(moved + blocks, first + later, strict=True):
+        leaves[i] = x
+    return treedef.unflatten(leaves), batch
+
+
 def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, regather: bool,
                        model_loss: Callable = loss_sums, stacked_dims: int = 1,
                        vocab_tables: dict[str, int] | None = None) -> Callable:
@@ -161,7 +180,7 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
     axes = dp_axes(layout)
     manual_axes = axes + (("pipeline",) if layout.mesh.shape["pipeline"] > 1 else ())
     if not manual_axes:
-        return partial(model_loss, graphdef)
+        return functools.partial(model_loss, graphdef)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     manual = jax.tree.map(lambda s: _manual_part(s, manual_axes, "a parameter rule"),
                           param_specs, is_leaf=is_spec)
@@ -199,7 +218,8 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
 
     def gather_tree(tree, specs, skip_blocks: bool = False, vocab: tuple[str, ...] = ()):
         """Gather every leaf (with `skip_blocks`: those outside stacked-block subtrees; with
-        `vocab`: the vocabulary tables are cut into vocabulary slices instead)."""
+        `vocab`: the vocabulary tables are cut into vocabulary slices instead), not yet
+        `varying`."""
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
         specs = jax.tree.leaves(specs, is_leaf=is_spec)
         out = [x for _, x in flat]
@@ -207,13 +227,13 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
         for i, ((p, x), s) in enumerate(zip(flat, specs, strict=True)):
             keys = _keys(p)
             if vocab and len(keys) == 1 and keys[0] in vocab_tables:
-                out[i] = varying(_vocab_slice(x, s, vocab_tables[keys[0]], vocab))
+                out[i] = _vocab_slice(x, s, vocab_tables[keys[0]], vocab)
             elif not (skip_blocks and _block_part(p)):
                 todo.append(i)
         gathered = _gather_all([out[i] for i in todo], [specs[i] for i in todo],
                                flat_buffers)
         for i, x in zip(todo, gathered, strict=True):
-            out[i] = varying(x)
+            out[i] = x
         return treedef.unflatten(out)
 
     layer_specs = _layer_specs(manual, stacked_dims)
@@ -235,20 +255,13 @@ def data_parallel_loss(graphdef: nnx.GraphDef, layout: Layout, param_specs, *, r
     def local(params, batch):
         vocab = vocab_axes(params, batch["inputs"].size) if vocab_tables else ()
         kwargs = {"vocab_axes": vocab} if vocab else {}
+        full = gather_tree(params, manual, skip_blocks=regather, vocab=vocab)
+        full, batch = _in_order(full, params, batch, layout)
+        full = jax.tree_util.tree_map_with_path(
+            lambda p, x: x if regather and _block_part(p) else varying(x), full)
         if regather:
-            full = gather_tree(params, manual, skip_blocks=True, vocab=vocab)
-            # XLA:CPU runs a device's independent collectives in any order, so the emulated
-            # devices of one process can enter different ones and stop, or mix their data (NaN
-            # losses): the parameters gathered here pass one barrier with the blocks' shards, so
-            # every device gathers them before the first block (and reduce-scatters their
-            # gradients after the last block's backward pass). Accelerators keep the overlap.
-            if layout.mesh.devices.flat[0].platform == "cpu":
-                full = jax.lax.optimization_barrier(full)
-            loss_sum, count = model_loss(graphdef, full, batch, apply_block=regathered_block,
-                                         **kwargs)
-        else:
-            loss_sum, count = model_loss(graphdef, gather_tree(params, manual, vocab=vocab),
-                                         batch, **kwargs)
+            kwargs["apply_block"] = regathered_block
+        loss_sum, count = model_loss(graphdef, full, batch, **kwargs)
         if axes:  # one all-reduce, after the loss (the count alone would not wait for it)
             loss_sum, count = jax.lax.psum((loss_sum, count), axes)
         return loss_sum, count
