@@ -234,7 +234,7 @@ def _wait(tree, deps):
     waits for the dependencies that vary over no manual axes it does not (so its type stays);
     float0 leaves (integers' cotangents) stay."""
     # false, NaN or not, from one element of each dependency: nothing XLA folds away
-    flags = [(_varying(x), jnp.ravel(x)[0].astype(jnp.float32) * 0 > 1)
+    flags = [(_varying(x), x[(0,) * x.ndim].astype(jnp.float32) * 0 > 1)
              for x in jax.tree.leaves(deps) if x.dtype != jax.dtypes.float0]
 
     def one(x):
