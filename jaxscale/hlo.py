@@ -133,8 +133,7 @@ def unordered_collectives(hlo_text: str) -> list[tuple[str, str, str]]:
         out = set()
         for m in _CALLS.finditer(line):
             for comp in (c.strip(" {}%") for c in m.group(1).split(",")):
-                if comp in comps and comp not in held:
-                    held[comp] = set()  # (no recursion in HLO; this only guards the walk)
+                if comp in comps and comp not in held:  # each called computation read once
                     held[comp] = set().union(*map(holds, comps[comp]))
                 out |= held.get(comp, set())
         return out

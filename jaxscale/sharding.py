@@ -238,8 +238,8 @@ def _wait(tree, deps):
              for x in jax.tree.leaves(deps) if x.dtype != jax.dtypes.float0]
 
     def one(x):
-        mine = [f for axes, f in flags if x.dtype != jax.dtypes.float0 and axes <= _varying(x)]
-        if not mine:
+        mine = [f for axes, f in flags if axes <= _varying(x)]
+        if x.dtype == jax.dtypes.float0 or not mine:
             return x
         never = functools.reduce(jnp.logical_or, mine)
         return x | never if x.dtype == jnp.bool_ else x + never.astype(x.dtype)

@@ -116,8 +116,7 @@ def test_emulated_devices_run_their_collectives_in_one_order(layout):
     devices = devices_or_skip(8)
     if devices[0].platform != "cpu":
         pytest.skip("accelerators keep collectives overlapping; the order is XLA:CPU's need")
-    config = tiny_config(**layout)
-    trainer = build_trainer(config, mesh_from_config(config.mesh, devices))
+    _, trainer = compiled_collectives(devices, **layout)
     assert unordered_collectives(trainer.compile().as_text()) == []
 
 
