@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True  # False: unroll the layers (longer compile; faster on XLA:CPU)
     c.model.attention = "dot_product"  # jax.nn.dot_product_attention; "einsum" (faster on XLA:CPU);
     # "cudnn" (cuDNN flash attention: NVIDIA GPUs, bfloat16)
+    c.model.max_documents = 8  # cudnn on Hopper+: documents a packed row may hold (packed layout)
     c.model.family = "llama"  # llama | gpt2 | early_fusion | cross_attention | clip (docs/multimodal.md)
 
     c.model.vision = ml_collections.ConfigDict()  # the ViT encoder of the multimodal families

@@ -164,6 +164,30 @@ def test_packing_hand_made():
     np.testing.assert_array_equal(row["positions"], [[0, 0], [0, 1]])
 
 
+def test_documents_per_row(tmp_path):
+    """The most documents in a row, against counting them in every row; build_data refuses a
+    corpus with more than cuDNN attention's `model.max_documents`."""
+    rng = np.random.default_rng(0)
+    docs = ["x" * n for n in rng.integers(1, 12, 400)]
+    short = pack_documents(docs, ByteTokenizer(), 32)
+    seg = short.rows(np.arange(short.num_rows))["segment_ids"]
+    assert short.max_documents_per_row() == seg.max() > 5
+    assert pack_documents(["ab", "cde", "f"], ByteTokenizer(), 3).max_documents_per_row() == 1
+    assert pack_documents(["ab", "cde", "f"], ByteTokenizer(), 4).max_documents_per_row() == 2
+    config = base_config()
+    config.data.source = str(tmp_path / "short.jsonl")
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    config.data.seq_len, config.data.heldout_every = 32, 0
+    config.train.global_batch_size, config.model.attention = 4, "cudnn"
+    config.model.max_documents = int(seg.max())
+    build_data(config)
+    config.model.max_documents -= 1
+    with pytest.raises(UserError, match=f"holds up to {seg.max()} documents, more than "
+                                        f"model.max_documents={seg.max() - 1} .* set "
+                                        f"model.max_documents={seg.max()}"):
+        build_data(config)
+
+
 def test_packing_too_short():
     with pytest.raises(UserError, match="too few for one row of data.seq_len=64"):
         pack_documents(["tiny"], ByteTokenizer(), 64)

@@ -13,7 +13,7 @@ from test_parallel import train_losses
 from jaxscale.errors import UserError
 from jaxscale.metrics import param_count
 from jaxscale.models import Llama, LlamaConfig
-from jaxscale.models.layers import causal_attention, rope
+from jaxscale.models.layers import causal_attention, documents, rope
 from jaxscale.train.step import loss_sums
 from jaxscale.train.trainer import abstract_model
 
@@ -102,6 +102,8 @@ def test_remat_policies_give_the_same_loss_and_grads(policy):
 def test_bad_remat_policy_is_a_config_error():
     with pytest.raises(ValueError, match="model.remat='sometimes' is not a policy"):
         make(remat="sometimes")
+    with pytest.raises(UserError, match="model.max_documents=0 must be at least 1"):
+        make(max_documents=0)
 
 
 def test_bfloat16_compute_tracks_float32_and_is_layout_independent():
@@ -184,13 +186,27 @@ def test_einsum_attention_equals_dot_product_attention(kv_heads):
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_documents_of_a_packed_row_in_cudnns_layout():
+    """Lengths and start offsets of each row's documents (-1 past the last), from the mask; with
+    fewer slots than documents the last slot takes the rest."""
+    segments = jnp.array([[1] * 3 + [2] * 4 + [3], [1] * 8, [1] * 5 + [0] * 3])
+    mask = (segments[:, :, None] == segments[:, None, :])[:, None]
+    lengths, offsets = documents(mask, 4)
+    np.testing.assert_array_equal(lengths, [[3, 4, 1, -1], [8, -1, -1, -1], [5, 3, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 3, 7, -1, -1], [0, -1, -1, -1, -1],
+                                            [0, 5, -1, -1, -1]])
+    lengths, offsets = documents(mask, 2)
+    np.testing.assert_array_equal(lengths, [[3, 5], [8, -1], [5, 3]])
+    np.testing.assert_array_equal(offsets, [[0, 3, -1], [0, -1, -1], [0, 5, -1]])
+
+
 def test_cudnn_attention_matches_xla_on_a_gpu_and_is_refused_elsewhere():
     """Output and gradients of cuDNN's fused attention (GQA, packed rows) in bfloat16 against XLA's
     in float32; without an NVIDIA GPU the config is refused with the way out."""
     k = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(k[0], (2, 128, 8, 64), jnp.bfloat16)
     kv = [jax.random.normal(key, (2, 128, 2, 64), jnp.bfloat16) for key in k[1:3]]
-    segments = jnp.array([[0] * 80 + [1] * 48, [0] * 128])
+    segments = jnp.array([[0] * 50 + [1] * 30 + [2] * 48, [0] * 128])  # packed layout on Hopper
     mask = (segments[:, :, None] == segments[:, None, :])[:, None]
     if jax.default_backend() != "gpu":
         with pytest.raises(UserError, match="needs an NVIDIA GPU.*use dot_product"):

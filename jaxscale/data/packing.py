@@ -28,6 +28,13 @@ class PackedTokens:
         """Number of complete rows."""
         return (len(self.tokens) - 1) // self.seq_len
 
+    def max_documents_per_row(self) -> int:
+        """The most documents (or parts of one) that any complete row holds."""
+        n = self.num_rows * self.seq_len
+        starts = np.flatnonzero(self.segments[1:n] != self.segments[:n - 1]) + 1
+        inside = starts[starts % self.seq_len != 0] // self.seq_len  # a row's first one is free
+        return 1 + int(np.bincount(inside, minlength=1).max())
+
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Return the batch of rows `indices`: int32 `inputs`, `targets`, `segment_ids`, `positions`
         and float32 `loss_mask`, each of shape `[len(indices), seq_len]`.

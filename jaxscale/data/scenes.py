@@ -249,6 +249,10 @@ class SceneExamples:
             self._captions[i, :len(caption)] = caption
             self._caption_lengths[i] = len(caption)
 
+    def max_documents_per_row(self) -> int:
+        """2 where a row is padded (its tokens and the padding are two segments), else 1."""
+        return 1 + int(np.any(self._lengths < self.seq_len))
+
     @property
     def num_rows(self) -> int:
         """Number of examples."""

@@ -43,7 +43,7 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"),
                         out_std)
         self.bo = _bias((c.d_model,), ("embed",))
-        self.kind = c.attention
+        self.kind, self.max_documents = c.attention, c.max_documents
 
     def __call__(self, x: jax.Array, mask: jax.Array | None, attend: Attend | None) -> jax.Array:
         dt = x.dtype
@@ -52,7 +52,7 @@ class Attention(nnx.Module):
                    for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         if attend is None:
-            out = causal_attention(q, k, v, mask, self.kind)
+            out = causal_attention(q, k, v, mask, self.kind, self.max_documents)
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")

@@ -39,22 +39,27 @@ ATTENTION = ("dot_product", "einsum", "cudnn")
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                     kind: str = "dot_product") -> jax.Array:
+                     kind: str = "dot_product", max_documents: int = 8) -> jax.Array:
     """Causal attention of q [batch, seq, heads, head_dim] over k, v [batch, seq, kv_heads,
-    head_dim], also limited by `mask` [batch, 1, seq, seq] where given.
+    head_dim], also limited by `mask` [batch, 1, seq, seq] where given (`attention_mask`: each
+    token sees its own document's, contiguous in the row).
 
     "dot_product" is `jax.nn.dot_product_attention` as XLA writes it; "cudnn" is the same call
-    run as cuDNN's fused (flash) attention, for NVIDIA GPUs in bfloat16; "einsum" writes it out
-    with heads-major batched matmuls (query groups of a KV head stacked as rows), a float32
-    softmax and a hand-written backward, which XLA:CPU runs about twice as fast
-    (docs/throughput.md).
+    run as cuDNN's fused (flash) attention, for NVIDIA GPUs in bfloat16, which on Hopper and
+    later takes the documents of a packed row as lengths and offsets (its packed layout, at most
+    `max_documents` per row; the data pipeline refuses rows with more) instead of a
+    [batch, 1, seq, seq] bias; "einsum" writes it out with heads-major batched matmuls (query
+    groups of a KV head stacked as rows), a float32 softmax and a hand-written backward, which
+    XLA:CPU runs about twice as fast (docs/throughput.md).
     """
     if kind == "cudnn":
         if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
             raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU and model.dtype=bfloat16 "
                             f"(found {jax.default_backend()}, {q.dtype.name}); use dot_product")
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                            implementation="cudnn")
+        if mask is None or float(getattr(jax.devices()[0], "compute_capability", 0)) < 9.0:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                                implementation="cudnn")
+        return _cudnn_documents_attention(q, k, v, *documents(mask, max_documents))
     if kind == "dot_product":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
     b, t, h, d = q.shape
@@ -66,6 +71,30 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
         allowed = allowed & mask[:, :, None]
     out = _grouped_attention(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed)
     return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def documents(mask: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array]:
+    """The documents of each row of a same-document `mask` [batch, 1, seq, seq] in cuDNN's packed
+    layout: lengths [batch, max_documents] and start offsets [batch, max_documents + 1], -1 where
+    a row has fewer. A row's documents after its `max_documents`-th count as part of that one."""
+    b, t = mask.shape[0], mask.shape[-1]
+    same_as_previous = jnp.diagonal(mask[:, 0], offset=-1, axis1=1, axis2=2)  # [b, t - 1]
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), ~same_as_previous], axis=1)
+    index = jnp.minimum(jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1, max_documents - 1)
+    member = index[:, :, None] == jnp.arange(max_documents, dtype=jnp.int32)  # [b, t, docs]
+    lengths = jnp.sum(member, axis=1, dtype=jnp.int32)
+    col = jnp.arange(t, dtype=jnp.int32)[:, None]
+    offsets = jnp.min(jnp.where(member, col, t), axis=1)
+    lengths, offsets = (jnp.where(lengths > 0, a, -1) for a in (lengths, offsets))
+    return lengths, jnp.pad(offsets, ((0, 0), (0, 1)), constant_values=-1)
+
+
+def _cudnn_documents_attention(q, k, v, lengths, offsets):
+    """Causal attention within each document, cuDNN's packed layout (jax.nn has no such API)."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+    return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                 kv_offsets=offsets, scale=q.shape[-1] ** -0.5,
+                                 mask_type=MaskType.PADDING_CAUSAL)
 
 
 @jax.custom_vjp

@@ -62,6 +62,7 @@ class LlamaConfig:
     loss_chunk: int = 0  # > 0: output layer + cross-entropy in chunks of this many tokens
     scan_layers: bool = True  # False: unroll the layer loop
     attention: str = "dot_product"  # or "einsum", "cudnn" (layers.causal_attention)
+    max_documents: int = 8  # "cudnn": documents per packed row (its packed layout)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -74,6 +75,8 @@ class LlamaConfig:
         self.rope()  # reject a bad scaling at construction time
         if self.attention not in ATTENTION:
             raise UserError(f"model.attention={self.attention!r}; use {', '.join(ATTENTION)}")
+        if self.max_documents < 1:
+            raise UserError(f"model.max_documents={self.max_documents} must be at least 1")
 
     def rope(self) -> RopeScaling:
         """The RoPE frequency scaling of `rope_*`."""
@@ -112,7 +115,7 @@ class Attention(nnx.Module):
         scaling = self.c.rope()
         q, k = (rope(t, positions, self.c.rope_theta, scaling) for t in (q, k))
         if attend is None:
-            out = causal_attention(q, k, v, mask, self.c.attention)
+            out = causal_attention(q, k, v, mask, self.c.attention, self.c.max_documents)
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
