@@ -1,9 +1,10 @@
 """Throughput on one accelerator: the Llama-3.2-1B shape in bfloat16 (docs/throughput.md).
 
 1.24B parameters (tied 128,256-entry vocabulary), sequence 2048, global batch 16 (32,768 tokens
-per step), cuDNN flash attention, unrolled layers, no rematerialisation, the output layer fused with
-the loss in chunks of 4096 tokens; AdamW with float32 parameters and moments. Peak 57.5 GiB: sized
-for one 80 GB GPU (docs/results/throughput_gpu.md):
+per step), cuDNN flash attention (on Hopper, the packed rows' documents in cuDNN's packed layout
+with the default 8 slots a row), unrolled layers, no rematerialisation, the output layer fused with
+the loss in chunks of 4096 tokens; AdamW with float32 parameters and moments. Peak 57.9 GiB: sized
+for one 80 GB GPU; 53.5-54.5% MFU on an H100 (docs/results/throughput_gpu.md):
 
     python3 experiments/bench_throughput.py --config configs/bench_1b.py --layouts single \\
         --no-hand-written

@@ -240,10 +240,7 @@ def main() -> None:
                      f"{min(run.times) * 1e3:.1f} | {ratio} | {tokens / med:.0f} | {mfu:.1%} "
                      f"| {run.peak} |")
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+        _host.write_report(lines, args.out)
 
 
 if __name__ == "__main__":
