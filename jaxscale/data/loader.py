@@ -127,8 +127,8 @@ def build_data(config: ml_collections.ConfigDict) -> tuple[Tokenizer, DataIterat
         docs = load_documents(config.data.source, config.data.text_key)
         docs = split_documents(docs, config.data.heldout_every, "train")  # keeps the first
         rows = pack_documents(docs, tokenizer, config.data.seq_len)
-    most = rows.max_documents_per_row()
-    if config.model.attention == "cudnn" and most > config.model.max_documents:
+    if config.model.attention == "cudnn" and (
+            most := rows.max_documents_per_row()) > config.model.max_documents:
         raise UserError(f"a row of data.seq_len={config.data.seq_len} holds up to {most} documents, "
                         f"more than model.max_documents={config.model.max_documents} that cuDNN "
                         f"attention separates; set model.max_documents={most}")
