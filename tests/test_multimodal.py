@@ -1,5 +1,9 @@
 """Multimodal families: the same losses on any mesh, closed gates, learning from the image."""
 
+import fcntl
+import json
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -168,20 +172,30 @@ def blind_metrics(config, trainer, params) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Each family trained for its TRAIN_STEPS on one device: its held-out metrics with the image,
-    zeroed and shuffled, and the directory of its final checkpoint."""
+    zeroed and shuffled, and the directory of its final checkpoint. Once per test session: the
+    first pytest-xdist worker to ask trains (under a file lock) and the others read its results
+    (CLIP serves two tests, which can land on different workers)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's own
     cache = {}
 
     def get(family):
         if family not in cache:
-            config = multimodal_config(family)
-            config.mesh.update(data=1)
-            steps = TRAIN_STEPS.get(family, TRAIN_STEPS_DEFAULT)
-            trainer, state, _ = train(config, jax.devices()[:1], steps)
-            cache[family] = blind_metrics(config, trainer, state.params)
-            directory = str(tmp_path_factory.mktemp(family) / "checkpoints")
-            with Checkpointer(directory) as ckpt:
-                ckpt.save(steps, trainer.to_canonical(state), {}, config.to_json())
-            cache[family]["checkpoint"] = directory
+            with open(shared / f"trained-{family}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                results = shared / f"trained-{family}.json"
+                if not results.exists():
+                    config = multimodal_config(family)
+                    config.mesh.update(data=1)
+                    steps = TRAIN_STEPS.get(family, TRAIN_STEPS_DEFAULT)
+                    trainer, state, _ = train(config, jax.devices()[:1], steps)
+                    metrics = blind_metrics(config, trainer, state.params)
+                    metrics["checkpoint"] = str(shared / f"trained-{family}")
+                    with Checkpointer(metrics["checkpoint"]) as ckpt:
+                        ckpt.save(steps, trainer.to_canonical(state), {}, config.to_json())
+                    results.write_text(json.dumps(metrics))
+                cache[family] = json.loads(results.read_text())
         return cache[family]
 
     return get
