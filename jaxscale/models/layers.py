@@ -85,8 +85,9 @@ def documents(mask: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array
     lengths = jnp.sum(member, axis=1, dtype=jnp.int32)
     col = jnp.arange(t, dtype=jnp.int32)[:, None]
     offsets = jnp.min(jnp.where(member, col, t), axis=1)
-    lengths, offsets = (jnp.where(lengths > 0, a, -1) for a in (lengths, offsets))
-    return lengths, jnp.pad(offsets, ((0, 0), (0, 1)), constant_values=-1)
+    present = lengths > 0
+    offsets = jnp.pad(jnp.where(present, offsets, -1), ((0, 0), (0, 1)), constant_values=-1)
+    return jnp.where(present, lengths, -1), offsets
 
 
 def _cudnn_documents_attention(q, k, v, lengths, offsets):
