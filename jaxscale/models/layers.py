@@ -309,14 +309,18 @@ def rope(x: jax.Array, positions: jax.Array, theta: float,
          scaling: RopeScaling = RopeScaling()) -> jax.Array:
     """Rotary position embedding of `x` [batch, seq, heads, head_dim] at `positions` [batch, seq].
 
-    Rotates the two halves of the head dimension (the Llama / Hugging Face convention).
+    Rotates the two halves of the head dimension (the Llama / Hugging Face convention):
+    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], written as x [cos, cos] + [x2, x1] [-sin, sin]
+    with the halves swapped by a reversal, one elementwise pass (splitting and concatenating x
+    took 2.6x as long forward and backward on XLA:CPU).
     """
     freq = rope_frequencies(x.shape[-1], theta, scaling)
     angle = positions.astype(jnp.float32)[..., None, None] * freq  # [b, s, 1, half]
     sin, cos = jnp.sin(angle), jnp.cos(angle)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    cos2, sin2 = jnp.concatenate([cos, cos], -1), jnp.concatenate([-sin, sin], -1)
+    x32 = x.astype(jnp.float32)
+    swapped = jnp.flip(x32.reshape(*x.shape[:-1], 2, -1), -2).reshape(x.shape)
+    return (x32 * cos2 + swapped * sin2).astype(x.dtype)
 
 
 def remat_policy(name: str) -> Callable | None:
