@@ -43,6 +43,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import optax
 from bench_layouts import hand_written_step
 from ml_collections import config_flags  # noqa: F401  (config files may import it)
 
@@ -97,6 +98,8 @@ class Run:
     batches: list
     times: list[float] = dataclasses.field(default_factory=list)
     peak: str = "-"
+    update: Callable | None = None
+    update_ms: float | None = None
 
     def tick(self, i: int) -> float:
         """Run step `i` and wait for its outputs; its wall time."""
@@ -120,7 +123,23 @@ def prepare_layout(config, name: str) -> Run:
     _, data = build_data(c)
     batches = [make_global_batch(next(data), trainer.batch_sharding) for _ in range(4)]
     zero = f", ZeRO-{c.parallel.zero_stage}" if c.parallel.zero_stage else ""
-    return Run(name, describe(trainer.mesh) + zero, trainer.step, trainer.init(), batches)
+    return Run(name, describe(trainer.mesh) + zero, trainer.step, trainer.init(), batches,
+               update=optimizer_update(trainer))
+
+
+def optimizer_update(trainer) -> Callable:
+    """The step's AdamW update on its own, in the layout's shardings: `update(state) -> state`
+    with a gradient the size of the parameters, laid out like them."""
+    shardings = trainer.state_shardings
+
+    @partial(jax.jit, donate_argnums=0, out_shardings=shardings)
+    def update(state):
+        grads = jax.tree.map(lambda p: p * 1e-3, state.params)
+        updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+        return state.replace(params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state)
+
+    return update
 
 
 def prepare_hand_written(config) -> Run:
@@ -164,11 +183,18 @@ def time_runs(prepares: list[Callable[[], Run]], steps: int, interleave: bool,
 
 def finish(run: Run, profile: str) -> None:
     """Trace 3 more steps of a layout into `profile/<layout>` (TensorBoard, Perfetto) if asked;
-    free its state."""
+    time its optimizer update alone (median of 5 after 2); free its state."""
     if profile and run.layout in LAYOUTS:
         with jax.profiler.trace(os.path.join(profile, run.layout), create_perfetto_trace=True):
             for i in range(3):
                 run.tick(i)
+    if run.update is not None:
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            run.state = jax.block_until_ready(run.update(run.state))
+            times.append(time.perf_counter() - start)
+        run.update_ms = statistics.median(times[2:]) * 1e3
     run.state = None
 
 
@@ -227,18 +253,19 @@ def main() -> None:
              + (", the layouts' steps alternating" if args.interleave and len(runs) > 1 else "")
              + " (`experiments/bench_throughput.py`)", "",
              "| layout | mesh | median step (ms) | min step (ms) | vs one device | tokens/s "
-             "| MFU of roof | peak memory (GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| MFU of roof | peak memory (GiB) | AdamW update alone (ms) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         med = statistics.median(run.times)
         mfu = tokens / med * fpt / roof
         print(f"{run.layout:>22}: {med * 1e3:8.1f} ms/step  {tokens / med:8.0f} tok/s  "
-              f"MFU {mfu:6.1%}  peak {run.peak} GiB"
+              f"MFU {mfu:6.1%}  peak {run.peak} GiB  update {run.update_ms or 0:.1f} ms"
               + (f"  x{med / single:.3f} of one device" if single else ""),
               flush=True)
         ratio = f"{med / single:.3f}" if single else "-"
         lines.append(f"| {run.layout} | {run.mesh} | {med * 1e3:.1f} | "
                      f"{min(run.times) * 1e3:.1f} | {ratio} | {tokens / med:.0f} | {mfu:.1%} "
-                     f"| {run.peak} |")
+                     f"| {run.peak} | {'-' if run.update_ms is None else f'{run.update_ms:.1f}'} |")
     if args.out:
         _host.write_report(lines, args.out)
 
