@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # none | full | save_dots | save:<name>,<name> (names: see models/llama.py)
     c.model.loss_chunk = 0  # > 0: fused output layer + cross-entropy, this many tokens at a time
+    c.model.logits_dtype = "float32"  # bfloat16: the output layer writes bf16 logits (loss math f32)
     c.model.scan_layers = True  # False: unroll the layers (longer compile; faster on XLA:CPU)
     c.model.attention = "dot_product"  # jax.nn.dot_product_attention; "einsum" (faster on XLA:CPU);
     # "cudnn" (cuDNN flash attention: NVIDIA GPUs, bfloat16)

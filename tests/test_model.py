@@ -163,6 +163,40 @@ def test_chunked_loss_matches_the_materialised_logits(chunk):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_bfloat16_logits_are_rounded_once_and_the_loss_stays_close():
+    """`logits_dtype="bfloat16"`: the output layer's logits are bf16 values (materialised or in
+    chunks alike), the loss within 0.1% of float32 logits' and its gradients within 1% of their
+    scale (measured: 1e-5 and 0.44%)."""
+    x = tokens((2, 32))
+    batch = {"inputs": x, "targets": jnp.roll(x, -1, axis=1), "loss_mask": jnp.ones(x.shape),
+             "segment_ids": None, "positions": jnp.broadcast_to(jnp.arange(32), x.shape)}
+    graphdef, params = nnx.split(make())
+
+    def run(logits_dtype, chunk=0):
+        def loss(params):
+            m = nnx.merge(graphdef, params)
+            m.config = dataclasses.replace(m.config, logits_dtype=logits_dtype, loss_chunk=chunk)
+            total, count = m.loss_sums(batch)
+            return total / count, m.head(m.hidden(x))
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (want, fp32_logits), want_grads = run("float32")
+    (got, logits), grads = run("bfloat16")
+    (chunked, _), chunked_grads = run("bfloat16", chunk=24)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, logits.astype(jnp.bfloat16).astype(jnp.float32))
+    assert not np.array_equal(fp32_logits, fp32_logits.astype(jnp.bfloat16).astype(jnp.float32))
+    assert got != want
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+    np.testing.assert_allclose(chunked, got, rtol=1e-5)
+    for a, b, c in zip(jax.tree.leaves(grads), jax.tree.leaves(chunked_grads),
+                       jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, c, atol=1e-2 * np.abs(c).max())
+        np.testing.assert_allclose(b, c, atol=1e-2 * np.abs(c).max())
+    with pytest.raises(UserError, match="model.logits_dtype='float16'; use float32 or bfloat16"):
+        make(logits_dtype="float16")
+
+
 def attention_out_and_grads(kind, mask, q, k, v) -> list[jax.Array]:
     """Float32 output and q, k, v gradients of `causal_attention` under a nonlinear loss."""
     def loss(q, k, v):

@@ -201,16 +201,18 @@ def embed_lookup(table: jax.Array, tokens: jax.Array,
     return out.reshape(*tokens.shape, table.shape[1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def chunked_xent_sums(x: jax.Array, table: jax.Array, targets: jax.Array, mask: jax.Array,
-                      chunk: int, vocab_axes: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
+                      chunk: int, vocab_axes: tuple[str, ...] = (),
+                      logits_dtype: str = "float32") -> tuple[jax.Array, jax.Array]:
     """`token_loss_sums(x @ table, targets, mask)` without materialising the logits.
 
     `x` [batch, seq, embed] meets the output layer `table` [embed, vocab] `chunk` tokens at a time
     (a `lax.scan`), and each chunk's gradients are computed right there in the forward pass (the
     backward only scales them): the [tokens, vocab] logits, probabilities and their gradient,
     the largest arrays of a small model's step, exist one chunk at a time. Same FLOPs as the
-    plain output layer; float32 logits.
+    plain output layer. The output layer writes its logits in `logits_dtype` (bfloat16 halves
+    the memory traffic of the passes over them); the loss and its gradient are computed in float32.
 
     With `vocab_axes` (inside `shard_map`, manual over them), `table` is this device's slice of
     the vocabulary (as in `embed_lookup`): the tokens of all devices over `vocab_axes` are
@@ -219,10 +221,10 @@ def chunked_xent_sums(x: jax.Array, table: jax.Array, targets: jax.Array, mask: 
     reduce-scattered back. The sums are this device's tokens'; the caller sums them over
     `vocab_axes` (the gradients assume so).
     """
-    return _chunked_xent(x, table, targets, mask, chunk, vocab_axes)[0]
+    return _chunked_xent(x, table, targets, mask, chunk, vocab_axes, logits_dtype)[0]
 
 
-def _chunked_xent(x, table, targets, mask, chunk, vocab_axes):
+def _chunked_xent(x, table, targets, mask, chunk, vocab_axes, logits_dtype):
     d, local_n, vocab = x.shape[-1], targets.size, table.shape[-1]
     xs, ts, ms = x.reshape(local_n, d), targets.reshape(local_n), mask.reshape(local_n)
     ms = ms.astype(jnp.float32)
@@ -243,8 +245,8 @@ def _chunked_xent(x, table, targets, mask, chunk, vocab_axes):
 
     def body(d_table, inputs):
         xc, tc, mc = inputs  # with `vocab_axes`, targets outside this slice are out of range
-        logits = jnp.einsum("cd,dv->cv", xc, table, preferred_element_type=jnp.float32)
-        logits = constrain(logits, (None, "vocab"))
+        logits = jnp.einsum("cd,dv->cv", xc, table, preferred_element_type=jnp.dtype(logits_dtype))
+        logits = constrain(logits, (None, "vocab")).astype(jnp.float32)
         target = jnp.take_along_axis(logits, jnp.clip(tc, 0, vocab - 1)[:, None], axis=-1)[:, 0]
         if vocab_axes:  # both sums in one all-reduce
             top = jax.lax.pmax(jnp.max(logits, axis=-1), vocab_axes)
@@ -279,7 +281,7 @@ def _chunked_xent(x, table, targets, mask, chunk, vocab_axes):
     return sums, (d_x.reshape(x.shape).astype(x.dtype), d_table.astype(table.dtype), targets, mask)
 
 
-def _chunked_xent_bwd(chunk, vocab_axes, residuals, g):
+def _chunked_xent_bwd(chunk, vocab_axes, logits_dtype, residuals, g):
     d_x, d_table, targets, mask = residuals
     scale = g[0]
     return ((d_x * scale.astype(d_x.dtype)), d_table * scale.astype(d_table.dtype),

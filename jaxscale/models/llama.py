@@ -60,6 +60,7 @@ class LlamaConfig:
     dtype: str = "float32"
     remat: str = "none"
     loss_chunk: int = 0  # > 0: output layer + cross-entropy in chunks of this many tokens
+    logits_dtype: str = "float32"  # "bfloat16": the output layer rounds its logits to bf16
     scan_layers: bool = True  # False: unroll the layer loop
     attention: str = "dot_product"  # or "einsum", "cudnn" (layers.causal_attention)
     max_documents: int = 8  # "cudnn": documents per packed row (its packed layout)
@@ -70,8 +71,9 @@ class LlamaConfig:
                             f"model.n_kv_heads={self.n_kv_heads} (grouped-query attention)")
         if self.head_dim % 2:
             raise UserError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise UserError(f"model.dtype={self.dtype!r}; use float32 or bfloat16")
+        for key in ("dtype", "logits_dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16"):
+                raise UserError(f"model.{key}={getattr(self, key)!r}; use float32 or bfloat16")
         self.rope()  # reject a bad scaling at construction time
         if self.attention not in ATTENTION:
             raise UserError(f"model.attention={self.attention!r}; use {', '.join(ATTENTION)}")
@@ -214,7 +216,8 @@ class Decoder(nnx.Module):
         if self.config.loss_chunk or vocab_axes:
             return chunked_xent_sums(self.final(x), self.output_table().astype(x.dtype),
                                      batch["targets"], batch["loss_mask"],
-                                     self.config.loss_chunk or x.size // x.shape[-1], vocab_axes)
+                                     self.config.loss_chunk or x.size // x.shape[-1], vocab_axes,
+                                     self.config.logits_dtype)
         return token_loss_sums(self.head(x), batch["targets"], batch["loss_mask"])
 
     def run(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
@@ -232,10 +235,12 @@ class Decoder(nnx.Module):
         return nnx.remat(apply_block, policy=remat_policy(self.config.remat), prevent_cse=True)
 
     def head(self, x: jax.Array) -> jax.Array:
-        """Float32 logits [batch, seq, vocab] from the last block's output."""
+        """Float32 logits [batch, seq, vocab] from the last block's output (rounded to bfloat16
+        first with `logits_dtype="bfloat16"`)."""
         x = self.final(x)
-        logits = dense(x, self.output_table().astype(x.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "vocab"))
+        logits = dense(x, self.output_table().astype(x.dtype),
+                       preferred_element_type=jnp.dtype(self.config.logits_dtype))
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
 
 
 class Llama(Decoder):
