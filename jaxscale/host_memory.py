@@ -60,10 +60,17 @@ def host_memory_env(env: dict[str, str] | None = None) -> dict[str, str]:
     tunables = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" not in tunables:
         env["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, HUGE_PAGES)))
+    env = with_block_cache(env)
+    env[SWITCH] = "1"
+    return env
+
+
+def with_block_cache(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the block cache added to LD_PRELOAD where it builds (no huge pages, no mark)."""
+    env = dict(env)
     lib = block_cache_library()
     if lib is not None and str(lib) not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = ":".join(filter(None, (str(lib), env.get("LD_PRELOAD"))))
-    env[SWITCH] = "1"
     return env
 
 
