@@ -1,7 +1,6 @@
-"""The default experiment: a 0.9M-parameter Llama on the embedded corpus, ~2 minutes on 2 CPU cores."""
+"""The default experiment (the embedded one): a 0.9M-parameter Llama on the embedded corpus,
+under 1.5 minutes on 2 CPU cores."""
 
-from jaxscale.config import base_config
+from jaxscale.default_config import get_config
 
-
-def get_config():
-    return base_config()
+__all__ = ["get_config"]

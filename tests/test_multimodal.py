@@ -28,9 +28,10 @@ TRAIN_STEPS_DEFAULT = 300  # enough for CLIP and the cross-attention decoder
 HELDOUT = 256
 
 
-def mm_config(family, frames=1, **mesh):
+def mm_config(family, frames=1, scan=False, **mesh):
     c = multimodal_config(family)
     c.data.frames = c.model.vision.max_frames = frames
+    c.model.scan_layers = scan  # the presets unroll; scanned towers are the loops to order
     c.mesh.update(**{"data": 1, **mesh})
     c.train.update(steps=3, global_batch_size=8, log_every=1)
     return c
@@ -48,15 +49,18 @@ def train(config, devices, steps, start=None):
     return trainer, state, losses
 
 
-@pytest.mark.parametrize("family, frames", [(f, 1) for f in FAMILIES] + [("early_fusion", 3)])
-def test_family_trains_alike_on_one_device_and_a_hybrid_mesh(family, frames):
-    *_, one = train(mm_config(family, frames), jax.devices()[:1], 3)
+@pytest.mark.parametrize("family, frames, scan", [(f, 1, False) for f in FAMILIES] + [
+    ("early_fusion", 3, True), ("cross_attention", 1, True), ("clip", 1, True)])
+def test_family_trains_alike_on_one_device_and_a_hybrid_mesh(family, frames, scan):
+    *_, one = train(mm_config(family, frames, scan), jax.devices()[:1], 3)
     hybrid_mesh = dict(data=2, fsdp=2, tensor=2)
-    trainer, _, hybrid = train(mm_config(family, frames, **hybrid_mesh), devices_or_skip(8), 3)
+    trainer, _, hybrid = train(mm_config(family, frames, scan, **hybrid_mesh), devices_or_skip(8), 3)
     np.testing.assert_allclose(hybrid, one, rtol=1e-5)
     assert one[-1] < one[0]
+    hlo = trainer.compile().as_text()
+    assert (" while(" in hlo) == scan  # scan_layers=False unrolls every tower's layer loop
     if trainer.mesh.devices.flat[0].platform == "cpu":  # towers and loops run in one order
-        assert unordered_collectives(trainer.compile().as_text()) == []
+        assert unordered_collectives(hlo) == []
 
 
 def test_cross_attention_gates_at_zero_leave_the_decoder_unchanged():

@@ -52,9 +52,10 @@ FREEZE_GROUPS = {
 
 
 def vision_config(model_cfg) -> ViTConfig:
-    """The encoder of the config's `model.vision` section, in the model's dtype and remat."""
+    """The encoder of the config's `model.vision` section, in the model's dtype, remat and
+    layer loops (`scan_layers`)."""
     return ViTConfig.from_config({**model_cfg.vision, "dtype": model_cfg.dtype,
-                                  "remat": model_cfg.remat})
+                                  "remat": model_cfg.remat, "scan_layers": model_cfg.scan_layers})
 
 
 def build(family: str, model_cfg, rngs: nnx.Rngs) -> nnx.Module:
@@ -181,7 +182,8 @@ class CrossAttentionFusion(_TokenModel):
                             f"{llm.n_layers}")
         self.vision = ViT(vision, rngs)
         self.resampler = PerceiverResampler(vision.d_model, n_latents, resampler_layers,
-                                            vision.n_heads, vision.head_dim, vision.d_ff, rngs)
+                                            vision.n_heads, vision.head_dim, vision.d_ff, rngs,
+                                            unroll=not vision.scan_layers)
         self.projector = Projector(vision.d_model, llm.d_model, rngs)
         self.llm = Llama(llm, rngs)
         self.cross = stack_layers(
@@ -200,14 +202,15 @@ class CrossAttentionFusion(_TokenModel):
         block_graph, blocks = nnx.split(self.llm.blocks)
         cross_graph, cross = nnx.split(self.cross)
         groups = jax.tree.map(lambda a: a.reshape(-1, self.every, *a.shape[1:]), blocks)
+        unroll = not self.llm.config.scan_layers
 
         def group(x, states):
             cross_state, block_states = states
             x = nnx.merge(cross_graph, cross_state)(x, visual)
             return scan_blocks(nnx.merge(block_graph, block_states), x, positions, mask,
-                               run_layer), None
+                               run_layer, unroll), None
 
-        x = jax.lax.scan(group, x, (cross, groups))[0]
+        x = jax.lax.scan(group, x, (cross, groups), unroll=unroll)[0]
         return self.llm.head(x)
 
 

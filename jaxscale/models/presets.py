@@ -32,7 +32,8 @@ def multimodal_config(family: str, size: str = "tiny"):
     c.data.source = "scenes"
     if size == "tiny":
         c.model.update(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16,
-                       d_ff=256, max_seq_len=128, tie_embeddings=family == "clip")
+                       d_ff=256, max_seq_len=128, tie_embeddings=family == "clip",
+                       scan_layers=False, attention="einsum")  # faster on a CPU (as the default)
         c.model.vision.update(image_size=32, patch_size=4, d_model=64, n_layers=2, n_heads=4,
                               head_dim=16, d_ff=256, pool=2)
         c.data.seq_len = 80

@@ -7,7 +7,8 @@ pool (`pool`) then shrinks the patch grid of each frame: the token budget handed
 model. `PerceiverResampler` (Flamingo) maps any number of visual tokens to `n_latents` tokens.
 
 As in `jaxscale.models.llama`, parameters and activations carry logical axis names only, blocks
-are stacked on a leading `layers` axis and run with `jax.lax.scan`, and activations tagged for
+are stacked on a leading `layers` axis and run with `jax.lax.scan` (unrolled with
+`scan_layers=False`, as the decoder's `model.scan_layers`), and activations tagged for
 `remat="save:..."` are `qkv`, `attn_out`, `mlp_hidden` and `mlp_out`.
 """
 
@@ -46,6 +47,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = True  # False: unroll the block loops (the resampler's too)
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff",
@@ -137,15 +139,16 @@ class ViTBlock(nnx.Module):
         return constrain(x + self.mlp(self.mlp_norm(x)), TOKENS)
 
 
-def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable[[nnx.Module, jax.Array], jax.Array]
-                ) -> jax.Array:
-    """Run stacked layers in order with `jax.lax.scan`: `x = apply(layer, x)` for each."""
+def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable[[nnx.Module, jax.Array], jax.Array],
+                unroll: bool = False) -> jax.Array:
+    """Run stacked layers in order with `jax.lax.scan` (`unroll`ed: every layer in the program):
+    `x = apply(layer, x)` for each."""
     graph, stacked = nnx.split(layers)
 
     def step(x, state):
         return apply(nnx.merge(graph, state), x), None
 
-    return jax.lax.scan(step, x, stacked)[0]
+    return jax.lax.scan(step, x, stacked, unroll=unroll)[0]
 
 
 def _apply(layer: nnx.Module, x: jax.Array) -> jax.Array:
@@ -181,7 +184,7 @@ class ViT(nnx.Module):
         x = constrain(x.reshape(b, t * c.grid**2, c.d_model), TOKENS)
         apply = apply_block if c.remat == "none" else nnx.remat(
             apply_block, policy=remat_policy(c.remat), prevent_cse=True)
-        x = self.final_norm(scan_layers(self.blocks, x, apply))
+        x = self.final_norm(scan_layers(self.blocks, x, apply, unroll=not c.scan_layers))
         return constrain(pool_frames(x, t, c.grid, c.pool), TOKENS)
 
 
@@ -227,7 +230,7 @@ class PerceiverResampler(nnx.Module):
     """
 
     def __init__(self, d_model: int, n_latents: int, n_layers: int, n_heads: int, head_dim: int,
-                 d_ff: int, rngs: nnx.Rngs, norm_eps: float = 1e-6):
+                 d_ff: int, rngs: nnx.Rngs, norm_eps: float = 1e-6, unroll: bool = False):
         for name, value in (("d_model", d_model), ("n_latents", n_latents), ("n_layers", n_layers),
                             ("n_heads", n_heads), ("head_dim", head_dim), ("d_ff", d_ff)):
             if value < 1:
@@ -237,13 +240,14 @@ class PerceiverResampler(nnx.Module):
             lambda r: ResamplerLayer(d_model, n_heads, head_dim, d_ff, n_layers, norm_eps, r),
             n_layers, rngs)
         self.final_norm = RMSNorm(d_model, norm_eps)
+        self.unroll = unroll
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         media = constrain(tokens, TOKENS)
         latents = jnp.broadcast_to(self.latents[...].astype(tokens.dtype),
                                    (tokens.shape[0], *self.latents.shape))
         latents = scan_layers(self.layers, constrain(latents, TOKENS),
-                              lambda layer, x: layer(x, media))
+                              lambda layer, x: layer(x, media), unroll=self.unroll)
         return self.final_norm(latents)
 
 
