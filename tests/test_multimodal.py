@@ -69,7 +69,8 @@ def test_cross_attention_gates_at_zero_leave_the_decoder_unchanged():
     _, data = build_data(config)
     batch = next(data)
     plain = model.llm(batch["inputs"], batch["positions"], batch["segment_ids"])
-    np.testing.assert_array_equal(model.logits(batch), plain)
+    # Equal on XLA:CPU; a GPU fuses the two unrolled programs differently (1.4e-6 on an H200).
+    np.testing.assert_allclose(model.logits(batch), plain, rtol=0, atol=1e-5)
     model.cross.attn_gate[...] = model.cross.attn_gate[...] + 0.5  # open them: the image counts
     assert np.abs(model.logits(batch) - plain).max() > 1e-3
 
