@@ -138,12 +138,15 @@ class Trainer:
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
                 for k, (shape, dtype) in batch_shapes(self.config).items()}
 
-    def compile(self):
-        """Ahead-of-time compile of one step (memory analysis, HLO); `step` then runs it."""
+    def compile(self, compiler_options: dict[str, str | bool | int | float] | None = None):
+        """Ahead-of-time compile of one step (memory analysis, HLO); `step` then runs it.
+
+        `compiler_options`: XLA flags for this compile alone (names without `--`), as
+        `jax.jit`'s; they apply to the first call only, which compiles."""
         if self._compiled is None:
             with use_layout(self.layout):
                 self._compiled = self._step.lower(self.abstract_state(),
-                                                  self.abstract_batch()).compile()
+                                                  self.abstract_batch()).compile(compiler_options)
         return self._compiled
 
     def loss(self, params, batch: Batch) -> jax.Array:
