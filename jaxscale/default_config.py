@@ -1,11 +1,10 @@
 """The embedded default experiment: `jaxscale train` with no `--config`."""
 
 from jaxscale.config import base_config
+from jaxscale.models.presets import SMALL_MODEL
 
 
 def get_config():
     c = base_config()
-    # Few layers: unrolled, with einsum attention, the job's steps run 1.40x faster on 2 CPU cores
-    # (107 -> 83 s in all); the base config keeps the layer scan that deep models compile with.
-    c.model.update(scan_layers=False, attention="einsum")
+    c.model.update(SMALL_MODEL)  # the whole job 107 -> 83 s on 2 CPU cores
     return c
