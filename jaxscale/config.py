@@ -142,9 +142,40 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Bounds of the numeric settings that no component checks where it reads them: ">= 1" etc.,
+# several joined by " and ".
+BOUNDS = {
+    "train.steps": ">= 1",
+    "train.log_every": ">= 1",
+    "checkpoint.every": ">= 0",
+    "checkpoint.keep": ">= 0",
+    "checkpoint.keep_every": ">= 0",
+    "checkpoint.resume_step": ">= -1",
+    "optim.lr": ">= 0",
+    "optim.min_lr_ratio": ">= 0 and <= 1",
+    "optim.warmup_steps": ">= 0",
+    "optim.b1": ">= 0 and < 1",
+    "optim.b2": ">= 0 and < 1",
+    "optim.eps": ">= 0",
+    "optim.weight_decay": ">= 0",
+    "optim.clip_norm": "> 0",
+    "distributed.init_timeout_s": "> 0",
+    "distributed.heartbeat_timeout_s": "> 0",
+}
+_COMPARE = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise `UserError` for a key that the base config does not have or a value of the wrong type."""
+    """Raise `UserError` for a key that the base config does not have, a value of the wrong type,
+    or one outside its `BOUNDS`."""
     _check_keys(config, base_config(), "")
+    for name, bounds in BOUNDS.items():
+        section, key = name.split(".")
+        value = config[section][key]
+        for bound in bounds.split(" and "):
+            op, limit = bound.split()
+            if not _COMPARE[op](float(value), float(limit)):
+                raise UserError(f"{name}={value} is out of range: it must be {bounds}")
 
 
 def _check_keys(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict, prefix: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from jaxscale.config import base_config, validate
 from jaxscale.errors import UserError
+from jaxscale.models.llama import LlamaConfig
 from jaxscale.plan import plan
 from jaxscale.train.optim import make_optimizer, make_schedule
 
@@ -62,6 +63,30 @@ def test_unknown_key_and_wrong_type_are_reported():
     config = ml_collections.ConfigDict(raw)
     with pytest.raises(UserError, match="'train.steps' must be a number"):
         validate(config)
+
+
+@pytest.mark.parametrize("key, bad, edge", [("train.steps", 0, 1), ("train.log_every", -1, 1),
+                                            ("checkpoint.keep", -1, 0), ("optim.b2", 1.0, 0.0),
+                                            ("optim.min_lr_ratio", 1.5, 1.0),
+                                            ("optim.clip_norm", 0.0, 1e-3), ("optim.lr", float("nan"), 0.0)])
+def test_values_out_of_range_are_reported_and_edges_accepted(key, bad, edge):
+    section, name = key.split(".")
+    config = base_config()
+    config[section][name] = edge
+    validate(config)
+    config[section][name] = bad
+    with pytest.raises(UserError, match=rf"^{key}={bad} is out of range: it must be "):
+        validate(config)
+
+
+@pytest.mark.parametrize("field, value, match", [("n_layers", 0, "model.n_layers=0 must be positive"),
+                                                  ("head_dim", -2, "model.head_dim=-2 must be positive"),
+                                                  ("loss_chunk", -1, "model.loss_chunk=-1 must be 0")])
+def test_model_dimensions_must_be_positive(field, value, match):
+    model = base_config().model
+    model[field] = value
+    with pytest.raises(UserError, match=match):
+        LlamaConfig.from_config(model)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

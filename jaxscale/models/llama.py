@@ -66,6 +66,12 @@ class LlamaConfig:
     max_documents: int = 8  # "cudnn": documents per packed row (its packed layout)
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                     "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.loss_chunk < 0:
+            raise UserError(f"model.loss_chunk={self.loss_chunk} must be 0 (off) or positive")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"model.n_heads={self.n_heads} is not a multiple of "
                             f"model.n_kv_heads={self.n_kv_heads} (grouped-query attention)")
