@@ -37,6 +37,12 @@ def _saved_names(metadata_tree) -> dict[str, tuple[tuple[int, ...], str]]:
     return {m.name: (tuple(m.shape), str(np.dtype(m.dtype))) for m in leaves}
 
 
+def _problem(e: Exception) -> str:
+    """An exception in one short line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def check_compatible(saved: dict, wanted: dict, where: str,
                      hint: str = "use the config it was saved with (its config.json) or a fresh "
                                  "run_dir") -> None:
@@ -131,11 +137,9 @@ class Checkpointer:
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
-                problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
                 if i + 1 == len(candidates):
-                    raise UserError(f"checkpoint step {s} in {self.directory} is unreadable "
-                                    f"({problem})") from None
-                log.warning("checkpoint step %d is unreadable (%s); using step %d", s, problem,
+                    raise self._unreadable(s, e) from None
+                log.warning("checkpoint step %d is unreadable (%s); using step %d", s, _problem(e),
                             candidates[i + 1])
         raise AssertionError("unreachable")
 
@@ -161,8 +165,7 @@ class Checkpointer:
             raise UserError(f"no complete checkpoint {'at step ' + str(step) + ' ' if step else ''}"
                             f"in {self.directory}")
         step = steps[-1] if step is None else step
-        saved = {k[len("params."):]: v for k, v in
-                 _saved_names(self._manager.item_metadata(step).state).items()
+        saved = {k[len("params."):]: v for k, v in self.saved_names(step).items()
                  if k.startswith("params.")}
         where = f"checkpoint step {step} in {self.directory}"
         if groups is None:
@@ -182,16 +185,34 @@ class Checkpointer:
             self.directory, options=ocp.CheckpointManagerOptions(read_only=True,
                                                                  save_interval_steps=0),
             item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-        restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-        reader.close()
+        try:
+            restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
+        except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
+            raise self._unreadable(step, e) from None
+        finally:
+            reader.close()
         return restored.state["params"]
+
+    def saved_names(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The saved state's leaves at `step`: dotted name -> (shape, dtype)."""
+        try:
+            return _saved_names(self._manager.item_metadata(step).state)
+        except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
+            raise self._unreadable(step, e) from None
 
     def saved_config(self, step: int) -> dict:
         """The run config (as JSON data) saved with `step`."""
-        return self._manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore())).config
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(
+                config=ocp.args.JsonRestore())).config
+        except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
+            raise self._unreadable(step, e) from None
+
+    def _unreadable(self, step: int, e: Exception) -> UserError:
+        return UserError(f"checkpoint step {step} in {self.directory} is unreadable ({_problem(e)}); "
+                         f"remove that step's directory or use another checkpoint")
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
@@ -209,22 +230,29 @@ class Checkpointer:
 
 
 def describe(directory: str) -> str:
-    """A checkpoint directory in a few lines: steps, size on disk, parameter tree, config."""
+    """A checkpoint directory in a few lines: steps, size on disk, and the parameter tree and config
+    of the latest step whose metadata reads back (later ones are marked unreadable)."""
     ckpt = Checkpointer(directory, read_only=True)
     steps = ckpt.steps()
     if not steps:
         raise UserError(f"no complete checkpoint in {directory!r}")
+    damaged: dict[int, UserError] = {}
+    for latest in reversed(steps):
+        try:
+            names, config = ckpt.saved_names(latest), ckpt.saved_config(latest)
+            break
+        except UserError as e:
+            damaged[latest] = e
+    else:
+        raise damaged[steps[-1]]
     lines = [f"checkpoints in {ckpt.directory}"]
     for s in steps:
         size = sum(f.stat().st_size for f in Path(ckpt.directory, str(s)).rglob("*") if f.is_file())
-        lines.append(f"  step {s:>8}  {size / 2**20:10.2f} MiB")
-    latest = steps[-1]
-    metadata = ckpt._manager.item_metadata(latest)
-    params = {k: v for k, v in _saved_names(metadata.state).items() if k.startswith("params.")}
+        lines.append(f"  step {s:>8}  {size / 2**20:10.2f} MiB" + ("  unreadable" if s in damaged else ""))
+    params = {k: v for k, v in names.items() if k.startswith("params.")}
     total = sum(int(np.prod(shape)) for shape, _ in params.values())
     lines.append(f"parameters at step {latest}: {total:,}")
     lines += [f"  {k[len('params.'):].removesuffix('.value'):<40} {dtype:<8} {list(shape)}"
               for k, (shape, dtype) in sorted(params.items())]
-    config = ckpt.saved_config(latest)
     lines.append("config: " + json.dumps(config, sort_keys=True))
     return "\n".join(lines)

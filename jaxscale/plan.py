@@ -6,6 +6,7 @@ import jax
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxscale.config import validate
+from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.metrics import train_flops_per_token
 from jaxscale.train.optim import make_optimizer
@@ -19,6 +20,8 @@ def plan(config, num_devices: int | None = None) -> dict:
     """
     validate(config)
     n = jax.device_count() if num_devices is None else num_devices
+    if n < 1:
+        raise UserError(f"--num_devices={n} must be at least 1")
     sizes = resolve_axis_sizes({a: config.mesh[a] for a in AXES}, n)
     mesh = AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
     layout = make_layout(config, mesh)

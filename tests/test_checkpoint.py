@@ -165,6 +165,10 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(straight, tmp_path,
     assert step == N and f"checkpoint step {2 * N} is unreadable" in caplog.text
     with pytest.raises(UserError, match=f"checkpoint step {2 * N} .* is unreadable"):
         ckpt.restore(trainer.abstract_state(), step=2 * N)  # asked for by number: no fallback
+    with pytest.raises(UserError, match=f"checkpoint step {2 * N} .* is unreadable"):
+        ckpt.restore_params(trainer.abstract_state().params, step=2 * N)
+    text = describe(str(run_dir / "checkpoints"))
+    assert re.search(rf"step +{2 * N} .* MiB  unreadable", text) and f"parameters at step {N}:" in text
 
 
 def test_mismatched_model_is_refused_and_nothing_is_touched(straight, tmp_path):
@@ -193,6 +197,14 @@ def test_bad_checkpoint_requests_are_clear(straight, tmp_path):
         train(config, progress=False)
     with pytest.raises(UserError, match="no complete checkpoint"):
         describe(str(tmp_path))
+    (tmp_path / "junk" / "5").mkdir(parents=True)  # a step directory Orbax did not write
+    (tmp_path / "junk" / "5" / "state").write_text("junk")
+    with pytest.raises(UserError, match="checkpoint step 5 in .*junk is unreadable .*; remove that"):
+        describe(str(tmp_path / "junk"))
+    config = run_config(tmp_path / "fresh", fsdp=8)
+    config.checkpoint.init_params_from = str(tmp_path / "junk")
+    with pytest.raises(UserError, match="checkpoint step 5 in .*junk is unreadable"):
+        train(config, progress=False)
 
 
 def test_fine_tuning_starts_from_another_runs_params(straight, tmp_path):

@@ -51,6 +51,8 @@ def test_plan_divides_state_over_the_mesh():
     assert p["param_bytes_per_device"] == p["param_bytes_total"] // 8
     moments = 2 * p["param_bytes_total"] // 8  # Adam's mu and nu, sharded like the params
     assert moments <= p["opt_bytes_per_device"] <= moments + 16  # plus replicated step counters
+    with pytest.raises(UserError, match="--num_devices=0 must be at least 1"):
+        plan(config, num_devices=0)
 
 
 def test_unknown_key_and_wrong_type_are_reported():
