@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.infer.seed = 0  # sampling key
     c.infer.stop = "eos"  # comma-separated stop token ids and/or "eos"; "" for none
     c.infer.weights = "float32"  # float32 | bfloat16 | int8 (per channel) | int4 (grouped)
-    c.infer.group_size = 128  # int4: inputs per scale (the whole input dim when shorter)
+    c.infer.group_size = 128  # int4: inputs per scale (the whole input dim when shorter, or 0)
     c.infer.cache_dtype = "auto"  # auto (the compute dtype) | int8 (a scale per token and head)
     c.infer.cache_len = 0  # KV cache slots; 0: model.max_seq_len
     c.infer.window = 0  # > 0: sliding-window cache of the latest `window` tokens plus the sinks
@@ -161,6 +161,8 @@ BOUNDS = {
     "optim.clip_norm": "> 0",
     "distributed.init_timeout_s": "> 0",
     "distributed.heartbeat_timeout_s": "> 0",
+    "infer.group_size": ">= 0",
+    "infer.sink_tokens": ">= 0",
 }
 _COMPARE = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}
 
