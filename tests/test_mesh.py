@@ -4,9 +4,11 @@ import pytest
 from conftest import devices_or_skip
 from jax.sharding import PartitionSpec as P
 
+from jaxscale.config import base_config
 from jaxscale.errors import UserError
 from jaxscale.mesh import hybrid_devices, make_mesh, resolve_axis_sizes
 from jaxscale.sharding import DEFAULT_RULES, Layout, merge_rules
+from jaxscale.train.trainer import make_layout
 
 
 def test_minus_one_fills_the_remaining_devices():
@@ -65,6 +67,15 @@ def test_unknown_logical_axis_and_unknown_mesh_axis(layout):
         layout.spec(("experts",))
     with pytest.raises(UserError, match="names mesh axis 'model'"):
         Layout(layout.mesh, merge_rules(DEFAULT_RULES, [("mlp", "model")]))
+
+
+def test_a_config_rule_for_a_logical_axis_no_model_names_is_refused(layout):
+    config = base_config()
+    config.parallel.rules = (("embd", "fsdp"),)  # a typo would otherwise leave `embed` unsharded
+    with pytest.raises(UserError, match="parallel.rules names logical axis 'embd', which no model"):
+        make_layout(config, layout.mesh)
+    config.parallel.rules = (("embed", ("fsdp", "data")),)
+    assert make_layout(config, layout.mesh).spec(("embed",)) == P(("fsdp", "data"))
 
 
 def test_user_rules_override_defaults(layout):

@@ -46,6 +46,11 @@ def make_layout(config, mesh: Mesh) -> Layout:
     if config.parallel.sequence_parallel:
         rules = merge_rules(rules, SEQUENCE_PARALLEL_RULES)
     rules = merge_rules(rules, config.parallel.rules)
+    known = [name for name, _ in DEFAULT_RULES]
+    for name, _ in config.parallel.rules:
+        if name not in known:  # every logical axis the models name has a default rule
+            raise UserError(f"parallel.rules names logical axis {name!r}, which no model names; "
+                            f"use one of {', '.join(known)}")
     return Layout(mesh, rules, config.parallel.zero_stage)
 
 
