@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxscale.errors import UserError
 
@@ -94,17 +94,23 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.abspath(directory)
-        if read_only and not os.path.isdir(self.directory):
-            raise UserError(f"checkpoint directory {directory!r} does not exist")
+        # a URL (gs://...) goes to Orbax as it is; a local path is made absolute
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep or None, keep_period=keep_every or None,
             save_interval_steps=0 if read_only else 1, create=not read_only,
             enable_async_checkpointing=async_save, read_only=read_only)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_handlers=handlers)
+        try:
+            if read_only and not epath.Path(self.directory).is_dir():
+                raise UserError(f"checkpoint directory {directory!r} does not exist")
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_handlers=handlers)
+        except (OSError, ImportError) as e:  # ImportError: no filesystem for the URL's scheme
+            use = "read" if read_only else "write"
+            raise UserError(f"cannot {use} checkpoint directory {directory!r} ({_problem(e)}); set "
+                            f"run_dir or checkpoint.dir to a directory this process can {use}") from None
 
     def steps(self) -> list[int]:
         """Complete checkpoint steps, oldest first."""
@@ -247,7 +253,8 @@ def describe(directory: str) -> str:
         raise damaged[steps[-1]]
     lines = [f"checkpoints in {ckpt.directory}"]
     for s in steps:
-        size = sum(f.stat().st_size for f in Path(ckpt.directory, str(s)).rglob("*") if f.is_file())
+        step_dir = epath.Path(ckpt.directory) / str(s)
+        size = sum((root / f).stat().length for root, _, files in step_dir.walk() for f in files)
         lines.append(f"  step {s:>8}  {size / 2**20:10.2f} MiB" + ("  unreadable" if s in damaged else ""))
     params = {k: v for k, v in names.items() if k.startswith("params.")}
     total = sum(int(np.prod(shape)) for shape, _ in params.values())

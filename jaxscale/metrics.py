@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jaxscale.errors import UserError
 
@@ -226,11 +226,20 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         if not self.enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        from tensorboardX import SummaryWriter  # here: it imports torch when torch is installed
+        self._dir = epath.Path(run_dir)  # a local path or a URL (gs://...)
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            jsonl = self._dir / "metrics.jsonl"
+            # object stores cannot append: there the whole file is rewritten at each write
+            self._lines = None if "://" not in run_dir else (
+                jsonl.read_text().splitlines(keepends=True) if jsonl.exists() else [])
+            self._jsonl = jsonl.open("a") if self._lines is None else None
+            from tensorboardX import SummaryWriter  # here: it imports torch when it is installed
 
-        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._tb = SummaryWriter(str(self._dir / "tensorboard"))
+        except (OSError, ImportError) as e:
+            raise UserError(f"cannot write the run directory {run_dir!r} ({type(e).__name__}: {e}); "
+                            f"set run_dir to a directory this process can write") from None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Append `{"step": step, **metrics}` as one JSON line and each metric as a scalar."""
@@ -238,8 +247,13 @@ class MetricsWriter:
             return
         step = int(step)
         values = {k: _plain(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, **values}) + "\n"
+        if self._jsonl is None:
+            self._lines.append(line)
+            (self._dir / "metrics.jsonl").write_text("".join(self._lines))
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         for key, value in values.items():
             self._tb.add_scalar(key, value, step)
         self._tb.flush()
@@ -248,8 +262,7 @@ class MetricsWriter:
         """Store the run config as `<run_dir>/config.json` and TensorBoard text `hparams/config`."""
         if not self.enabled:
             return
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            f.write(config_json)
+        (self._dir / "config.json").write_text(config_json)
         self._tb.add_text("hparams/config", f"```json\n{config_json}\n```")
         self._tb.flush()
 
@@ -258,7 +271,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.enabled = False
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         self._tb.close()
 
     def __enter__(self) -> MetricsWriter:

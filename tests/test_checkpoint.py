@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import devices_or_skip, tiny_config
 
@@ -184,6 +185,15 @@ def test_mismatched_model_is_refused_and_nothing_is_touched(straight, tmp_path):
     after = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
                    if p.name != "metrics.jsonl")
     assert [x for x in before if x[0].name != "metrics.jsonl"] == after
+
+
+def test_a_url_checkpoint_directory_reaches_orbax_as_it_is(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(ocp, "CheckpointManager", lambda directory, **_: seen.append(directory))
+    monkeypatch.chdir(tmp_path)
+    Checkpointer("gs://bucket/run/checkpoints")
+    Checkpointer("run/checkpoints")
+    assert seen == ["gs://bucket/run/checkpoints", str(tmp_path / "run" / "checkpoints")]
 
 
 def test_bad_checkpoint_requests_are_clear(straight, tmp_path):

@@ -138,6 +138,23 @@ def test_metrics_writer(tmp_path):
     assert any(tag.startswith("hparams/config") for tag in texts)
 
 
+def test_metrics_writer_rewrites_the_jsonl_where_files_cannot_be_appended_to(tmp_path, monkeypatch):
+    """A URL run_dir (gs://...) is written through epath; its JSONL is rewritten whole, resumes
+    included. Here the URL maps to a local directory."""
+    local = metrics.epath.Path
+    monkeypatch.setattr(metrics.epath, "Path", lambda p: local(str(p).replace("gs://bucket", str(tmp_path))))
+    with metrics.MetricsWriter("gs://bucket/run", enabled=True) as w:
+        w.write_config("{}")
+        w.write(1, {"loss": 2.5})
+        assert w._jsonl is None
+    with metrics.MetricsWriter("gs://bucket/run", enabled=True) as w:  # a resumed run
+        w.write(2, {"loss": 2.0})
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+    assert (tmp_path / "run" / "config.json").read_text() == "{}"
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_metrics_writer_disabled_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     with metrics.MetricsWriter(str(run_dir), enabled=False) as w:
