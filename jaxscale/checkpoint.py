@@ -92,9 +92,10 @@ def parse_init_params_from(spec: str, groups) -> dict[str | None, str]:
 class Checkpointer:
     """Save and restore a run's checkpoints under `directory` (see `checkpoint` in the config)."""
 
-    def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_every: int = 0,
                  async_save: bool = True, read_only: bool = False):
         # a URL (gs://...) goes to Orbax as it is; a local path is made absolute
+        directory = os.fspath(directory)
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep or None, keep_period=keep_every or None,

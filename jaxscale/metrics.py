@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -221,8 +222,8 @@ class MetricsWriter:
     writer creates no files and ignores every call. Usable as a context manager.
     """
 
-    def __init__(self, run_dir: str, enabled: bool | None = None) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool | None = None) -> None:
+        self.run_dir = run_dir = os.fspath(run_dir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         if not self.enabled:
             return

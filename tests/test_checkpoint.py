@@ -192,7 +192,7 @@ def test_a_url_checkpoint_directory_reaches_orbax_as_it_is(tmp_path, monkeypatch
     monkeypatch.setattr(ocp, "CheckpointManager", lambda directory, **_: seen.append(directory))
     monkeypatch.chdir(tmp_path)
     Checkpointer("gs://bucket/run/checkpoints")
-    Checkpointer("run/checkpoints")
+    Checkpointer(Path("run/checkpoints"))
     assert seen == ["gs://bucket/run/checkpoints", str(tmp_path / "run" / "checkpoints")]
 
 

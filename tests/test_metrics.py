@@ -115,7 +115,7 @@ def _tfrecords(path):
 
 def test_metrics_writer(tmp_path):
     config = json.dumps({"seed": 0, "model": {"d_model": 128}})
-    with metrics.MetricsWriter(str(tmp_path), enabled=True) as w:
+    with metrics.MetricsWriter(tmp_path, enabled=True) as w:
         w.write_config(config)
         w.write(1, {"loss": 2.5, "mfu": jax.numpy.float32(0.25)})
         w.write(2, {"loss": 2.0, "tokens": 4096})
