@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     logger = logging.getLogger("jaxscale")
+    before = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # one line per message, whatever else configured the root logger
@@ -235,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("jaxscale: interrupted", file=sys.stderr)
         return 130
+    finally:  # called in-process (tests, notebooks): leave the logger as it was
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
     return 0
 
 

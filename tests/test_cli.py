@@ -1,6 +1,7 @@
 """The command line as a user meets it: the README's main job, `info`, and one-line errors."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -116,6 +117,16 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message, tmp_path)
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_main_in_process_leaves_the_logger_as_it_was(capsys):
+    from jaxscale.cli import main
+
+    logger = logging.getLogger("jaxscale")
+    before = list(logger.handlers), logger.level, logger.propagate
+    assert main(["inspect", "/no/such/dir"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
 
 
 TINY = ("--config.model.n_layers=2", "--config.model.d_model=64", "--config.model.head_dim=8",
