@@ -3,10 +3,15 @@
 Import it and call `emulate_devices()` before jax is imported.
 """
 
+import argparse
 import datetime
 import importlib.metadata
 import importlib.util
 import os
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # 8 emulated devices; XLA:CPU's concurrency-optimized scheduler can deadlock the emulated devices
 # of some pipeline layouts, the default scheduler does not.
@@ -51,3 +56,18 @@ def write_report(lines: list[str], path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
+
+
+def in_repo(path: str) -> str:
+    """A path of the repository (a default config or results file) as seen from the current
+    directory, so the scripts run from anywhere and write where the docs link to."""
+    return os.path.relpath(ROOT / path)
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return int(text)
+    return parse

@@ -62,13 +62,13 @@ def rel_err(a: jax.Array, b: jax.Array) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=_host.at_least(1), default=16)
+    p.add_argument("--seq", type=_host.at_least(1), default=2048)
+    p.add_argument("--heads", type=_host.at_least(1), default=32)
+    p.add_argument("--kv-heads", type=_host.at_least(1), default=8)
+    p.add_argument("--head-dim", type=_host.at_least(1), default=64)
     p.add_argument("--documents", default="1,2,4,6,8,16,32")
-    p.add_argument("--out", default="docs/results/attention_gpu.md")
+    p.add_argument("--out", default=_host.in_repo("docs/results/attention_gpu.md"))
     args = p.parse_args()
     if jax.default_backend() != "gpu":
         sys.exit(f"bench_attention.py times cuDNN attention and needs an NVIDIA GPU; jax found "

@@ -112,9 +112,9 @@ def report(rows: list[dict], steps: int, frames: int, load: float, seconds: floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--frames", type=int, default=1)
-    parser.add_argument("--out", default="docs/results/fusion.md")
+    parser.add_argument("--steps", type=_host.at_least(1), default=300)
+    parser.add_argument("--frames", type=_host.at_least(1), default=1)
+    parser.add_argument("--out", default=_host.in_repo("docs/results/fusion.md"))
     args = parser.parse_args()
     begin, load = time.perf_counter(), os.getloadavg()[0]
     rows = [run_family(f, args.steps, args.frames) for f in FAMILIES]

@@ -187,8 +187,8 @@ def report(c, loss, steps, tput, qual, wins, load, seconds) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--out", default="docs/results/inference.md")
+    parser.add_argument("--train-steps", type=_host.at_least(1), default=300)
+    parser.add_argument("--out", default=_host.in_repo("docs/results/inference.md"))
     args = parser.parse_args()
     begin, load = time.perf_counter(), os.getloadavg()[0]
     config, params, loss = train(args.train_steps)

@@ -264,8 +264,9 @@ def footer(skipped: list[str], overhead: dict, seconds: float) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per layout")
-    parser.add_argument("--out", default="docs/results/layouts.md", help="markdown file to write")
+    parser.add_argument("--steps", type=_host.at_least(1), default=10, help="timed steps per layout")
+    parser.add_argument("--out", default=_host.in_repo("docs/results/layouts.md"),
+                        help="markdown file to write")
     args = parser.parse_args()
     begin, load = time.perf_counter(), os.getloadavg()[0]
     config = bench_config()

@@ -308,11 +308,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed rounds (one step per variant each)")
-    parser.add_argument("--out", default="docs/results/pipeline.md", help="markdown file to write")
+    parser.add_argument("--steps", type=_host.at_least(2), default=20,
+                        help="timed rounds (one step per variant each; 2 or more: the table gives quartiles)")
+    parser.add_argument("--out", default=_host.in_repo("docs/results/pipeline.md"),
+                        help="markdown file to write")
     args = parser.parse_args()
-    if args.steps < 2:
-        parser.error("--steps must be at least 2 (the table gives quartiles)")
     begin, load = time.perf_counter(), os.getloadavg()[0]
     results = {}
     for stages in STAGES:

@@ -50,6 +50,7 @@ from ml_collections import config_flags  # noqa: F401  (config files may import 
 from jaxscale import metrics
 from jaxscale.cli import _parse
 from jaxscale.data import build_data, make_global_batch
+from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, describe, mesh_from_config
 from jaxscale.train.trainer import build_trainer
 
@@ -207,11 +208,11 @@ def peak_memory() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/bench_reference.py")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--config", default=_host.in_repo("configs/bench_reference.py"))
+    p.add_argument("--steps", type=_host.at_least(1), default=12)
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--hand-written", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--out", default="docs/results/throughput.md")
+    p.add_argument("--out", default=_host.in_repo("docs/results/throughput.md"))
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                    help="time the layouts in alternating rounds of one step (all held at once)")
     p.add_argument("--profile", default="", metavar="DIR",
@@ -219,7 +220,12 @@ def main() -> None:
     args, overrides = p.parse_known_args()
     if stray := [o for o in overrides if not o.startswith("--config.")]:
         p.error(f"unknown argument {stray[0]!r}; config overrides look like --config.model.remat=full")
-    config, _ = _parse(["--config", args.config, *overrides])
+    if unknown := [n for n in args.layouts.split(",") if n and n not in LAYOUTS]:
+        p.error(f"unknown layout {unknown[0]!r}; use any of {', '.join(LAYOUTS)}")
+    try:
+        config, _ = _parse(["--config", args.config, *overrides])
+    except UserError as e:
+        p.error(str(e))
     load = os.getloadavg()[0]
     tokens = config.train.global_batch_size * config.data.seq_len
     fpt = flops_per_token(config.model, config.data.seq_len)

@@ -17,6 +17,8 @@ import glob
 import os
 import re
 
+import _host
+
 KINDS = (  # first match wins
     ("attention", re.compile(r"cudnn|fmha|flash|sdpa|attn", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma|matmul|dot", re.I)),
@@ -84,8 +86,9 @@ def summarize(path: str, steps: int, top: int) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dir")
-    p.add_argument("--steps", type=int, default=3, help="steps in the trace (times are per step)")
-    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--steps", type=_host.at_least(1), default=3,
+                   help="steps in the trace (times are per step)")
+    p.add_argument("--top", type=_host.at_least(1), default=25)
     args = p.parse_args()
     paths = glob.glob(os.path.join(args.dir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
