@@ -181,10 +181,10 @@ def test_flops_count_every_matmul_weight():
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"image_size": 18}, "vit.image_size=18 is not divisible by vit.patch_size=4"),
-    ({"pool": 3}, "vit.pool=3 does not divide the patch grid side 4"),
+    ({"image_size": 18}, "model.vision.image_size=18 is not divisible by model.vision.patch_size=4"),
+    ({"pool": 3}, "model.vision.pool=3 does not divide the patch grid side 4"),
     ({"dtype": "float16"}, "vit.dtype='float16'"),
-    ({"n_heads": 0}, "vit.n_heads=0 must be positive"),
+    ({"n_heads": 0}, "model.vision.n_heads=0 must be positive"),
     ({"remat": "sometimes"}, "vit.remat='sometimes' is not a policy"),
 ])
 def test_config_errors_name_the_option(changes, message):
@@ -193,7 +193,7 @@ def test_config_errors_name_the_option(changes, message):
 
 
 def test_too_many_frames_is_a_user_error():
-    with pytest.raises(UserError, match="vit.max_frames=3"):
+    with pytest.raises(UserError, match="model.vision.max_frames=3"):
         make()(images(1, 4))
 
 

@@ -53,13 +53,13 @@ class ViTConfig:
         for name in ("image_size", "patch_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff",
                      "channels", "max_frames", "pool"):
             if getattr(self, name) < 1:
-                raise UserError(f"vit.{name}={getattr(self, name)} must be positive")
+                raise UserError(f"model.vision.{name}={getattr(self, name)} must be positive")
         if self.image_size % self.patch_size:
-            raise UserError(f"vit.image_size={self.image_size} is not divisible by "
-                            f"vit.patch_size={self.patch_size}")
+            raise UserError(f"model.vision.image_size={self.image_size} is not divisible by "
+                            f"model.vision.patch_size={self.patch_size}")
         if self.grid % self.pool:
-            raise UserError(f"vit.pool={self.pool} does not divide the patch grid side {self.grid} "
-                            f"(image_size / patch_size)")
+            raise UserError(f"model.vision.pool={self.pool} does not divide the patch grid side "
+                            f"{self.grid} (image_size / patch_size)")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"vit.dtype={self.dtype!r}; use float32 or bfloat16")
         try:
@@ -177,7 +177,7 @@ class ViT(nnx.Module):
             raise UserError(f"ViT expects images [batch, frames, {c.image_size}, {c.image_size}, "
                             f"{c.channels}], got {list(images.shape)}")
         if t > c.max_frames:
-            raise UserError(f"a clip of {t} frames exceeds vit.max_frames={c.max_frames}")
+            raise UserError(f"a clip of {t} frames exceeds model.vision.max_frames={c.max_frames}")
         patches = patchify(images.astype(dt), c.patch_size)  # [b, t, grid², patch_dim]
         x = jnp.einsum("btnp,pe->btne", patches, self.patch_embed[...].astype(dt))
         x = x + self.pos_embed[...].astype(dt)[None, None] + self.frame_embed[:t].astype(dt)[None, :, None]
