@@ -142,9 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Bounds of the numeric settings that no component checks where it reads them: ">= 1" etc.,
-# several joined by " and ".
+# Bounds of numeric settings, checked before anything runs so the error names the key: ">= 1"
+# etc., several joined by " and " (the model and data code check the rest where they read them).
 BOUNDS = {
+    "data.num_examples": ">= 1",
+    "data.frames": ">= 1 and <= 16",
     "train.steps": ">= 1",
     "train.log_every": ">= 1",
     "checkpoint.every": ">= 0",
