@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxscale.config import validate
 from jaxscale.errors import UserError
 from jaxscale.host_memory import reexec_with_host_memory
 
@@ -134,6 +135,7 @@ def _launch(argv: list[str]) -> int:
     if (len(tokens) % 2 or set(opts) != {"--processes", "--devices_per_process"}
             or not all(v.isdigit() for v in opts.values())):
         raise UserError(usage)
+    validate(_parse(argv[split + 1:])[0])  # a bad config: one error here, not one per process
     return launch_local(int(opts["--processes"]), argv[split:],
                         devices_per_process=int(opts["--devices_per_process"]))
 
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "import-hf":  # the flag is spelled as in the docs; absl wants underscores
             rest = [("--model_dir" + a[11:]) if a.startswith("--model-dir") else a for a in rest]
         config, opts = _parse(rest)
+        validate(config)  # before a multi-process run joins its job
         if command != "train" and {opts.coordinator, opts.num_processes, opts.process_id} != {None}:
             raise UserError("--coordinator, --num_processes and --process_id apply to "
                             "`jaxscale train` only")

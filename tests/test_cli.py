@@ -96,6 +96,8 @@ def test_info_sizes_a_realistic_multimodal_preset():
     (["train", "--config", "configs/clip.py:huge"], "multimodal preset size 'huge'; use tiny or"),
     (["train", "--config.model.family=vlm"], "model.family='vlm'; use one of llama, gpt2, early_fusion"),
     (["serve"], "unknown command 'serve'"),
+    (["launch", "local", "--processes", "2", "train", "--config.train.steps=0"],
+     "train.steps=0 is out of range"),  # refused once, before any process starts
     (["generate", "--checkpoint", "/no/such/run", "--prompt", "hi"],
      "checkpoint directory '/no/such/run' does not exist"),
     (["eval", "--checkpoint", "/no/such/run"], "checkpoint directory '/no/such/run' does not exist"),
