@@ -109,6 +109,7 @@ def test_freezing_the_connector_keeps_the_gates_shut_while_the_decoder_trains():
     (dict(family="vlm"), UserError, "model.family='vlm'; use one of"),
     (dict(freeze="text"), UserError, "model.fusion.freeze names 'text'.*vision, connector, llm"),
     (dict(cross_every=3), UserError, "model.fusion.cross_every=3 must divide model.n_layers=2"),
+    (dict(family="clip", embed_dim=0), UserError, "model.fusion.embed_dim=0 must be positive"),
     (dict(pipeline=2), NotImplementedError, "pipeline parallelism for model.family='cross_attention'"),
 ])
 def test_bad_multimodal_configs_are_clear(changes, error, message):

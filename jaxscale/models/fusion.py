@@ -218,6 +218,8 @@ class CLIP(nnx.Module):
     """Image and text encoders with a contrastive loss; summed answer heads (decision level)."""
 
     def __init__(self, llm: LlamaConfig, vision: ViTConfig, rngs: nnx.Rngs, *, embed_dim: int):
+        if embed_dim < 1:
+            raise UserError(f"model.fusion.embed_dim={embed_dim} must be positive")
         self.vision = ViT(vision, rngs)
         self.text = Llama(llm, rngs)
         self.image_proj = param(rngs, (vision.d_model, embed_dim), ("embed", None), vision.d_model**-0.5)
