@@ -5,13 +5,20 @@ iterator's position and seed) and `config` (the run's config as JSON). Orbax wri
 temporary directory and renames it when complete, so a step is visible only once it is whole.
 Restores read into the shardings of the *current* mesh (`Trainer.abstract_state()`), so a run saved
 on one layout resumes on another without the full model ever being on one device.
+
+Failures are one line each: a save that fails in the background raises `SaveError` at the next
+`check`, `save` or `close`, and a step that does not read back is skipped with one warning (when
+no step was asked for by number) while the storage layer's tracebacks go to the debug log.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import sys
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -23,6 +30,19 @@ from jaxscale.errors import UserError
 log = logging.getLogger("jaxscale")
 
 
+class SaveError(UserError):
+    """A checkpoint save failed (disk full, permission denied, a store error); the run must stop."""
+
+
+class Unreadable(UserError):
+    """A checkpoint step whose files do not read back (`reason`: the storage layer's words)."""
+
+    def __init__(self, step: int, directory: str, reason: str):
+        super().__init__(f"checkpoint step {step} in {directory} is unreadable ({reason}); remove "
+                         f"that step's directory or use another checkpoint")
+        self.step, self.reason = step, reason
+
+
 def _names(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     """`{dotted.path: (shape, dtype)}` for the leaves of a pytree of arrays or ShapeDtypeStructs."""
     out = {}
@@ -32,15 +52,75 @@ def _names(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
+def _is_array_metadata(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
 def _saved_names(metadata_tree) -> dict[str, tuple[tuple[int, ...], str]]:
-    leaves = jax.tree.leaves(metadata_tree, is_leaf=lambda x: hasattr(x, "shape"))
+    leaves = jax.tree.leaves(metadata_tree, is_leaf=_is_array_metadata)
     return {m.name: (tuple(m.shape), str(np.dtype(m.dtype))) for m in leaves}
 
 
-def _problem(e: Exception) -> str:
-    """An exception in one short line."""
-    lines = str(e).strip().splitlines()
+def _problem(e: BaseException) -> str:
+    """An exception in one short line: the innermost cause, which names the file that failed."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).split(" See full TensorStore details")[0].strip()
+    lines = text.splitlines()
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _from_storage(code_file: str) -> bool:
+    return "orbax" in code_file or "tensorstore" in code_file
+
+
+def _raised_in_storage(e: BaseException | None) -> bool:
+    tb = e.__traceback__ if e is not None else None
+    while tb is not None and not _from_storage(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    return tb is not None
+
+
+class _StorageErrorsToDebug(logging.Filter):
+    """Orbax logs each failure it raises with a traceback (to absl's logger), often several times
+    over, and asyncio logs the reads left behind by a failed restore ("Task exception was never
+    retrieved"); `Checkpointer` reports the failure in one line instead, and these go to the
+    debug log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and (_from_storage(record.pathname) or _raised_in_storage(
+                record.exc_info[1] if record.exc_info else None)):
+            log.debug("storage layer: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+def _quiet_storage_errors() -> None:
+    """Send the storage layer's own reports of the failures `Checkpointer` raises to the debug log.
+
+    Besides the error logs above: when one array of a step fails to read, the other reads may
+    finish after their event loop closed, and Python reports "Event loop is closed" and
+    never-awaited coroutines through `sys.unraisablehook`, one traceback each. Installed once per
+    process; other log records and unraisable errors pass through unchanged.
+    """
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    if any(isinstance(f, _StorageErrorsToDebug) for f in loggers[0].filters):
+        return
+    for logger in loggers:
+        logger.addFilter(_StorageErrorsToDebug())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if (str(unraisable.exc_value) == "Event loop is closed"
+                or _from_storage(code.co_filename if code is not None else "")
+                or _raised_in_storage(unraisable.exc_value)):
+            log.debug("storage layer after a failed read: %s %s", unraisable.err_msg,
+                      _problem(unraisable.exc_value))
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def check_compatible(saved: dict, wanted: dict, where: str,
@@ -89,6 +169,17 @@ def parse_init_params_from(spec: str, groups) -> dict[str | None, str]:
     return out
 
 
+def _check_local_directory(directory: str) -> None:
+    """Raise `OSError` if `directory` cannot take checkpoints (a file, or not writable); create it
+    if it is missing. Nothing in an existing directory is touched."""
+    if os.path.exists(directory):
+        if not os.path.isdir(directory):
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a directory", directory)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", directory)
+    os.makedirs(directory, exist_ok=True)
+
+
 class Checkpointer:
     """Save and restore a run's checkpoints under `directory` (see `checkpoint` in the config)."""
 
@@ -97,19 +188,29 @@ class Checkpointer:
         # a URL (gs://...) goes to Orbax as it is; a local path is made absolute
         directory = os.fspath(directory)
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self._saving: int | None = None  # the step whose save may still be running
+        self._failed = False
+        self._damaged: set[int] = set()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep or None, keep_period=keep_every or None,
             save_interval_steps=0 if read_only else 1, create=not read_only,
-            enable_async_checkpointing=async_save, read_only=read_only)
+            enable_async_checkpointing=async_save, read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # what a failed or killed save left
+            # a step's directory is made before `save` returns, so failing to make it raises
+            # there (made in the background, it left Orbax's writer threads waiting for good)
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler()}
+        use = "read" if read_only else "write"
+        _quiet_storage_errors()
         try:
             if read_only and not epath.Path(self.directory).is_dir():
                 raise UserError(f"checkpoint directory {directory!r} does not exist")
+            if not read_only and "://" not in self.directory:  # a store checks its own writes
+                _check_local_directory(self.directory)
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_handlers=handlers)
         except (OSError, ImportError) as e:  # ImportError: no filesystem for the URL's scheme
-            use = "read" if read_only else "write"
             raise UserError(f"cannot {use} checkpoint directory {directory!r} ({_problem(e)}); set "
                             f"run_dir or checkpoint.dir to a directory this process can {use}") from None
 
@@ -118,19 +219,55 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state, data_state: dict, config_json: str) -> None:
-        """Start saving `step` (returns once the arrays are copied off the devices)."""
+        """Start saving `step` (returns once the arrays are copied off the devices).
+
+        Raises `SaveError` if the previous save failed in the background or this one cannot start.
+        A step already on disk is kept, unless a restore found it damaged: then it is replaced.
+        """
+        if self._saving is not None:
+            self.wait()  # as Orbax would, but a failure names the step that failed
         if step in self._manager.all_steps():
-            return  # already saved (a final save right after a periodic one)
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+            if step not in self._damaged:
+                return  # already saved (a final save right after a periodic one)
+            log.warning("replacing the damaged checkpoint step %d in %s", step, self.directory)
+            self._manager.delete(step)
+            self._damaged.discard(step)
+        self._saving = step
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+        except Exception as e:  # noqa: BLE001 - whatever the store raised, the run must stop
+            raise self._save_failed(e) from None
+
+    def check(self) -> None:
+        """Raise `SaveError` if a background save has failed; never waits for one in progress."""
+        if self._saving is None or self._manager.is_saving_in_progress():
+            return
+        try:
+            self._manager.wait_until_finished()  # returns at once: nothing is in progress
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e) from None
+        self._saving = None
+
+    def _save_failed(self, e: Exception) -> SaveError:
+        self._failed = True
+        intact = [s for s in self.steps() if s != self._saving]
+        kept = f"steps {', '.join(map(str, intact))} are intact" if intact else "no step was saved"
+        return SaveError(f"saving checkpoint step {self._saving} to {self.directory} failed "
+                         f"({_problem(e)}); {kept}; fix the directory (space, permissions) or set "
+                         f"checkpoint.dir, then run again to resume")
 
     def restore(self, abstract_state, step: int | None = None):
         """`(state, data_state, step)` from `step`, or from the latest step that reads back whole.
 
         `abstract_state` gives the target shapes, dtypes and shardings. With `step=None` an
-        unreadable latest step is skipped with a warning and the one before it is used.
+        unreadable step is skipped with a warning and the one before it is used.
         """
+        return self._newest_readable(lambda s: self._restore_step(abstract_state, s), step)
+
+    def _newest_readable(self, read: Callable[[int], object], step: int | None):
+        """`read(step)`, or with `step=None` `read` of the newest step it succeeds on."""
         steps = self.steps()
         if not steps:
             raise UserError(f"no complete checkpoint in {self.directory}")
@@ -140,14 +277,15 @@ class Checkpointer:
         candidates = [step] if step is not None else steps[::-1]
         for i, s in enumerate(candidates):
             try:
-                return self._restore_step(abstract_state, s)
+                return read(s)
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
+                self._damaged.add(s)
                 if i + 1 == len(candidates):
                     raise self._unreadable(s, e) from None
-                log.warning("checkpoint step %d is unreadable (%s); using step %d", s, _problem(e),
-                            candidates[i + 1])
+                log.warning("checkpoint step %d in %s is unreadable (%s); using step %d", s,
+                            self.directory, _problem(e), candidates[i + 1])
         raise AssertionError("unreachable")
 
     def _restore_step(self, abstract_state, step: int):
@@ -162,17 +300,17 @@ class Checkpointer:
 
     def restore_params(self, abstract_params, step: int | None = None,
                        groups: tuple[str, ...] | None = None):
-        """Only the parameters (for fine-tuning from another run's checkpoint).
+        """Only the parameters (for fine-tuning from another run's checkpoint or inference), from
+        `step` or the newest step whose parameters read back.
 
         `groups`: only these top-level subtrees (`{group: subtree}`), read from the subtrees of
         the same names in the checkpoint; the rest of the checkpoint is not read.
         """
-        steps = self.steps()
-        if not steps or (step is not None and step not in steps):
-            raise UserError(f"no complete checkpoint {'at step ' + str(step) + ' ' if step else ''}"
-                            f"in {self.directory}")
-        step = steps[-1] if step is None else step
-        saved = {k[len("params."):]: v for k, v in self.saved_names(step).items()
+        return self._newest_readable(lambda s: self._restore_params(abstract_params, s, groups),
+                                     step)
+
+    def _restore_params(self, abstract_params, step: int, groups: tuple[str, ...] | None):
+        saved = {k[len("params."):]: v for k, v in self._metadata_names(step).items()
                  if k.startswith("params.")}
         where = f"checkpoint step {step} in {self.directory}"
         if groups is None:
@@ -188,46 +326,86 @@ class Checkpointer:
                              _names(abstract_params), f"{', '.join(groups)} of {where}",
                              hint="a group taken from another run needs the same shapes in both")
         target = {"params": abstract_params}
-        reader = ocp.CheckpointManager(  # the PyTree handler can read a subtree of the state
+        restored = self._read_state(step, target, ocp.checkpoint_utils.construct_restore_args(target))
+        return restored["params"]
+
+    def _read_state(self, step: int, target, restore_args):
+        """A subtree of the `state` item (the PyTree handler can read a part of it)."""
+        reader = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(read_only=True,
                                                                  save_interval_steps=0),
             item_handlers={"state": ocp.PyTreeCheckpointHandler()})
         try:
-            restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True)))
-        except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
-            raise self._unreadable(step, e) from None
+            return reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                target, restore_args=restore_args, partial_restore=True))).state
         finally:
             reader.close()
-        return restored.state["params"]
+
+    def verify(self, step: int, batch_bytes: int = 1 << 30) -> int:
+        """Read every array of `step` back to host memory, `batch_bytes` at a time; return the
+        bytes read, or raise `Unreadable` if any array does not read back whole."""
+        try:
+            tree = self._manager.item_metadata(step).state
+            leaves, treedef = jax.tree.flatten(getattr(tree, "tree", tree), is_leaf=_is_array_metadata)
+            sizes = [int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in leaves]
+            batches, size = [[]], 0
+            for i, n in enumerate(sizes):
+                if batches[-1] and size + n > batch_bytes:
+                    batches.append([])
+                    size = 0
+                batches[-1].append(i)
+                size += n
+            for batch in batches:  # leaves outside the batch are PLACEHOLDERs: not read
+                target = [ocp.PLACEHOLDER] * len(leaves)
+                args = [ocp.PLACEHOLDER] * len(leaves)
+                for i in batch:
+                    target[i], args[i] = np.zeros(0), ocp.RestoreArgs(restore_type=np.ndarray)
+                self._read_state(step, treedef.unflatten(target), treedef.unflatten(args))
+            return sum(sizes)
+        except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
+            raise self._unreadable(step, e) from None
+
+    def _metadata_names(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        metadata = self._manager.item_metadata(step)
+        if metadata is None or metadata.state is None:
+            raise ValueError(f"step {step} has no state metadata")
+        return _saved_names(metadata.state)
 
     def saved_names(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """The saved state's leaves at `step`: dotted name -> (shape, dtype)."""
         try:
-            return _saved_names(self._manager.item_metadata(step).state)
+            return self._metadata_names(step)
         except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
             raise self._unreadable(step, e) from None
 
-    def saved_config(self, step: int) -> dict:
-        """The run config (as JSON data) saved with `step`."""
-        try:
-            return self._manager.restore(step, args=ocp.args.Composite(
-                config=ocp.args.JsonRestore())).config
-        except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
-            raise self._unreadable(step, e) from None
+    def saved_config(self, step: int | None = None) -> dict:
+        """The run config (as JSON data) saved with `step`, or with the newest readable step."""
+        return self._newest_readable(lambda s: self._manager.restore(s, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config, step)
 
-    def _unreadable(self, step: int, e: Exception) -> UserError:
-        return UserError(f"checkpoint step {step} in {self.directory} is unreadable ({_problem(e)}); "
-                         f"remove that step's directory or use another checkpoint")
+    def _unreadable(self, step: int, e: Exception) -> Unreadable:
+        return Unreadable(step, self.directory, _problem(e))
 
     def wait(self) -> None:
-        """Block until every started save is on disk."""
-        self._manager.wait_until_finished()
+        """Block until every started save is on disk; `SaveError` if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e) from None
+        self._saving = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for the last save (`SaveError` if it failed) and release Orbax's threads."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception as e:  # noqa: BLE001 - the failure was reported already
+                if not self._failed:
+                    raise self._save_failed(e) from None
+                log.debug("closing %s after a failed save: %s", self.directory, _problem(e))
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -235,32 +413,3 @@ class Checkpointer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def describe(directory: str) -> str:
-    """A checkpoint directory in a few lines: steps, size on disk, and the parameter tree and config
-    of the latest step whose metadata reads back (later ones are marked unreadable)."""
-    ckpt = Checkpointer(directory, read_only=True)
-    steps = ckpt.steps()
-    if not steps:
-        raise UserError(f"no complete checkpoint in {directory!r}")
-    damaged: dict[int, UserError] = {}
-    for latest in reversed(steps):
-        try:
-            names, config = ckpt.saved_names(latest), ckpt.saved_config(latest)
-            break
-        except UserError as e:
-            damaged[latest] = e
-    else:
-        raise damaged[steps[-1]]
-    lines = [f"checkpoints in {ckpt.directory}"]
-    for s in steps:
-        step_dir = epath.Path(ckpt.directory) / str(s)
-        size = sum((root / f).stat().length for root, _, files in step_dir.walk() for f in files)
-        lines.append(f"  step {s:>8}  {size / 2**20:10.2f} MiB" + ("  unreadable" if s in damaged else ""))
-    params = {k: v for k, v in names.items() if k.startswith("params.")}
-    total = sum(int(np.prod(shape)) for shape, _ in params.values())
-    lines.append(f"parameters at step {latest}: {total:,}")
-    lines += [f"  {k[len('params.'):].removesuffix('.value'):<40} {dtype:<8} {list(shape)}"
-              for k, (shape, dtype) in sorted(params.items())]
-    lines.append("config: " + json.dumps(config, sort_keys=True))
-    return "\n".join(lines)

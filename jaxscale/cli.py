@@ -22,7 +22,7 @@ USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...]
        jaxscale generate [--config FILE] [--config.KEY=VALUE ...] [--checkpoint DIR] --prompt TEXT
                          [--prompt TEXT ...]
        jaxscale eval [--config FILE] [--config.KEY=VALUE ...] [--checkpoint DIR]
-       jaxscale inspect CHECKPOINT_DIR
+       jaxscale inspect CHECKPOINT_DIR [--verify | --no-verify]
        jaxscale import-hf --model-dir HF_DIR --out CHECKPOINT_DIR [--config.mesh.KEY=VALUE ...]
        jaxscale export-hf --checkpoint CHECKPOINT_DIR --out HF_DIR [--dtype float32|bfloat16|float16]
        jaxscale launch local --processes N [--devices_per_process K] train [TRAIN ARGS ...]
@@ -35,7 +35,8 @@ USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...]
            config's mesh; sampling, weight format (int8, int4) and KV cache from `infer.*`
            (docs/inference.md); one prompt is streamed as it is generated
   eval     perplexity of a checkpoint on held-out text (infer.eval_source)
-  inspect  the steps, sizes, parameter tree and config of a checkpoint directory
+  inspect  the steps, sizes, parameter tree and config of a checkpoint directory; reads every
+           array back to find damaged steps (by default when the steps hold under 1 GiB)
   import-hf  a local Hugging Face Llama or GPT-2 (config.json, *.safetensors, tokenizer.json) as
            a jaxscale checkpoint, streamed into the mesh's shardings; fine-tune it with
            --config configs/hf.py:CHECKPOINT_DIR (docs/huggingface.md)
@@ -179,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         if command not in COMMANDS:
             raise UserError(f"unknown command {command!r}; use {', '.join(map(repr, COMMANDS))}")
         if command == "inspect":
-            if len(rest) != 1:
-                raise UserError("usage: jaxscale inspect CHECKPOINT_DIR")
-            from jaxscale.checkpoint import describe
+            options = [a for a in rest if a.startswith("-")]
+            dirs = [a for a in rest if not a.startswith("-")]
+            if len(dirs) != 1 or options not in ([], ["--verify"], ["--no-verify"]):
+                raise UserError("usage: jaxscale inspect CHECKPOINT_DIR [--verify | --no-verify]")
+            from jaxscale.checkpoint_report import describe
 
-            print(describe(rest[0]))
+            print(describe(dirs[0], verify={"--verify": True, "--no-verify": False}.get(
+                "".join(options))))
             return 0
         if command == "launch":
             return _launch(rest)

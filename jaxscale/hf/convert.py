@@ -206,12 +206,9 @@ def import_hf(model_dir: str, out: str, config: ml_collections.ConfigDict | None
 
 
 def checkpoint_config(directory: str) -> ml_collections.ConfigDict:
-    """The run config saved with the latest step of a jaxscale checkpoint directory."""
+    """The run config saved with the newest readable step of a jaxscale checkpoint directory."""
     with Checkpointer(directory, read_only=True) as ckpt:
-        steps = ckpt.steps()
-        if not steps:
-            raise UserError(f"no complete checkpoint in {directory}")
-        saved = ckpt.saved_config(steps[-1])
+        saved = ckpt.saved_config()
     config = base_config()
     _merge(config, saved)
     return config
@@ -261,6 +258,8 @@ def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
 
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype}; use one of {', '.join(EXPORT_DTYPES)}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; pass a new directory")
     config = checkpoint_config(checkpoint_dir)
     m = config.model
     specs = mapping.tensors(m.family, m.tie_embeddings)
@@ -282,7 +281,11 @@ def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
     shapes = {p: v.shape for p, v in params.items()}
     np_dtype = np.dtype(safetensors.DTYPES[{"float32": "F32", "bfloat16": "BF16",
                                             "float16": "F16"}[dtype]])
-    Path(out).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); pass a directory this process "
+                        f"can write") from None
     shards: list[list[tuple[str, np.ndarray]]] = [[]]
     size = 0
     files: list[str] = []
