@@ -6,6 +6,8 @@ here is a mistake and `validate` says so before anything runs.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from jaxscale.errors import UserError
@@ -102,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.global_batch_size = 16
     c.train.grad_accum_steps = 1
     c.train.log_every = 20
+    c.train.max_nonfinite_steps = 0  # steps with a NaN/inf loss or gradient to skip before stopping
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.dir = ""  # default: <run_dir>/checkpoints; any path Orbax/tensorstore supports
@@ -149,6 +152,7 @@ BOUNDS = {
     "data.frames": ">= 1 and <= 16",
     "train.steps": ">= 1",
     "train.log_every": ">= 1",
+    "train.max_nonfinite_steps": ">= 0",
     "checkpoint.every": ">= 0",
     "checkpoint.keep": ">= 0",
     "checkpoint.keep_every": ">= 0",
@@ -199,5 +203,7 @@ def _check_keys(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict, 
             raise UserError(f"config key '{name}' must be true or false, got {value!r}")
         elif isinstance(want, int | float) and not isinstance(value, int | float):
             raise UserError(f"config key '{name}' must be a number, got {value!r}")
+        elif isinstance(want, int | float) and not math.isfinite(value):
+            raise UserError(f"{name}={value} is out of range: it must be a finite number")
         elif isinstance(want, str) and not isinstance(value, str):
             raise UserError(f"config key '{name}' must be a string, got {value!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import time
@@ -209,6 +210,16 @@ def device_memory_stats() -> dict[str, float]:
     return {out: stats[key] / _GIB for key, out in names.items() if key in stats}
 
 
+def host_memory_stats() -> dict[str, float]:
+    """This process's resident host memory in MiB; `{}` where /proc is missing (not Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return {}
+    return {"host_rss_mib": pages * os.sysconf("SC_PAGE_SIZE") / 2**20}
+
+
 def _plain(value: Any) -> int | float:
     """A Python number from a Python, NumPy or JAX scalar (integers stay integers)."""
     a = np.asarray(value)
@@ -238,6 +249,8 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # here: it imports torch when it is installed
 
             self._tb = SummaryWriter(str(self._dir / "tensorboard"))
+            # it warns at each NaN it writes; the training loop reports non-finite steps itself
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
         except (OSError, ImportError) as e:
             raise UserError(f"cannot write the run directory {run_dir!r} ({type(e).__name__}: {e}); "
                             f"set run_dir to a directory this process can write") from None

@@ -70,7 +70,9 @@ def test_unknown_key_and_wrong_type_are_reported():
 @pytest.mark.parametrize("key, bad, edge", [("train.steps", 0, 1), ("train.log_every", -1, 1),
                                             ("checkpoint.keep", -1, 0), ("optim.b2", 1.0, 0.0),
                                             ("optim.min_lr_ratio", 1.5, 1.0),
-                                            ("optim.clip_norm", 0.0, 1e-3), ("optim.lr", float("nan"), 0.0)])
+                                            ("optim.clip_norm", 0.0, 1e-3), ("optim.lr", float("nan"), 0.0),
+                                            ("optim.lr", float("inf"), 1e3),
+                                            ("model.rope_theta", float("-inf"), 1.0)])
 def test_values_out_of_range_are_reported_and_edges_accepted(key, bad, edge):
     section, name = key.split(".")
     config = base_config()

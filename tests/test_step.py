@@ -48,3 +48,18 @@ def test_the_step_donates_its_state_and_compiles_once(layout):
         assert compiles[1:] == [0, 0], compiles  # compiled for the first step, then reused
         assert compiles[0] == (0 if aot else 1)
     assert trainer._step._cache_size() == 1
+
+
+def test_a_step_with_a_nonfinite_loss_applies_no_update():
+    config = tiny_config()
+    config.optim.update(lr=1e10, warmup_steps=0)  # the first update blows the weights up
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(1)))
+    _, data = build_data(config)
+    state, out = trainer.step(trainer.init(), make_global_batch(next(data), trainer.batch_sharding))
+    assert float(out["nonfinite"]) == 0.0 and np.isfinite(float(out["loss"]))
+    before = jax.device_get((state.params, state.opt_state))
+    state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
+    assert float(out["nonfinite"]) == 1.0 and not np.isfinite(float(out["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)),
+                 before)
+    assert int(state.step) == 2  # the data moved on; the weights did not

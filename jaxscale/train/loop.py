@@ -17,10 +17,15 @@ from jaxscale.checkpoint import Checkpointer, parse_init_params_from
 from jaxscale.config import validate
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.data.loader import process_rows
+from jaxscale.errors import UserError
 from jaxscale.mesh import describe, mesh_from_config
 from jaxscale.train.trainer import build_trainer
 
 log = logging.getLogger("jaxscale")
+
+
+class NonFiniteError(UserError):
+    """A step's loss or gradient norm was not finite (more often than the config allows)."""
 
 
 def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[dict]:
@@ -62,6 +67,7 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
                                                           cpu_devices=mesh.local_mesh.size)
         log.info("peak %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
         timer = metrics.StepTimer()
+        nonfinite = _NonFinite(config.train.max_nonfinite_steps, ckpt)
         history = []
         bar = tqdm(range(first, last), desc="train", disable=not progress, dynamic_ncols=True,
                    initial=first, total=steps)
@@ -74,13 +80,18 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
                 jax.block_until_ready(out)
                 timer.reset()
             done = i + 1
+            nonfinite.add(done, out)
+            ckpt.check()  # a background save that failed stops the run here
             if i == first or done % config.train.log_every == 0 or done == last:
+                nonfinite.judge()
                 row = {k: float(v) for k, v in jax.device_get(out).items()}
                 tokens, seconds = timer.lap()
                 if tokens and seconds > 0:
                     row.update(metrics.throughput_metrics(tokens, seconds, flops_per_token,
                                                           mesh.size, peak))
                 row.update(metrics.device_memory_stats())
+                row.update(metrics.host_memory_stats())
+                row["nonfinite_steps"] = nonfinite.count
                 writer.write(done, row)
                 history.append({"step": done, **row})
                 bar.set_postfix(loss=f"{row['loss']:.3f}",
@@ -88,11 +99,13 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
             periodic = ckpt_cfg.every and done % ckpt_cfg.every == 0
             stop = signals.check(done)
             if periodic or done == last or stop:
+                nonfinite.judge()  # never save a step that stops the run
                 ckpt.save(done, trainer.to_canonical(state), data.get_state(), config_json)
             if stop:
                 log.info("received %s: saved a checkpoint at step %d; exiting",
                          signals.received, done)
                 break
+        nonfinite.judge()
         bar.close()
     return history
 
@@ -133,6 +146,45 @@ def _read_init_params(spec: str, trainer) -> dict:
             loaded[group] = source.restore_params(abstract, groups=(group,))[group]
         log.info("initialised %s from %s", group or "parameters", source.directory)
     return loaded
+
+
+class _NonFinite:
+    """Stop the run at a step whose loss or gradient norm is not finite (the step applied no
+    update), or skip up to `limit` such steps; `count` is how many were skipped so far.
+
+    Steps' flags stay on the device until `judge` reads them together (at logging and saving
+    steps), so checking adds no host-device synchronisation to the steps between.
+    """
+
+    def __init__(self, limit: int, ckpt: Checkpointer):
+        self.limit, self.count, self._ckpt = limit, 0, ckpt
+        self._pending: list[tuple[int, dict]] = []
+
+    def add(self, step: int, out: dict) -> None:
+        self._pending.append((step, out))
+
+    def judge(self) -> None:
+        """Read the flags of the steps since the last call; warn for each skipped step, or raise
+        `NonFiniteError` naming the first step past the limit."""
+        pending, self._pending = self._pending, []
+        flags = jax.device_get([out["nonfinite"] for _, out in pending])
+        for (done, out), flag in zip(pending, flags, strict=True):
+            if not flag:
+                continue
+            row = jax.device_get(out)
+            self.count += 1
+            what = f"loss {float(row['loss'])}, grad norm {float(row['grad_norm'])}"
+            if self.count > self.limit:
+                saved = [s for s in self._ckpt.steps() if s < done]
+                skip = ("set train.max_nonfinite_steps=N to skip up to N such steps"
+                        if not self.limit
+                        else f"the run already skipped train.max_nonfinite_steps={self.limit}")
+                raise NonFiniteError(
+                    f"step {done}: {what}; the run stops without applying it "
+                    f"({f'checkpoints up to step {saved[-1]} are intact' if saved else 'nothing saved yet'})"
+                    f"; lower optim.lr or check the data, or {skip}")
+            log.warning("step %d: %s; update skipped (%d of train.max_nonfinite_steps=%d)", done,
+                        what, self.count, self.limit)
 
 
 class _Signals:

@@ -41,6 +41,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     interleaved rows, so every micro-batch stays spread over all data-parallel devices; the
     gradient is that of the mean loss over the whole batch, as without accumulation.
     `grad_shardings` pins the (accumulated) gradients to the parameters' layout.
+    A step whose loss or gradient norm is not finite applies no update and reports
+    `nonfinite=1` in its metrics.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -70,10 +72,16 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         loss_sum, count, grads = compute_grads(state.params, batch)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step), "tokens": count}
+        # a non-finite loss or gradient leaves parameters and optimizer state as they were (the
+        # training loop decides whether the run stops); the step counter moves on with the data
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "tokens": count, "nonfinite": 1.0 - finite.astype(jnp.float32)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
