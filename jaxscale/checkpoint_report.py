@@ -48,8 +48,9 @@ def describe(directory: str, verify: bool | None = None) -> str:
     lines = [f"checkpoints in {ckpt.directory}"]
     lines += [f"  step {s:>8}  {sizes[s] / 2**20:10.2f} MiB"
               + (f"  unreadable: {damaged[s].reason}" if s in damaged else "") for s in steps]
-    lines.append(f"verified: every array read back ({read / 2**20:.1f} MiB in {seconds:.1f} s)"
-                 if verify else "not verified: metadata read only; --verify reads every array")
+    lines.append(f"verified: {len(steps) - len(damaged)} of {len(steps)} steps read back whole "
+                 f"({read / 2**20:.1f} MiB in {seconds:.1f} s)" if verify
+                 else "not verified: metadata read only; --verify reads every array")
     params = {k: v for k, v in names.items() if k.startswith("params.")}
     total = sum(int(np.prod(shape)) for shape, _ in params.values())
     lines.append(f"parameters at step {latest}: {total:,}")
