@@ -17,7 +17,6 @@ import errno
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 
 import jax
@@ -26,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxscale.errors import UserError
+from jaxscale.storage_errors import one_line, quiet_storage_errors
 
 log = logging.getLogger("jaxscale")
 
@@ -59,68 +59,6 @@ def _is_array_metadata(x) -> bool:
 def _saved_names(metadata_tree) -> dict[str, tuple[tuple[int, ...], str]]:
     leaves = jax.tree.leaves(metadata_tree, is_leaf=_is_array_metadata)
     return {m.name: (tuple(m.shape), str(np.dtype(m.dtype))) for m in leaves}
-
-
-def _problem(e: BaseException) -> str:
-    """An exception in one short line: the innermost cause, which names the file that failed."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    text = str(e).split(" See full TensorStore details")[0].strip()
-    lines = text.splitlines()
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
-
-
-def _from_storage(code_file: str) -> bool:
-    return "orbax" in code_file or "tensorstore" in code_file
-
-
-def _raised_in_storage(e: BaseException | None) -> bool:
-    tb = e.__traceback__ if e is not None else None
-    while tb is not None and not _from_storage(tb.tb_frame.f_code.co_filename):
-        tb = tb.tb_next
-    return tb is not None
-
-
-class _StorageErrorsToDebug(logging.Filter):
-    """Orbax logs each failure it raises with a traceback (to absl's logger), often several times
-    over, and asyncio logs the reads left behind by a failed restore ("Task exception was never
-    retrieved"); `Checkpointer` reports the failure in one line instead, and these go to the
-    debug log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and (_from_storage(record.pathname) or _raised_in_storage(
-                record.exc_info[1] if record.exc_info else None)):
-            log.debug("storage layer: %s", record.getMessage(), exc_info=record.exc_info)
-            return False
-        return True
-
-
-def _quiet_storage_errors() -> None:
-    """Send the storage layer's own reports of the failures `Checkpointer` raises to the debug log.
-
-    Besides the error logs above: when one array of a step fails to read, the other reads may
-    finish after their event loop closed, and Python reports "Event loop is closed" and
-    never-awaited coroutines through `sys.unraisablehook`, one traceback each. Installed once per
-    process; other log records and unraisable errors pass through unchanged.
-    """
-    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-    if any(isinstance(f, _StorageErrorsToDebug) for f in loggers[0].filters):
-        return
-    for logger in loggers:
-        logger.addFilter(_StorageErrorsToDebug())
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        code = getattr(unraisable.object, "cr_code", None)
-        if (str(unraisable.exc_value) == "Event loop is closed"
-                or _from_storage(code.co_filename if code is not None else "")
-                or _raised_in_storage(unraisable.exc_value)):
-            log.debug("storage layer after a failed read: %s %s", unraisable.err_msg,
-                      _problem(unraisable.exc_value))
-        else:
-            previous(unraisable)
-
-    sys.unraisablehook = hook
 
 
 def check_compatible(saved: dict, wanted: dict, where: str,
@@ -202,7 +140,7 @@ class Checkpointer:
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler()}
         use = "read" if read_only else "write"
-        _quiet_storage_errors()
+        quiet_storage_errors()
         try:
             if read_only and not epath.Path(self.directory).is_dir():
                 raise UserError(f"checkpoint directory {directory!r} does not exist")
@@ -211,7 +149,7 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_handlers=handlers)
         except (OSError, ImportError) as e:  # ImportError: no filesystem for the URL's scheme
-            raise UserError(f"cannot {use} checkpoint directory {directory!r} ({_problem(e)}); set "
+            raise UserError(f"cannot {use} checkpoint directory {directory!r} ({one_line(e)}); set "
                             f"run_dir or checkpoint.dir to a directory this process can {use}") from None
 
     def steps(self) -> list[int]:
@@ -255,7 +193,7 @@ class Checkpointer:
         intact = [s for s in self.steps() if s != self._saving]
         kept = f"steps {', '.join(map(str, intact))} are intact" if intact else "no step was saved"
         return SaveError(f"saving checkpoint step {self._saving} to {self.directory} failed "
-                         f"({_problem(e)}); {kept}; fix the directory (space, permissions) or set "
+                         f"({one_line(e)}); {kept}; fix the directory (space, permissions) or set "
                          f"checkpoint.dir, then run again to resume")
 
     def restore(self, abstract_state, step: int | None = None):
@@ -285,7 +223,7 @@ class Checkpointer:
                 if i + 1 == len(candidates):
                     raise self._unreadable(s, e) from None
                 log.warning("checkpoint step %d in %s is unreadable (%s); using step %d", s,
-                            self.directory, _problem(e), candidates[i + 1])
+                            self.directory, one_line(e), candidates[i + 1])
         raise AssertionError("unreachable")
 
     def _restore_step(self, abstract_state, step: int):
@@ -384,7 +322,7 @@ class Checkpointer:
             config=ocp.args.JsonRestore())).config, step)
 
     def _unreadable(self, step: int, e: Exception) -> Unreadable:
-        return Unreadable(step, self.directory, _problem(e))
+        return Unreadable(step, self.directory, one_line(e))
 
     def wait(self) -> None:
         """Block until every started save is on disk; `SaveError` if one failed."""
@@ -405,7 +343,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - the failure was reported already
                 if not self._failed:
                     raise self._save_failed(e) from None
-                log.debug("closing %s after a failed save: %s", self.directory, _problem(e))
+                log.debug("closing %s after a failed save: %s", self.directory, one_line(e))
 
     def __enter__(self) -> Checkpointer:
         return self
