@@ -191,7 +191,8 @@ class Checkpointer:
     def _save_failed(self, e: Exception) -> SaveError:
         self._failed = True
         intact = [s for s in self.steps() if s != self._saving]
-        kept = f"steps {', '.join(map(str, intact))} are intact" if intact else "no step was saved"
+        kept = (f"step {intact[0]} is intact" if len(intact) == 1 else
+                f"steps {', '.join(map(str, intact))} are intact" if intact else "no step was saved")
         return SaveError(f"saving checkpoint step {self._saving} to {self.directory} failed "
                          f"({one_line(e)}); {kept}; fix the directory (space, permissions) or set "
                          f"checkpoint.dir, then run again to resume")
