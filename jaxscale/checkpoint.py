@@ -13,6 +13,7 @@ no step was asked for by number) while the storage layer's tracebacks go to the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -228,10 +229,7 @@ class Checkpointer:
         raise AssertionError("unreachable")
 
     def _restore_step(self, abstract_state, step: int):
-        metadata = self._manager.item_metadata(step)
-        if metadata is None or metadata.state is None:
-            raise ValueError(f"step {step} has no state metadata")
-        check_compatible(_saved_names(metadata.state), _names(abstract_state),
+        check_compatible(self._metadata_names(step), _names(abstract_state),
                          f"checkpoint step {step} in {self.directory}")
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -265,18 +263,21 @@ class Checkpointer:
                              _names(abstract_params), f"{', '.join(groups)} of {where}",
                              hint="a group taken from another run needs the same shapes in both")
         target = {"params": abstract_params}
-        restored = self._read_state(step, target, ocp.checkpoint_utils.construct_restore_args(target))
-        return restored["params"]
+        with self._state_reader() as read:
+            return read(step, target, ocp.checkpoint_utils.construct_restore_args(target))["params"]
 
-    def _read_state(self, step: int, target, restore_args):
-        """A subtree of the `state` item (the PyTree handler can read a part of it)."""
+    @contextlib.contextmanager
+    def _state_reader(self):
+        """`read(step, target, restore_args)`: a subtree of the `state` item (the PyTree handler
+        can read a part of it; `PLACEHOLDER` leaves are not read)."""
         reader = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(read_only=True,
                                                                  save_interval_steps=0),
             item_handlers={"state": ocp.PyTreeCheckpointHandler()})
         try:
-            return reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                target, restore_args=restore_args, partial_restore=True))).state
+            yield lambda step, target, restore_args: reader.restore(
+                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    target, restore_args=restore_args, partial_restore=True))).state
         finally:
             reader.close()
 
@@ -294,12 +295,13 @@ class Checkpointer:
                     size = 0
                 batches[-1].append(i)
                 size += n
-            for batch in batches:  # leaves outside the batch are PLACEHOLDERs: not read
-                target = [ocp.PLACEHOLDER] * len(leaves)
-                args = [ocp.PLACEHOLDER] * len(leaves)
-                for i in batch:
-                    target[i], args[i] = np.zeros(0), ocp.RestoreArgs(restore_type=np.ndarray)
-                self._read_state(step, treedef.unflatten(target), treedef.unflatten(args))
+            with self._state_reader() as read:
+                for batch in batches:  # leaves outside the batch are PLACEHOLDERs: not read
+                    target = [ocp.PLACEHOLDER] * len(leaves)
+                    args = [ocp.PLACEHOLDER] * len(leaves)
+                    for i in batch:
+                        target[i], args[i] = np.zeros(0), ocp.RestoreArgs(restore_type=np.ndarray)
+                    read(step, treedef.unflatten(target), treedef.unflatten(args))
             return sum(sizes)
         except Exception as e:  # noqa: BLE001 - any unreadable file means a damaged step
             raise self._unreadable(step, e) from None

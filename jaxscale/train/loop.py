@@ -176,13 +176,12 @@ class _NonFinite:
             what = f"loss {float(row['loss'])}, grad norm {float(row['grad_norm'])}"
             if self.count > self.limit:
                 saved = [s for s in self._ckpt.steps() if s < done]
+                kept = f"checkpoints up to step {saved[-1]} are intact" if saved else "nothing saved yet"
                 skip = ("set train.max_nonfinite_steps=N to skip up to N such steps"
                         if not self.limit
                         else f"the run already skipped train.max_nonfinite_steps={self.limit}")
-                raise NonFiniteError(
-                    f"step {done}: {what}; the run stops without applying it "
-                    f"({f'checkpoints up to step {saved[-1]} are intact' if saved else 'nothing saved yet'})"
-                    f"; lower optim.lr or check the data, or {skip}")
+                raise NonFiniteError(f"step {done}: {what}; the run stops without applying it "
+                                     f"({kept}); lower optim.lr or check the data, or {skip}")
             log.warning("step %d: %s; update skipped (%d of train.max_nonfinite_steps=%d)", done,
                         what, self.count, self.limit)
 
