@@ -9,8 +9,10 @@ from jaxscale.config import validate
 from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.metrics import train_flops_per_token
+from jaxscale.models import abstract_model
+from jaxscale.parallel import make_layout, zero
+from jaxscale.sharding import bytes_per_device
 from jaxscale.train.optim import make_optimizer
-from jaxscale.train.trainer import abstract_model, bytes_per_device, make_layout
 
 
 def plan(config, num_devices: int | None = None) -> dict:
@@ -28,17 +30,18 @@ def plan(config, num_devices: int | None = None) -> dict:
     _, params = abstract_model(config.model)
     tx, _ = make_optimizer(config.optim, config.train.steps)
     opt = jax.eval_shape(tx.init, params)
+    stage = config.parallel.zero_stage
     param_count = sum(p.size for p in jax.tree.leaves(params))
     return {
         "mesh": {a: s for a, s in sizes.items() if s > 1} or {"single device": 1},
         "params": param_count,
         "param_bytes_total": sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params)),
         "param_bytes_per_device": bytes_per_device(
-            layout.param_specs(params, zero_from_stage=3), params, sizes),
+            zero.specs(layout, params, stage, from_stage=3), params, sizes),
         "grad_bytes_per_device": bytes_per_device(
-            layout.param_specs(params, zero_from_stage=2), params, sizes),
+            zero.specs(layout, params, stage, from_stage=2), params, sizes),
         "opt_bytes_per_device": bytes_per_device(
-            layout.param_specs(opt, zero_from_stage=1), opt, sizes),
+            zero.specs(layout, opt, stage, from_stage=1), opt, sizes),
         "flops_per_token": train_flops_per_token(config),
     }
 

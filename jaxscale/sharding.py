@@ -1,11 +1,12 @@
-"""Logical axis names -> mesh axes: the one place that decides how arrays are laid out.
+"""Logical axis names -> mesh axes: how a layout turns names into `PartitionSpec`s.
 
 Models name the axes of every parameter (`nnx.Param(..., logical_axes=("embed", "mlp"))`) and call
 `constrain(x, ("batch", "seq", "embed"))` on activations. `Layout` holds a mesh and a rules table
 and turns those names into `PartitionSpec`s. Each rule maps a logical name to a mesh axis, a tuple
 of mesh axes, or None. Within one array a mesh axis is used at most once: a dimension whose axes
 are already taken by an earlier dimension stays unsharded (so the activation `("batch", "seq",
-"embed")` is not sharded over `fsdp` twice under the parameter rule `embed -> fsdp`).
+"embed")` is not sharded over `fsdp` twice under the parameter rule `embed -> fsdp`). Which
+names go to which mesh axes is each strategy's business (`jaxscale/parallel/`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import contextvars
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -26,22 +28,23 @@ from jaxscale.errors import UserError
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
-    ("layers", None),  # the stacked-blocks axis: `pipeline` under pipeline parallelism
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),  # parameters: ZeRO-3 / FSDP over `fsdp`
-    ("mlp", "tensor"),  # Megatron column-parallel in, row-parallel out
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("positions", None),  # rows of a learned position-embedding table
-    ("patch", None),  # a flattened image patch (pixels x channels)
-    ("seq", None),
-    ("res_seq", None),  # the residual stream's sequence: `tensor` under sequence parallelism
+# Every logical axis the models name. Each strategy in `jaxscale/parallel/` maps some of them onto
+# its mesh axis (`parallel.DEFAULT_RULES` joins them); here they are all unsharded.
+LOGICAL_AXES = (
+    "batch",
+    "layers",  # the stacked-blocks axis
+    "vocab",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "positions",  # rows of a learned position-embedding table
+    "patch",  # a flattened image patch (pixels x channels)
+    "seq",
+    "res_seq",  # the residual stream's sequence
 )
-SEQUENCE_PARALLEL_RULES: Rules = (("res_seq", "tensor"),)
-PIPELINE_RULES: Rules = (("layers", "pipeline"),)
+UNSHARDED: Rules = tuple((name, None) for name in LOGICAL_AXES)
 
 
 def merge_rules(base: Rules, overrides: Sequence[Sequence]) -> Rules:
@@ -58,21 +61,18 @@ def merge_rules(base: Rules, overrides: Sequence[Sequence]) -> Rules:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A mesh plus logical-axis rules, with the ZeRO stage that adds sharding over `data`."""
+    """A mesh plus logical-axis rules."""
 
     mesh: Mesh
-    rules: Rules = DEFAULT_RULES
-    zero_stage: int = 0
+    rules: Rules = UNSHARDED
 
     def __post_init__(self) -> None:
         axes = set(self.mesh.axis_names)
         for name, target in self.rules:
-            for a in _as_tuple(target):
+            for a in as_tuple(target):
                 if a not in axes:
                     raise UserError(f"axis rule ({name!r}, {target!r}) names mesh axis {a!r}; "
                                     f"the mesh has {', '.join(self.mesh.axis_names)}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise UserError(f"parallel.zero_stage={self.zero_stage} is invalid; use 0, 1, 2 or 3")
 
     def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None,
              where: str = "array") -> PartitionSpec:
@@ -88,7 +88,7 @@ class Layout:
             if name is not None and name not in table:
                 raise UserError(f"{where}: logical axis {name!r} has no rule; add "
                                 f"({name!r}, <mesh axes or None>) to parallel.rules")
-            axes = tuple(a for a in _as_tuple(table.get(name)) if self.mesh.shape[a] > 1)
+            axes = tuple(a for a in as_tuple(table.get(name)) if self.mesh.shape[a] > 1)
             if any(a in used for a in axes):
                 axes = ()
             if shape is not None and axes and shape[i] % self.size(axes):
@@ -105,51 +105,11 @@ class Layout:
     def sharding(self, spec: PartitionSpec) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
 
-    def zero_spec(self, spec: PartitionSpec, shape: Sequence[int],
-                  names: Sequence[str | None] = ()) -> PartitionSpec:
-        """`spec` with `data` added to the first dimension it divides (ZeRO over data parallel),
-        a `vocab` dimension before the others.
-
-        Only dimensions that are unsharded or sharded over `fsdp` alone are candidates, so data
-        parallel and model parallel axes never share a dimension, and never the `layers` axis of
-        stacked blocks (which are run one layer at a time). Arrays too small to split stay as
-        they were (their size is negligible).
-        """
-        n = self.mesh.shape["data"]
-        dims = list(spec) + [None] * (len(shape) - len(spec))
-        if n == 1 or any("data" in _as_tuple(d) for d in dims):
-            return spec
-        # a table's vocabulary first (see `vocab_split`)
-        order = sorted(range(len(dims)), key=lambda i: not (i < len(names) and names[i] == "vocab"))
-        for i in order:
-            d = dims[i]
-            if i < len(names) and names[i] == "layers":
-                continue
-            if set(_as_tuple(d)) <= {"fsdp"} and shape[i] % (self.size(_as_tuple(d)) * n) == 0:
-                dims[i] = _as_tuple(d) + ("data",) if d else "data"
-                return PartitionSpec(*dims)
-        return spec
-
-    def vocab_split(self, spec: PartitionSpec, shape: Sequence[int],
-                    names: Sequence[str | None]) -> PartitionSpec:
-        """A vocabulary table's `fsdp` split moved onto its `vocab` dimension where the rules
-        leave that unsplit, so data parallelism can keep the table split by vocabulary (see
-        `parallel/data_parallel.py`) without first exchanging its shards."""
-        if "vocab" not in names:
-            return spec
-        dims = list(spec) + [None] * (len(shape) - len(spec))
-        v = list(names).index("vocab")
-        for i, d in enumerate(dims):
-            if (i != v and _as_tuple(d) == ("fsdp",) and dims[v] is None
-                    and shape[v] % self.mesh.shape["fsdp"] == 0):
-                dims[i], dims[v] = None, d
-        return PartitionSpec(*dims)
-
-    def param_specs(self, tree, *, zero_from_stage: int = 4):
+    def param_specs(self, tree, adjust: Callable[..., PartitionSpec] | None = None):
         """Specs for a tree of `nnx.Variable`s (params, or optimizer state mirroring them).
 
         Variables use their `logical_axes` metadata; other leaves (step counters) are replicated.
-        When `zero_stage >= zero_from_stage` the spec gains the `data` axis (`zero_spec`).
+        `adjust(spec, shape, names)` may change each variable's spec (a strategy's extra sharding).
         """
 
         def one(path, leaf):
@@ -159,8 +119,8 @@ class Layout:
             where = "parameter " + jax.tree_util.keystr(path, simple=True, separator="/")
             if names is None or len(names) != leaf.ndim:
                 raise ValueError(f"{where} of shape {leaf.shape} has logical_axes={names!r}")
-            s = self.vocab_split(self.spec(names, leaf.shape, where), leaf.shape, names)
-            return self.zero_spec(s, leaf.shape, names) if self.zero_stage >= zero_from_stage else s
+            spec = self.spec(names, leaf.shape, where)
+            return adjust(spec, leaf.shape, names) if adjust else spec
 
         return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -168,10 +128,23 @@ class Layout:
         return jax.tree.map(self.sharding, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def _as_tuple(axes) -> tuple[str, ...]:
+def as_tuple(axes) -> tuple[str, ...]:
     if axes is None:
         return ()
     return tuple(axes) if isinstance(axes, list | tuple) else (axes,)
+
+
+def bytes_per_device(specs, shapes, mesh_shape: dict[str, int]) -> int:
+    """Bytes one device holds of arrays with these specs (works for abstract meshes too)."""
+    total = 0
+    for spec, s in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+                       jax.tree.leaves(shapes), strict=True):
+        shard = list(s.shape)
+        for i, axes in enumerate(spec):
+            for a in (axes,) if isinstance(axes, str) else (axes or ()):
+                shard[i] = -(-shard[i] // mesh_shape[a])
+        total += int(np.prod(shard)) * jnp.dtype(s.dtype).itemsize
+    return total
 
 
 _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout", default=None)
@@ -200,7 +173,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     manual = set(mesh.manual_axes) if not mesh.empty else set()
     dims = []
     for i, d in enumerate(layout.spec(names)):
-        axes = tuple(a for a in _as_tuple(d) if a not in manual)
+        axes = tuple(a for a in as_tuple(d) if a not in manual)
         ok = axes and x.shape[i] % layout.size(axes) == 0
         dims.append((axes[0] if len(axes) == 1 else axes) if ok else None)
     return jax.lax.with_sharding_constraint(

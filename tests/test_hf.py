@@ -23,7 +23,7 @@ from jaxscale.config import base_config  # noqa: E402
 from jaxscale.hf import checkpoint_config, convert, export_hf, import_hf, safetensors  # noqa: E402
 from jaxscale.infer.generate import Generator  # noqa: E402
 from jaxscale.mesh import mesh_from_config  # noqa: E402
-from jaxscale.train.trainer import abstract_model  # noqa: E402
+from jaxscale.models import abstract_model  # noqa: E402
 
 VOCAB, SEQ = 96, 24
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ))

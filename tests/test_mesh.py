@@ -7,8 +7,10 @@ from jax.sharding import PartitionSpec as P
 from jaxscale.config import base_config
 from jaxscale.errors import UserError
 from jaxscale.mesh import hybrid_devices, make_mesh, resolve_axis_sizes
-from jaxscale.sharding import DEFAULT_RULES, Layout, merge_rules
-from jaxscale.train.trainer import make_layout
+from jaxscale.parallel import DEFAULT_RULES, make_layout
+from jaxscale.parallel.vocab_parallel import vocab_split
+from jaxscale.parallel.zero import zero_spec
+from jaxscale.sharding import Layout, merge_rules
 
 
 def test_minus_one_fills_the_remaining_devices():
@@ -43,7 +45,7 @@ def test_mesh_shape_and_axis_order():
 
 @pytest.fixture(scope="module")
 def layout():
-    return Layout(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices_or_skip(8)))
+    return Layout(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices_or_skip(8)), DEFAULT_RULES)
 
 
 def test_specs_follow_rules_and_use_each_mesh_axis_once(layout):
@@ -53,7 +55,7 @@ def test_specs_follow_rules_and_use_each_mesh_axis_once(layout):
 
 
 def test_size_one_axes_are_dropped():
-    lay = Layout(make_mesh({"data": 1, "fsdp": 8}, devices_or_skip(8)))
+    lay = Layout(make_mesh({"data": 1, "fsdp": 8}, devices_or_skip(8)), DEFAULT_RULES)
     assert lay.spec(("batch", "mlp")) == P("fsdp", None)
 
 
@@ -86,22 +88,22 @@ def test_user_rules_override_defaults(layout):
 
 def test_zero_adds_data_to_a_data_parallel_dimension_only():
     mesh = make_mesh({"data": 4, "tensor": 2}, devices_or_skip(8))
-    lay = Layout(mesh, zero_stage=1)
-    assert lay.zero_spec(P(None, "tensor"), (16, 8)) == P("data", "tensor")
-    assert lay.zero_spec(P("tensor", None), (16, 8)) == P("tensor", "data")
-    assert lay.zero_spec(P("tensor"), (16,)) == P("tensor")  # no candidate: stays as it was
-    assert lay.zero_spec(P(None), (6,)) == P(None)  # 4 does not divide 6
+    lay = Layout(mesh, DEFAULT_RULES)
+    assert zero_spec(lay, P(None, "tensor"), (16, 8)) == P("data", "tensor")
+    assert zero_spec(lay, P("tensor", None), (16, 8)) == P("tensor", "data")
+    assert zero_spec(lay, P("tensor"), (16,)) == P("tensor")  # no candidate: stays as it was
+    assert zero_spec(lay, P(None), (6,)) == P(None)  # 4 does not divide 6
 
 
 def test_vocabulary_tables_are_split_by_vocabulary_where_the_rules_allow():
-    fsdp = Layout(make_mesh({"fsdp": 4, "tensor": 2}, devices_or_skip(8)))
-    assert fsdp.vocab_split(P("fsdp", None), (8, 32), ("embed", "vocab")) == P(None, "fsdp")
-    assert fsdp.vocab_split(P("fsdp", "tensor"), (8, 32), ("embed", "vocab")) == P("fsdp", "tensor")
-    assert fsdp.vocab_split(P(None, "fsdp"), (30, 8), ("vocab", "embed")) == P(None, "fsdp")  # 4∤30
-    assert fsdp.vocab_split(P("fsdp", None), (8, 32), ("embed", "mlp")) == P("fsdp", None)
-    zero = Layout(make_mesh({"data": 8}, devices_or_skip(8)), zero_stage=1)
-    assert zero.zero_spec(P(), (16, 32), ("embed", "vocab")) == P(None, "data")
-    assert zero.zero_spec(P(), (16, 32), ("embed", "mlp")) == P("data", None)
+    fsdp = Layout(make_mesh({"fsdp": 4, "tensor": 2}, devices_or_skip(8)), DEFAULT_RULES)
+    assert vocab_split(fsdp, P("fsdp", None), (8, 32), ("embed", "vocab")) == P(None, "fsdp")
+    assert vocab_split(fsdp, P("fsdp", "tensor"), (8, 32), ("embed", "vocab")) == P("fsdp", "tensor")
+    assert vocab_split(fsdp, P(None, "fsdp"), (30, 8), ("vocab", "embed")) == P(None, "fsdp")  # 4∤30
+    assert vocab_split(fsdp, P("fsdp", None), (8, 32), ("embed", "mlp")) == P("fsdp", None)
+    zero = Layout(make_mesh({"data": 8}, devices_or_skip(8)), DEFAULT_RULES)
+    assert zero_spec(zero, P(), (16, 32), ("embed", "vocab")) == P(None, "data")
+    assert zero_spec(zero, P(), (16, 32), ("embed", "mlp")) == P("data", None)
 
 
 class FakeDevice:

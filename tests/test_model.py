@@ -12,10 +12,8 @@ from test_parallel import train_losses
 
 from jaxscale.errors import UserError
 from jaxscale.metrics import param_count
-from jaxscale.models import Llama, LlamaConfig
+from jaxscale.models import Llama, LlamaConfig, abstract_model, loss_sums
 from jaxscale.models.layers import causal_attention, documents, rope
-from jaxscale.train.step import loss_sums
-from jaxscale.train.trainer import abstract_model
 
 BASE = LlamaConfig.from_config(tiny_config().model)
 

@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 from jaxscale.errors import UserError
 from jaxscale.mesh import make_mesh
 from jaxscale.models.vit import PerceiverResampler, ViT, ViTConfig, patchify, vit_flops_per_example
-from jaxscale.sharding import DEFAULT_RULES, Layout, use_layout
+from jaxscale.parallel import DEFAULT_RULES
+from jaxscale.sharding import Layout, use_layout
 
 # 16x16 images in 4x4 patches: a 4x4 grid, 16 patches per frame before pooling.
 BASE = ViTConfig(image_size=16, patch_size=4, d_model=32, n_layers=2, n_heads=4, head_dim=8, d_ff=64,

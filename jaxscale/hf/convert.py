@@ -37,7 +37,7 @@ def _path(keys) -> str:
 
 
 def _param_shapes(model_cfg) -> tuple[object, dict[str, tuple[int, ...]]]:
-    from jaxscale.train.trainer import abstract_model
+    from jaxscale.models import abstract_model
 
     shapes = abstract_model(model_cfg)[1]
     return shapes, {_path(p): s.shape for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
@@ -186,7 +186,7 @@ def load_hf_params(model_dir: str, config: ml_collections.ConfigDict, layout) ->
 def import_hf(model_dir: str, out: str, config: ml_collections.ConfigDict | None = None) -> str:
     """Convert the HF model in `model_dir` into a jaxscale checkpoint directory `out` (step 0,
     parameters only; the run config inside says the model and tokenizer). Returns `out`."""
-    from jaxscale.train.trainer import make_layout
+    from jaxscale.parallel import make_layout
 
     config = import_config(model_dir, config)
     validate(config)
@@ -254,7 +254,7 @@ def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
     copied to the host one layer's tensor at a time."""
     from jaxscale.data.tokenizer import load_tokenizer
     from jaxscale.infer.generate import load_params
-    from jaxscale.train.trainer import make_layout
+    from jaxscale.parallel import make_layout
 
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype}; use one of {', '.join(EXPORT_DTYPES)}")

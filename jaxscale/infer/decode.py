@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.infer.cache import CacheConfig, KVCache
-from jaxscale.models.llama import Decoder
+from jaxscale.models.decoder import Decoder
 
 
 def forward(model: Decoder, tokens: jax.Array, positions: jax.Array,

@@ -27,10 +27,10 @@ from jaxscale.infer.decode import decode_step, prefill, teacher_forced_logits
 from jaxscale.infer.quantize import fit_spec, param_shardings, quantize_params, weight_bytes
 from jaxscale.infer.sampling import SamplingParams, sample
 from jaxscale.mesh import mesh_from_config
-from jaxscale.models import DECODERS
+from jaxscale.models import DECODERS, abstract_model
 from jaxscale.models.layers import token_loss_sums
+from jaxscale.parallel import make_layout
 from jaxscale.sharding import Layout, merge_rules, use_layout
-from jaxscale.train.trainer import abstract_model, make_layout
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so few lengths are compiled
 GREEDY = SamplingParams()

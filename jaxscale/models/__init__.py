@@ -6,6 +6,7 @@ config's `model.family` names.
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from jaxscale.errors import UserError
@@ -31,4 +32,16 @@ def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
     return fusion.build(family, model_cfg, rngs)
 
 
-__all__ = ["DECODERS", "FAMILIES", "Llama", "LlamaConfig", "build_model"]
+def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and parameter shapes of the config's model, without allocating anything."""
+    return nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0))))
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: dict,
+              **model_kwargs) -> tuple[jax.Array, jax.Array]:
+    """The model's loss on `batch` as (sum over examples or tokens, their weight): each model
+    family's `loss_sums` method, e.g. token cross-entropies weighted by `loss_mask`."""
+    return nnx.merge(graphdef, params).loss_sums(batch, **model_kwargs)
+
+
+__all__ = ["DECODERS", "FAMILIES", "Llama", "LlamaConfig", "abstract_model", "build_model", "loss_sums"]

@@ -29,8 +29,9 @@ from flax import nnx
 from jaxscale.data.scenes import ANSWERS
 from jaxscale.errors import UserError
 from jaxscale.metrics import flops_per_token
+from jaxscale.models.decoder import attention_mask, scan_blocks
 from jaxscale.models.layers import RMSNorm, param, stack_layers, token_loss_sums
-from jaxscale.models.llama import Llama, LlamaConfig, attention_mask, scan_blocks
+from jaxscale.models.llama import Llama, LlamaConfig
 from jaxscale.models.vit import (
     MLP,
     Attention,

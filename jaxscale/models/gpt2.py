@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
+from jaxscale.models.decoder import RESIDUAL, Attend, Decoder
 from jaxscale.models.layers import (
     LayerNorm,
     causal_attention,
@@ -24,7 +25,7 @@ from jaxscale.models.layers import (
     remat_policy,
     stack_layers,
 )
-from jaxscale.models.llama import RESIDUAL, Attend, Decoder, LlamaConfig
+from jaxscale.models.llama import LlamaConfig
 from jaxscale.sharding import constrain
 
 

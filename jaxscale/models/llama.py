@@ -9,34 +9,27 @@ by `jaxscale.sharding`. Activations tagged for `model.remat="save:..."`: `qkv`, 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
+from jaxscale.models.decoder import RESIDUAL, Attend, Decoder
 from jaxscale.models.layers import (
     ATTENTION,
     RMSNorm,
     RopeScaling,
     causal_attention,
-    chunked_xent_sums,
     dense,
     embed_lookup,
     param,
     remat_policy,
     rope,
     stack_layers,
-    token_loss_sums,
 )
 from jaxscale.sharding import constrain
-
-RESIDUAL = ("batch", "res_seq", "embed")
-Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,94 +152,9 @@ class Block(nnx.Module):
         return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
 
 
-def apply_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    return block(x, positions, mask)
-
-
 def stacked_blocks(c: LlamaConfig, rngs: nnx.Rngs) -> Block:
     """`n_layers` blocks as one `Block` whose parameters carry a leading `layers` axis."""
     return stack_layers(lambda r: Block(c, r), c.n_layers, rngs)
-
-
-def scan_blocks(blocks: Block, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                apply_block: Callable[..., jax.Array] = apply_block, unroll: bool = False) -> jax.Array:
-    """Run the stacked blocks in order with `jax.lax.scan` (one compiled layer, any depth), or
-    `unroll`ed (every layer in the program: compiles longer, runs faster on XLA:CPU)."""
-    graph, stacked = nnx.split(blocks)
-
-    def layer(x, state):
-        return apply_block(nnx.merge(graph, state), x, positions, mask), None
-
-    return jax.lax.scan(layer, x, stacked, unroll=unroll)[0]
-
-
-class Decoder(nnx.Module):
-    """What the decoder families share: run the stacked `blocks` between `embed_tokens` and `head`.
-
-    Subclasses set `config`, `blocks` and define `embed_tokens(tokens, positions)`, `final(x)`
-    (the final norm) and `output_table()` (the output layer's [embed, vocab] weights).
-    """
-
-    config: LlamaConfig
-    blocks: nnx.Module
-
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None,
-                 apply_block: Callable[..., jax.Array] = apply_block,
-                 run_blocks: Callable[..., jax.Array] = scan_blocks) -> jax.Array:
-        """Logits for `tokens`. Parallelism strategies may replace how the blocks run:
-        `apply_block(block, x, positions, mask)` runs one layer (to gather its parameters just in
-        time), `run_blocks(blocks, x, positions, mask, apply_block)` runs the stack (a pipeline)."""
-        return self.head(self.hidden(tokens, positions, segment_ids, apply_block, run_blocks))
-
-    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None,
-               apply_block: Callable[..., jax.Array] = apply_block,
-               run_blocks: Callable[..., jax.Array] = scan_blocks,
-               vocab_axes: tuple[str, ...] = ()) -> jax.Array:
-        """The last block's output [batch, seq, embed] for `tokens` (see `__call__`; for
-        `vocab_axes`, `loss_sums`)."""
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self.run(self.embed_tokens(tokens, positions, vocab_axes), positions,
-                        attention_mask(segment_ids), apply_block, run_blocks)
-
-    def loss_sums(self, batch: dict[str, jax.Array], vocab_axes: tuple[str, ...] = (),
-                  **kwargs) -> tuple[jax.Array, jax.Array]:
-        """Summed next-token cross-entropy over `loss_mask`, and the mask's sum. With
-        `loss_chunk`, the logits are never materialised (`chunked_xent_sums`). With
-        `vocab_axes`, data parallelism hands the model its slice of the vocabulary tables over
-        those mesh axes (see `embed_lookup`)."""
-        x = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                        vocab_axes=vocab_axes, **kwargs)
-        if self.config.loss_chunk or vocab_axes:
-            return chunked_xent_sums(self.final(x), self.output_table().astype(x.dtype),
-                                     batch["targets"], batch["loss_mask"],
-                                     self.config.loss_chunk or x.size // x.shape[-1], vocab_axes,
-                                     self.config.logits_dtype)
-        return token_loss_sums(self.head(x), batch["targets"], batch["loss_mask"])
-
-    def run(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
-            apply_block: Callable[..., jax.Array] = apply_block,
-            run_blocks: Callable[..., jax.Array] = scan_blocks) -> jax.Array:
-        """The blocks on a residual stream `x` [batch, seq, embed] (token or other embeddings)."""
-        if run_blocks is scan_blocks and not self.config.scan_layers:
-            run_blocks = functools.partial(scan_blocks, unroll=True)
-        return run_blocks(self.blocks, x, positions, mask, self.block_fn(apply_block))
-
-    def block_fn(self, apply_block: Callable[..., jax.Array] = apply_block) -> Callable[..., jax.Array]:
-        """`apply_block` under the model's rematerialisation policy."""
-        if self.config.remat == "none":
-            return apply_block
-        return nnx.remat(apply_block, policy=remat_policy(self.config.remat), prevent_cse=True)
-
-    def head(self, x: jax.Array) -> jax.Array:
-        """Float32 logits [batch, seq, vocab] from the last block's output (rounded to bfloat16
-        first with `logits_dtype="bfloat16"`)."""
-        x = self.final(x)
-        logits = dense(x, self.output_table().astype(x.dtype),
-                       preferred_element_type=jnp.dtype(self.config.logits_dtype))
-        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
 
 
 class Llama(Decoder):
@@ -276,10 +184,3 @@ class Llama(Decoder):
     def output_table(self) -> jax.Array:
         """The output layer's weights [embed, vocab] (the embedding's transpose when tied)."""
         return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-
-
-def attention_mask(segment_ids: jax.Array | None) -> jax.Array | None:
-    """For packed rows, attend only within the same document ([batch, 1, seq, seq]); None if unpacked."""
-    if segment_ids is None:
-        return None
-    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]

@@ -14,20 +14,24 @@ Gradients are computed inside the schedule, so the pipelined part is one `jax.cu
 function whose forward returns the loss and keeps the gradients, and whose backward scales them by
 the loss's cotangent. The embedding, data parallelism, the optimizer and gradient accumulation
 around it are unchanged.
+
+Collectives per step, for microbatches of `A` activation bytes: per tick one `ppermute` of `A`
+forward and one backward (`2 A (M + 2P - 2)` in all), and an all-reduce of the loss scalar.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxscale.models.decoder import apply_block as plain_block
+from jaxscale.models.decoder import attention_mask, scan_blocks
 from jaxscale.models.layers import token_loss_sums
-from jaxscale.models.llama import apply_block as plain_block
-from jaxscale.models.llama import attention_mask, scan_blocks
-from jaxscale.parallel.pipeline import AXIS, split_microbatches
+from jaxscale.parallel.gpipe import AXIS, split_microbatches
 
 
 def _varying(x: jax.Array) -> frozenset[str]:
@@ -40,36 +44,40 @@ def _vary(x: jax.Array, axes: frozenset[str]) -> jax.Array:
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def one_f_one_b_loss(microbatches: int, stages: int) -> Callable:
-    """`loss(graphdef, params, batch, apply_block=...) -> (loss_sum, count)` under 1F1B.
+def _stage(block_graph, run_layer, w, x, positions, mask):
+    """This stage's layers (parameters `w`) on `x`."""
+    return scan_blocks(nnx.merge(block_graph, w), x, positions, mask, run_layer)
+
+
+def _head_loss(graphdef, block_shapes, h, y, targets, loss_mask):
+    """The loss sum of the last stage's output `y` through the model's head (parameters `h`)."""
+    head = nnx.merge(graphdef, nnx.State({**h, "blocks": block_shapes})).head
+    return token_loss_sums(head(y), targets, loss_mask)[0]
+
+
+class OneFOneB:
+    """`loss(graphdef, params, batch, apply_block=...) -> (loss_sum, count)` under 1F1B for a
+    decoder (`models.decoder.Decoder`: `embed_tokens`, `blocks`, `block_fn`, `head`).
 
     Runs where `pipeline` is manual; returns the same sums on every stage.
     """
-    m, p = microbatches, stages
 
-    def loss(graphdef: nnx.GraphDef, params: nnx.State, batch, apply_block=plain_block):
+    def __init__(self, microbatches: int, stages: int):
+        self.m, self.p = microbatches, stages
+
+    def __call__(self, graphdef: nnx.GraphDef, params: nnx.State, batch, apply_block=plain_block):
         model = nnx.merge(graphdef, params)
         x = model.embed_tokens(batch["inputs"], batch["positions"])
         axes = _varying(x)  # every manual axis: the table is marked varying over all of them
-        run_layer = model.block_fn(apply_block)
-        block_graph = nnx.split(model.blocks)[0]
         blocks = jax.tree.map(lambda a: _vary(a, axes), params["blocks"])
         head_params = nnx.State({k: v for k, v in params.items() if k != "blocks"})
         block_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), blocks)
-
-        def stage_fn(w, x, positions, mask):
-            return scan_blocks(nnx.merge(block_graph, w), x, positions, mask, run_layer)
-
-        def head_fn(h, y, targets, loss_mask):
-            head = nnx.merge(graphdef, nnx.State({**h, "blocks": block_shapes})).head
-            return token_loss_sums(head(y), targets, loss_mask)[0]
-
+        stage_fn = functools.partial(_stage, nnx.split(model.blocks)[0], model.block_fn(apply_block))
+        head_fn = functools.partial(_head_loss, graphdef, block_shapes)
         aux = (batch["positions"], attention_mask(batch["segment_ids"]), batch["targets"],
                batch["loss_mask"])
-        loss_sum = _pipelined(stage_fn, head_fn, m, p, axes)(blocks, head_params, x, aux)
+        loss_sum = _pipelined(stage_fn, head_fn, self.m, self.p, axes)(blocks, head_params, x, aux)
         return jax.lax.psum(loss_sum, AXIS), jnp.sum(batch["loss_mask"])
-
-    return loss
 
 
 def _pipelined(stage_fn: Callable, head_fn: Callable, m: int, p: int, axes: frozenset[str]):

@@ -22,20 +22,13 @@ class TrainState(struct.PyTreeNode):
     opt_state: optax.OptState
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
-              **model_kwargs) -> tuple[jax.Array, jax.Array]:
-    """The model's loss on `batch` as (sum over examples or tokens, their weight): each model
-    family's `loss_sums` method, e.g. token cross-entropies weighted by `loss_mask`."""
-    return nnx.merge(graphdef, params).loss_sums(batch, **model_kwargs)
-
-
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
                     grad_shardings) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build `step(state, batch) -> (state, metrics)`, ready for `jax.jit`.
 
-    `loss_fn(params, batch) -> (loss_sum, count)` is `loss_sums` bound to a model graph,
-    possibly wrapped by a parallelism strategy.
+    `loss_fn(params, batch) -> (loss_sum, count)` is the model's `loss_sums` as
+    `parallel.parallelize` lays it out on the mesh.
 
     With accumulation the global batch is split into `grad_accum_steps` micro-batches of
     interleaved rows, so every micro-batch stays spread over all data-parallel devices; the

@@ -1,0 +1,108 @@
+"""`parallelize`: a model and a mesh in, the sharded loss and the state's layouts out.
+
+The one place where the strategies of this package are put together, from the config and the
+mesh alone (like torchtitan's `parallelize_llama`): the logical-axis rules of data parallelism,
+ZeRO/FSDP, tensor (+ sequence) and pipeline parallelism (`make_layout`), the layouts of the
+parameters and optimizer state (`zero.specs`), and the loss run manual over the data-parallel
+and pipeline axes with the gathers ZeRO/FSDP need and the schedule pipelining needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxscale.errors import UserError
+from jaxscale.models import DECODERS, loss_sums
+from jaxscale.parallel import data_parallel, pipeline, tensor_parallel, vocab_parallel, zero
+from jaxscale.sharding import UNSHARDED, Layout, in_order, merge_rules
+
+DEFAULT_RULES = merge_rules(UNSHARDED, data_parallel.RULES + zero.RULES + tensor_parallel.RULES)
+
+
+def make_layout(config, mesh: Mesh) -> Layout:
+    """The Layout a config asks for: every strategy's rules, then the user's `parallel.rules`."""
+    known = {name for name, _ in UNSHARDED}
+    for name, _ in config.parallel.rules:
+        if name not in known:
+            raise UserError(f"parallel.rules names logical axis {name!r}, which no model names; "
+                            f"use one of {', '.join(n for n, _ in UNSHARDED)}")
+    rules = DEFAULT_RULES
+    if mesh.shape["pipeline"] > 1:
+        rules = merge_rules(rules, pipeline.RULES)
+    if config.parallel.sequence_parallel:
+        rules = merge_rules(rules, tensor_parallel.SEQUENCE_PARALLEL_RULES)
+    return Layout(mesh, merge_rules(rules, config.parallel.rules))
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallelized:
+    """What `parallelize` returns.
+
+    `loss(params, batch) -> (loss_sum, count)`: the global sums, differentiable in `params`;
+    `param_specs`, `opt_specs`: the stored layouts of parameters (and gradients) and optimizer
+    state; `batch_spec`: the batch's; `virtual_stages`: chunks of layers per pipeline stage (the
+    parameters' stacked blocks are `[V, L/V, ...]` when > 1, see `pipeline.virtualize`).
+    """
+
+    loss: Callable
+    param_specs: object
+    opt_specs: object
+    batch_spec: PartitionSpec
+    virtual_stages: int
+
+
+def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: Layout,
+                config) -> Parallelized:
+    """Lay the model (`graphdef`, abstract `params`) and its optimizer state out on `layout`."""
+    stage = config.parallel.zero_stage
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"parallel.zero_stage={stage} is invalid; use 0, 1, 2 or 3")
+    stages = layout.mesh.shape["pipeline"]
+    check_batch(config, layout)
+    virtual = pipeline.virtual_stages(config, stages)
+    param_specs = pipeline.virtualize(zero.specs(layout, params, stage, from_stage=2), virtual)
+    opt_specs = pipeline.virtualize(zero.specs(layout, opt_state, stage, from_stage=1), virtual)
+    model_loss = (pipeline.pipeline_loss(config.pipeline.schedule, config.pipeline.microbatches,
+                                         stages, virtual) if stages > 1 else loss_sums)
+    manual_axes = data_parallel.dp_axes(layout) + (("pipeline",) if stages > 1 else ())
+    loss = _sharded_loss(graphdef, params, config, layout, param_specs, model_loss, manual_axes,
+                         stacked_dims=1 + (virtual > 1))
+    return Parallelized(loss, param_specs, opt_specs, layout.spec(("batch",)), virtual)
+
+
+def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_loss: Callable,
+                  manual_axes: tuple[str, ...], stacked_dims: int) -> Callable:
+    """The loss run manual over `manual_axes`, or the model's own where there are none."""
+    if not manual_axes:
+        return lambda p, batch: model_loss(graphdef, p, batch)
+    manual = jax.tree.map(lambda s: data_parallel.manual_part(s, manual_axes, "a parameter rule"),
+                          param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    decoder = config.model.family in DECODERS and layout.mesh.shape["pipeline"] == 1
+    local = zero.LocalLoss(
+        graphdef, model_loss, layout, manual, param_specs, manual_axes,
+        regather=zero.regathers(layout, config.parallel.zero_stage), stacked_dims=stacked_dims,
+        tables=vocab_parallel.vocab_tables(params) if decoder else {},
+        order=lambda first, then: in_order(first, then, layout))
+    return data_parallel.data_parallel_loss(local, layout, manual, manual_axes)
+
+
+def check_batch(config, layout: Layout) -> None:
+    """Clear errors, before anything compiles, for a batch the mesh cannot split."""
+    batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
+    dp = layout.size(data_parallel.dp_axes(layout))
+    if accum < 1 or batch % accum:
+        raise UserError(f"train.global_batch_size={batch} is not divisible by "
+                        f"train.grad_accum_steps={accum}")
+    if (batch // accum) % dp:
+        raise UserError(f"micro-batch {batch // accum} (train.global_batch_size / "
+                        f"grad_accum_steps) is not divisible by the data-parallel size {dp} "
+                        f"(data x fsdp); change the batch size or the mesh")
+    if layout.mesh.shape["pipeline"] > 1 and config.model.family not in DECODERS:
+        raise NotImplementedError(f"pipeline parallelism for model.family={config.model.family!r} "
+                                  f"(pipelines run {', '.join(DECODERS)}); set mesh.pipeline=1")
+    pipeline.check_pipeline(config, layout.mesh.shape["pipeline"], batch // accum // dp)

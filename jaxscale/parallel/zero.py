@@ -1,0 +1,243 @@
+"""ZeRO-1/2/3 and FSDP: optimizer state, gradients and parameters sharded over data parallelism.
+
+What it shards: parameters over `fsdp` (the rule `embed -> fsdp`: FSDP, stage 3 by nature), and
+with `parallel.zero_stage` over `data` too (`zero_spec`): 1 the optimizer state, 2 also the
+parameters and gradients between steps (PyTorch FSDP's SHARD_GRAD_OP), 3 also re-gathering each
+block's parameters in the backward pass instead of keeping them (FULL_SHARD).
+
+Formulation: inside the data-parallel `shard_map` (`data_parallel.py`), written out so that every
+backend compiles the same program: a parameter sharded over data-parallel axes is `all_gather`ed,
+and `jax.grad` turns each gather into a `psum_scatter` (reduce-scatter) of its gradient. Shards
+gathered over the same axes travel as one flat buffer (like PyTorch FSDP's flat parameters): one
+all-gather and one reduce-scatter per group instead of one per parameter. With regathering
+(`fsdp > 1` or stage 3) each block's parameters are gathered inside the block under a remat
+policy that saves everything but them, so the backward pass gathers them again.
+
+Collectives per step, for P bytes of parameters sharded over N devices: stage 1 an all-reduce of
+the gradients (data parallelism's) and the optimizer's own sharded update; stage 2 one
+all-gather of P and one reduce-scatter of the gradients ((N-1)/N x P each); stage 3 / FSDP one
+more all-gather of the blocks' parameters in the backward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from jaxscale.parallel import vocab_parallel
+from jaxscale.parallel.data_parallel import split_dims, vary
+from jaxscale.sharding import Layout, Rules, as_tuple
+
+RULES: Rules = (("embed", "fsdp"),)  # parameters: FSDP over `fsdp`
+
+
+def zero_spec(layout: Layout, spec: PartitionSpec, shape, names=()) -> PartitionSpec:
+    """`spec` with `data` added to the first dimension it divides (ZeRO over data parallel),
+    a `vocab` dimension before the others.
+
+    Only dimensions that are unsharded or sharded over `fsdp` alone are candidates, so data
+    parallel and model parallel axes never share a dimension, and never the `layers` axis of
+    stacked blocks (which are run one layer at a time). Arrays too small to split stay as they
+    were (their size is negligible).
+    """
+    n = layout.mesh.shape["data"]
+    dims = list(spec) + [None] * (len(shape) - len(spec))
+    if n == 1 or any("data" in as_tuple(d) for d in dims):
+        return spec
+    order = sorted(range(len(dims)), key=lambda i: not (i < len(names) and names[i] == "vocab"))
+    for i in order:
+        d = dims[i]
+        if i < len(names) and names[i] == "layers":
+            continue
+        if set(as_tuple(d)) <= {"fsdp"} and shape[i] % (layout.size(as_tuple(d)) * n) == 0:
+            dims[i] = as_tuple(d) + ("data",) if d else "data"
+            return PartitionSpec(*dims)
+    return spec
+
+
+def specs(layout: Layout, tree, stage: int, from_stage: int):
+    """Specs of a tree of variables: the rules', tables split by vocabulary, and over `data` too
+    when `stage >= from_stage` (1 for optimizer state, 2 for parameters and gradients)."""
+
+    def adjust(spec, shape, names):
+        spec = vocab_parallel.vocab_split(layout, spec, shape, names)
+        return zero_spec(layout, spec, shape, names) if stage >= from_stage else spec
+
+    return layout.param_specs(tree, adjust)
+
+
+def regathers(layout: Layout, stage: int) -> bool:
+    """Whether blocks gather their parameters again in the backward pass (FSDP, ZeRO-3)."""
+    return layout.mesh.shape["fsdp"] > 1 or stage == 3
+
+
+def _unstack(whole: jax.Array, shape: tuple[int, ...], dim: int) -> jax.Array:
+    """[devices, *shape] gathered shards -> the array they split along `dim`."""
+    return jnp.moveaxis(whole.reshape(-1, *shape), 0, dim).reshape(
+        *shape[:dim], -1, *shape[dim + 1:])
+
+
+def gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool) -> list[jax.Array]:
+    """All-gather each `x` over the data-parallel axes in its spec (`pipeline` stays split).
+
+    With `flat`, shards gathered over the same axes travel as one flat buffer, each gathered along
+    a new leading axis and moved into place (XLA:CPU does that several times faster than
+    gathering along an inner dimension). Without `flat` (where other mesh axes, e.g. `tensor`,
+    split the shards, which flattening would gather over them too) each is gathered along its
+    own dimension.
+    """
+    out = list(xs)
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for i, (x, spec) in enumerate(zip(xs, specs, strict=True)):
+        split = split_dims(spec)
+        if len(split) == 1:
+            groups.setdefault((split[0][1], x.dtype), []).append((i, split[0][0]))
+        for dim, axes in split if len(split) > 1 else ():  # rare: gathered on its own
+            out[i] = _unstack(jax.lax.all_gather(out[i], axes), out[i].shape, dim)
+    for (axes, _), members in groups.items():
+        if not flat:
+            for i, dim in members:
+                out[i] = jax.lax.all_gather(xs[i], axes, axis=dim, tiled=True)
+            continue
+        whole = jax.lax.all_gather(jnp.concatenate([xs[i].reshape(-1) for i, _ in members]),
+                                   axes)  # [devices, flat]
+        sizes = [xs[i].size for i, _ in members]
+        pieces = jnp.split(whole, list(itertools.accumulate(sizes))[:-1], axis=1)
+        for (i, dim), piece in zip(members, pieces, strict=True):
+            out[i] = _unstack(piece, xs[i].shape, dim)
+    return out
+
+
+def _not_gathered(prim, *_, **__) -> bool:
+    """Remat policy: save everything but gathered parameters (and their aliases and casts)."""
+    return prim.name not in ("all_gather", "pvary", "pcast", "name", "reshape", "split", "transpose",
+                             "convert_element_type")
+
+
+def _keys(path) -> list[str]:
+    return [str(k.key) for k in path if hasattr(k, "key")]
+
+
+def block_part(path) -> str:
+    """The path inside its stacked-blocks subtree ("attn/wq"), or "" outside any."""
+    keys = _keys(path)
+    return "/".join(keys[keys.index("blocks") + 1:]) if "blocks" in keys else ""
+
+
+def _layer_specs(manual, stacked_dims: int) -> dict[frozenset, dict[str, PartitionSpec]]:
+    """One layer's specs for each stacked-blocks subtree (`blocks` anywhere in the tree), keyed by
+    the set of its parameter names, which is how `RegatheredBlock` recognises a layer."""
+    groups: dict[tuple, dict[str, PartitionSpec]] = {}
+    for path, spec in jax.tree_util.tree_flatten_with_path(
+            manual, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]:
+        if name := block_part(path):
+            keys = _keys(path)
+            groups.setdefault(tuple(keys[:keys.index("blocks")]), {})[name] = PartitionSpec(
+                *spec[stacked_dims:])
+    out: dict[frozenset, dict[str, PartitionSpec]] = {}
+    for layer in groups.values():
+        key = frozenset(layer)
+        if out.setdefault(key, layer) != layer:
+            raise ValueError(f"two stacked-block subtrees with the parameters {sorted(key)} are laid "
+                             f"out differently; rename one of them")
+    return out
+
+
+class RegatheredBlock:
+    """`apply_block(block, *args)` that gathers the layer's parameter shards inside the layer and
+    again in the backward pass (remat policy `_not_gathered`) instead of keeping them."""
+
+    def __init__(self, manual_specs, stacked_dims: int, manual_axes: tuple[str, ...], flat: bool):
+        self.layer_specs = _layer_specs(manual_specs, stacked_dims)
+        self.manual_axes, self.flat = manual_axes, flat
+
+    def __call__(self, block: nnx.Module, *args) -> jax.Array:
+        graph, shards = nnx.split(block)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(shards)
+        names = ["/".join(_keys(p)) for p, _ in flat]
+        layer = self.layer_specs[frozenset(names)]
+
+        def run(shards, *args):
+            gathered = gather_all(jax.tree.leaves(shards), [layer[n] for n in names], self.flat)
+            full = treedef.unflatten([vary(x, self.manual_axes) for x in gathered])
+            return nnx.merge(graph, full)(*args)
+
+        return jax.checkpoint(run, policy=_not_gathered)(shards, *args)
+
+
+class LocalLoss:
+    """The loss on one data-parallel shard, from the parameters as ZeRO/FSDP store them.
+
+    Gathers the parameters (with regathering, those outside the stacked blocks: the blocks gather
+    their own), or cuts the vocabulary tables into vocabulary slices (`vocab_parallel.py`), orders
+    the collectives where the backend needs it (`order`), and runs `model_loss(graphdef, params,
+    batch, **kwargs)`.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, model_loss: Callable, layout: Layout, manual_specs,
+                 stored_specs, manual_axes: tuple[str, ...], *, regather: bool,
+                 stacked_dims: int, tables: dict[str, int], order: Callable | None):
+        self.graphdef, self.model_loss, self.layout = graphdef, model_loss, layout
+        self.manual, self.stored, self.manual_axes = manual_specs, stored_specs, manual_axes
+        self.regather, self.tables, self.order = regather, tables, order
+        # flat buffers only where no other mesh axis splits the parameters (see `gather_all`)
+        self.flat = all(n == 1 for a, n in layout.mesh.shape.items() if a not in manual_axes)
+        self.block = RegatheredBlock(manual_specs, stacked_dims, manual_axes, self.flat) if (
+            regather) else None
+
+    def __call__(self, params, batch):
+        vocab = self._vocab_axes(params, batch["inputs"].size) if self.tables else ()
+        kwargs = {"vocab_axes": vocab} if vocab else {}
+        full = self._gather(params, vocab)
+        if self.order is not None:
+            full, batch = self._ordered(full, params, batch)
+        full = jax.tree_util.tree_map_with_path(
+            lambda p, x: x if self.regather and block_part(p) else vary(x, self.manual_axes), full)
+        if self.block is not None:
+            kwargs["apply_block"] = self.block
+        return self.model_loss(self.graphdef, full, batch, **kwargs)
+
+    def _vocab_axes(self, params, tokens: int) -> tuple[str, ...]:
+        local = {k: params[k][...] for k in self.tables}
+        manual = {k: self.manual[k] for k in self.tables}
+        stored = {k: self.stored[k] for k in self.tables}
+        return vocab_parallel.vocab_axes(self.layout, self.tables, local, manual, stored, tokens)
+
+    def _gather(self, params, vocab: tuple[str, ...]):
+        """Every leaf gathered (with regathering: those outside stacked-block subtrees; with
+        `vocab`: the vocabulary tables cut into vocabulary slices instead)."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        specs = jax.tree.leaves(self.manual, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        out = [x for _, x in flat]
+        todo = []
+        for i, ((path, x), spec) in enumerate(zip(flat, specs, strict=True)):
+            keys = _keys(path)
+            if vocab and len(keys) == 1 and keys[0] in self.tables:
+                out[i] = vocab_parallel.vocab_slice(x, spec, self.tables[keys[0]], vocab)
+            elif not (self.regather and block_part(path)):
+                todo.append(i)
+        gathered = gather_all([out[i] for i in todo], [specs[i] for i in todo], self.flat)
+        for i, x in zip(todo, gathered, strict=True):
+            out[i] = x
+        return treedef.unflatten(out)
+
+    def _ordered(self, full, params, batch):
+        """`full` and `batch` with the batch (whose tokens the model may gather) and the blocks'
+        shards left for the layer loops to gather waiting for the gathers and exchanges; in the
+        backward pass their reduce-scatters wait for the loops' (`order`)."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(full)
+        moved = [i for i, ((_, x), raw) in enumerate(zip(flat, jax.tree.leaves(params), strict=True))
+                 if x is not raw]
+        blocks = [i for i, (p, _) in enumerate(flat) if block_part(p) and i not in moved]
+        first, (batch, later) = self.order([flat[i][1] for i in moved],
+                                           (batch, [flat[i][1] for i in blocks]))
+        leaves = [x for _, x in flat]
+        for i, x in zip(moved + blocks, first + later, strict=True):
+            leaves[i] = x
+        return treedef.unflatten(leaves), batch
+
