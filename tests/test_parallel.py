@@ -10,6 +10,7 @@ from conftest import devices_or_skip, tiny_config
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jaxscale.collective_order import SCOPE as ORDERING_SCOPE
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.errors import UserError
 from jaxscale.hlo import collective_stats, unordered_collectives
@@ -118,6 +119,17 @@ def test_emulated_devices_run_their_collectives_in_one_order(layout):
         pytest.skip("accelerators keep collectives overlapping; the order is XLA:CPU's need")
     _, trainer = compiled_collectives(devices, **layout)
     assert unordered_collectives(trainer.compile().as_text()) == []
+
+
+@pytest.mark.parametrize("layout", [dict(fsdp=8), dict(data=2, fsdp=2, tensor=2, zero_stage=3)])
+def test_cpu_workarounds_stay_out_of_accelerator_programs(layout):
+    """The step lowered for GPUs and TPUs holds none of the operations that order collectives for
+    XLA:CPU (`jaxscale.cpu.order_collectives`); lowered for the CPU it does."""
+    config = tiny_config(**layout)
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(8)))
+    found = {p: trainer.lower(p).as_text(debug_info=True).count(ORDERING_SCOPE)
+             for p in ("cpu", "cuda", "tpu")}
+    assert found["cpu"] > 0 and found["cuda"] == found["tpu"] == 0
 
 
 def param_bytes(trainer) -> int:
@@ -245,6 +257,38 @@ def test_pipeline_schedules_match_the_unpipelined_model(name, pipeline_reference
     config = pipeline_config(**args)
     losses, grad_norms = train_metrics(config, devices_or_skip(n_devices))
     reference = pipeline_references(config.model.n_layers)
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
+    np.testing.assert_allclose(grad_norms, reference[1], rtol=1e-4)
+
+
+def family_config(family: str, **args):
+    """`pipeline_config` for another model family: GPT-2 (no grouped-query attention)."""
+    config = pipeline_config(**args)
+    config.model.family = family
+    config.model.n_kv_heads = config.model.n_heads
+    return config
+
+
+@pytest.fixture(scope="module")
+def family_references():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = train_metrics(family_config(family), jax.devices()[:1])
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+@pytest.mark.parametrize("schedule", [dict(), dict(schedule="1f1b", microbatches=4),
+                                      dict(schedule="interleaved", virtual_stages=2)],
+                         ids=["gpipe", "1f1b", "interleaved"])
+def test_every_decoder_family_pipelines(family, schedule, family_references):
+    config = family_config(family, pipeline=2, **schedule)
+    losses, grad_norms = train_metrics(config, devices_or_skip(2))
+    reference = family_references(family)
     np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
     np.testing.assert_allclose(grad_norms, reference[1], rtol=1e-4)
 

@@ -40,7 +40,7 @@ from jaxscale.models.vit import (
     ViTConfig,
     vit_flops_per_example,
 )
-from jaxscale.sharding import constrain, gather_batch, in_order
+from jaxscale.sharding import constrain, gather_batch
 
 Batch = dict[str, jax.Array]
 
@@ -215,6 +215,10 @@ class CrossAttentionFusion(_TokenModel):
         return self.llm.head(x)
 
 
+def _unordered(first, then):
+    return first, then
+
+
 class CLIP(nnx.Module):
     """Image and text encoders with a contrastive loss; summed answer heads (decision level)."""
 
@@ -245,17 +249,17 @@ class CLIP(nnx.Module):
         x = self.text.final_norm(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
         return _unit(x.astype(jnp.float32) @ self.text_proj[...])
 
-    def _outputs(self, batch: Batch, apply_block=None):
+    def _outputs(self, batch: Batch, apply_block=None, order: Callable = _unordered):
         image = self.embed_images(batch["images"], apply_block)
         # One pass of the text encoder over captions and questions (up to the answer) together.
         caption_last = jnp.sum(batch["caption_mask"], axis=1).astype(jnp.int32) - 1
         x = self.text.embed_tokens(jnp.concatenate([batch["captions"], batch["inputs"]]))
-        # The towers are independent; on a CPU mesh they (and their backward passes) run one
-        # after the other, or their layer loops' FSDP gathers can meet (`in_order`).
-        image, x = in_order(image, x)
+        # The towers are independent: `order` (from the parallelism strategy) may run the text
+        # tower after the image tower, and the contrastive loss's gathers after both.
+        image, x = order(image, x)
         text = self._text_features(x, jnp.concatenate([caption_last, batch["answer_start"]]),
                                    apply_block)
-        text, image = in_order(text, image)  # the contrastive loss gathers both after the loop
+        text, image = order(text, image)
         caption, question = jnp.split(text, 2)
         answer_logits = image @ self.image_answer[...] + question @ self.text_answer[...]
         return image, caption, answer_logits
@@ -272,8 +276,11 @@ class CLIP(nnx.Module):
                 + optax.softmax_cross_entropy_with_integer_labels(text_to_image, rows)) / 2
         return loss, image_to_text, rows
 
-    def loss_sums(self, batch: Batch, apply_block: Callable | None = None):
-        image, caption, answer_logits = self._outputs(batch, apply_block)
+    def loss_sums(self, batch: Batch, apply_block: Callable | None = None,
+                  order: Callable = _unordered):
+        """The summed contrastive and answer losses, and the number of examples. `order(first,
+        then)` returns its arguments, `then` sequenced after `first` as a strategy needs."""
+        image, caption, answer_logits = self._outputs(batch, apply_block, order)
         contrastive, _, _ = self._contrastive(image, caption)
         answer = optax.softmax_cross_entropy_with_integer_labels(answer_logits, batch["answer_id"])
         return jnp.sum(contrastive + answer), jnp.asarray(image.shape[0], jnp.float32)

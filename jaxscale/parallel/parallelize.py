@@ -10,16 +10,18 @@ and pipeline axes with the gathers ZeRO/FSDP need and the schedule pipelining ne
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxscale.collective_order import order_collectives
 from jaxscale.errors import UserError
 from jaxscale.models import DECODERS, loss_sums
 from jaxscale.parallel import data_parallel, pipeline, tensor_parallel, vocab_parallel, zero
-from jaxscale.sharding import UNSHARDED, Layout, in_order, merge_rules
+from jaxscale.sharding import UNSHARDED, Layout, merge_rules
 
 DEFAULT_RULES = merge_rules(UNSHARDED, data_parallel.RULES + zero.RULES + tensor_parallel.RULES)
 
@@ -87,8 +89,14 @@ def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_l
         graphdef, model_loss, layout, manual, param_specs, manual_axes,
         regather=zero.regathers(layout, config.parallel.zero_stage), stacked_dims=stacked_dims,
         tables=vocab_parallel.vocab_tables(params) if decoder else {},
-        order=lambda first, then: in_order(first, then, layout))
+        order=order_collectives, towers=_takes(graphdef, params, "order"))
     return data_parallel.data_parallel_loss(local, layout, manual, manual_axes)
+
+
+def _takes(graphdef: nnx.GraphDef, params: nnx.State, keyword: str) -> bool:
+    """Whether the model's `loss_sums` takes `keyword`."""
+    model = nnx.merge(graphdef, params)
+    return keyword in inspect.signature(model.loss_sums).parameters
 
 
 def check_batch(config, layout: Layout) -> None:

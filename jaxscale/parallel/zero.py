@@ -174,17 +174,21 @@ class LocalLoss:
     """The loss on one data-parallel shard, from the parameters as ZeRO/FSDP store them.
 
     Gathers the parameters (with regathering, those outside the stacked blocks: the blocks gather
-    their own), or cuts the vocabulary tables into vocabulary slices (`vocab_parallel.py`), orders
-    the collectives where the backend needs it (`order`), and runs `model_loss(graphdef, params,
-    batch, **kwargs)`.
+    their own), or cuts the vocabulary tables into vocabulary slices (`vocab_parallel.py`), and
+    runs `model_loss(graphdef, params, batch, **kwargs)`. `order(first, then)` returns its
+    arguments with `then` sequenced after `first` where the backend needs it (`parallelize`
+    passes `jaxscale.cpu.order_collectives`); it sequences the gathers before the batch and the
+    layer loops, and is handed to models with independent towers (`towers`: a model whose
+    `loss_sums` takes `order`).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, model_loss: Callable, layout: Layout, manual_specs,
                  stored_specs, manual_axes: tuple[str, ...], *, regather: bool,
-                 stacked_dims: int, tables: dict[str, int], order: Callable | None):
+                 stacked_dims: int, tables: dict[str, int], order: Callable | None,
+                 towers: bool = False):
         self.graphdef, self.model_loss, self.layout = graphdef, model_loss, layout
         self.manual, self.stored, self.manual_axes = manual_specs, stored_specs, manual_axes
-        self.regather, self.tables, self.order = regather, tables, order
+        self.regather, self.tables, self.order, self.towers = regather, tables, order, towers
         # flat buffers only where no other mesh axis splits the parameters (see `gather_all`)
         self.flat = all(n == 1 for a, n in layout.mesh.shape.items() if a not in manual_axes)
         self.block = RegatheredBlock(manual_specs, stacked_dims, manual_axes, self.flat) if (
@@ -196,6 +200,8 @@ class LocalLoss:
         full = self._gather(params, vocab)
         if self.order is not None:
             full, batch = self._ordered(full, params, batch)
+            if self.towers:
+                kwargs["order"] = self.order
         full = jax.tree_util.tree_map_with_path(
             lambda p, x: x if self.regather and block_part(p) else vary(x, self.manual_axes), full)
         if self.block is not None:

@@ -117,10 +117,15 @@ class Trainer:
         `compiler_options`: XLA flags for this compile alone (names without `--`), as
         `jax.jit`'s; they apply to the first call only, which compiles."""
         if self._compiled is None:
-            with use_layout(self.layout):
-                self._compiled = self._step.lower(self.abstract_state(),
-                                                  self.abstract_batch()).compile(compiler_options)
+            self._compiled = self.lower().compile(compiler_options)
         return self._compiled
+
+    def lower(self, platform: str | None = None) -> jax.stages.Lowered:
+        """One step lowered to StableHLO, for this mesh's platform or for `platform` ("cpu",
+        "cuda", "rocm", "tpu"): what a program built here looks like on other devices."""
+        with use_layout(self.layout):
+            traced = self._step.trace(self.abstract_state(), self.abstract_batch())
+        return traced.lower(lowering_platforms=(platform,) if platform else None)
 
     def loss(self, params, batch: Batch) -> jax.Array:
         """The mean loss of `batch` at `params` (the state's layout), without gradients."""
