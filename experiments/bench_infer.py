@@ -25,13 +25,13 @@ import time
 import jax
 import numpy as np
 
-from jaxscale import metrics
 from jaxscale.config import base_config
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.data.tokenizer import ByteTokenizer
 from jaxscale.infer import Generator
 from jaxscale.infer.evaluate import agreement, document_rows, eval_documents, perplexity
 from jaxscale.mesh import make_mesh, mesh_from_config
+from jaxscale.models import param_count
 from jaxscale.train.trainer import build_trainer
 
 FORMATS = (("float32", "auto"), ("bfloat16", "auto"), ("int8", "auto"), ("int4", "auto"),
@@ -130,7 +130,7 @@ def report(c, loss, steps, tput, qual, wins, load, seconds) -> list[str]:
         *_host.environment_lines(load),
         f"- Model: the default config (`jaxscale/config.py`): Llama, d_model {m.d_model}, "
         f"{m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv, head_dim {m.head_dim}), "
-        f"d_ff {m.d_ff}, vocab {m.vocab_size}, byte tokenizer, {metrics.param_count(m):,} "
+        f"d_ff {m.d_ff}, vocab {m.vocab_size}, byte tokenizer, {param_count(m):,} "
         f"parameters, trained {steps} steps on the embedded corpus (final training loss "
         f"{loss:.2f}). Everything runs on one device (`jax.devices()[0]`).",
         f"- Throughput: {PROMPT}-token prompts (held-out text), {NEW} greedy tokens, cache of "

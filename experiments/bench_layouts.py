@@ -33,7 +33,7 @@ from jaxscale.config import base_config, validate
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.hlo import collective_stats, format_stats
 from jaxscale.mesh import AXES, describe, mesh_from_config
-from jaxscale.models import Llama, LlamaConfig
+from jaxscale.models import Llama, LlamaConfig, param_count
 from jaxscale.train.optim import make_optimizer
 from jaxscale.train.trainer import build_trainer
 
@@ -211,7 +211,7 @@ def model_shape(c) -> str:
     return (f"Llama, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv, "
             f"head_dim {m.head_dim}), d_ff {m.d_ff}, vocab {m.vocab_size}, seq_len {c.data.seq_len}, "
             f"global batch {c.train.global_batch_size}, {m.dtype}; "
-            f"{metrics.param_count(m) / 1e6:.2f}M parameters, "
+            f"{param_count(m) / 1e6:.2f}M parameters, "
             f"{metrics.flops_per_token(m, c.data.seq_len) / 1e6:.1f} MFLOP/token")
 
 

@@ -34,6 +34,7 @@ from jaxscale.config import base_config, validate
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.hlo import collective_stats, format_bytes, format_stats
 from jaxscale.mesh import AXES, mesh_from_config
+from jaxscale.models import param_count
 from jaxscale.train.trainer import build_trainer
 
 STAGES = (2, 4)
@@ -171,7 +172,7 @@ def model_shape(c) -> str:
     m = c.model
     return (f"Llama, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv, "
             f"head_dim {m.head_dim}), d_ff {m.d_ff}, vocab {m.vocab_size}, seq_len {c.data.seq_len}, "
-            f"{m.dtype}; {metrics.param_count(m) / 1e6:.2f}M parameters, "
+            f"{m.dtype}; {param_count(m) / 1e6:.2f}M parameters, "
             f"{metrics.flops_per_token(m, c.data.seq_len) / 1e6:.1f} MFLOP/token; global batch "
             f"{ROWS_PER_STAGE}·P rows ({', '.join(f'{ROWS_PER_STAGE * p} for P={p}' for p in STAGES)})")
 

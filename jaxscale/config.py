@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.fusion.resampler_layers = 1
     c.model.fusion.cross_every = 1  # cross_attention: a gated cross-attention block every N layers
     c.model.fusion.embed_dim = 64  # clip: the shared embedding size
+    c.model.fusion.n_answers = 15  # clip: answer classes, the scenes task's (build_data checks)
     c.model.fusion.freeze = ""  # any of "vision,connector,llm": parameter groups left untrained
 
     c.mesh = ml_collections.ConfigDict()

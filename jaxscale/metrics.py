@@ -1,7 +1,8 @@
 """Training metrics: model FLOPs, accelerator peak FLOP/s, throughput/MFU, memory, and the writer.
 
-`flops_per_token` and `param_count` read a config's `model` section. `peak_flops_per_device` looks
-the device up in a table of dense peaks and measures a GEMM when it is unknown (always on CPU).
+`flops_per_token` is each model family's count (from `jaxscale.models`); `train_flops_per_token`
+applies it to a config's batch. `peak_flops_per_device` looks the device up in a table of dense
+peaks and measures a GEMM when it is unknown (always on CPU).
 `MetricsWriter` appends JSON lines to `<run_dir>/metrics.jsonl` and TensorBoard scalars to
 `<run_dir>/tensorboard`. See docs/metrics.md.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from jaxscale.errors import UserError
+from jaxscale.models import flops_per_token
 
 _GIB = 1024**3
 
@@ -44,49 +46,10 @@ _PEAKS: tuple[tuple[str, float, float | None], ...] = (
 _DTYPES = ("bfloat16", "float32")
 
 
-def _layer_matmul_params(m: Any) -> int:
-    """Matmul weights of one decoder layer: q, k, v, o and the MLP (SwiGLU's gate, up and down;
-    GPT-2's fc and proj)."""
-    q = m.n_heads * m.head_dim
-    kv = m.n_kv_heads * m.head_dim
-    mlp = 2 if getattr(m, "family", "llama") == "gpt2" else 3
-    return 2 * m.d_model * q + 2 * m.d_model * kv + mlp * m.d_model * m.d_ff
-
-
-def param_count(cfg_model: Any) -> int:
-    """All parameters of the decoder (llama or gpt2) described by the config's `model` section."""
-    m = cfg_model
-    tables = 1 if m.tie_embeddings else 2  # input embedding, plus the LM head when untied
-    if getattr(m, "family", "llama") == "gpt2":  # biases, two-parameter norms, position table
-        per_layer = 3 * m.n_heads * m.head_dim + m.d_ff + 2 * m.d_model + 4 * m.d_model
-        return (tables * m.vocab_size * m.d_model + m.max_seq_len * m.d_model
-                + m.n_layers * (_layer_matmul_params(m) + per_layer) + 2 * m.d_model)
-    layers = m.n_layers * (_layer_matmul_params(m) + 2 * m.d_model)
-    return tables * m.vocab_size * m.d_model + layers + m.d_model
-
-
-def flops_per_token(cfg_model: Any, seq_len: int) -> float:
-    """Training FLOPs per token: `6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len`.
-
-    N_matmul counts attention, MLP and LM-head weights (the head even when tied; the embedding
-    lookup is not a matmul). The second term is QK^T and AV forward+backward with no causal
-    discount (PaLM convention).
-    """
-    m = cfg_model
-    n_matmul = m.n_layers * _layer_matmul_params(m) + m.d_model * m.vocab_size
-    return float(6 * n_matmul + 12 * m.n_layers * m.n_heads * m.head_dim * seq_len)
-
-
 def train_flops_per_token(config: Any) -> float:
-    """Training FLOPs per token of the batch's `seq_len`-long text rows: the decoder's
-    `flops_per_token`, or for a multimodal family all of one example's FLOPs (encoder and
-    connector included) spread over its text tokens."""
-    m, s = config.model, config.data.seq_len
-    if m.family in ("llama", "gpt2"):
-        return flops_per_token(m, s)
-    from jaxscale.models.fusion import flops_per_example
-
-    return flops_per_example(m, s, config.data.frames) / s
+    """Training FLOPs per token of the batch's `seq_len`-long text rows (`flops_per_token`, which
+    for a multimodal family spreads the encoder's and connector's FLOPs over the text tokens)."""
+    return flops_per_token(config.model, config.data.seq_len, config.data.frames)
 
 
 def _time_gemm(device: jax.Device, dtype: str, n: int) -> float:

@@ -8,7 +8,7 @@ import jax
 import pytest
 from tensorboardX.proto import event_pb2
 
-from jaxscale import metrics
+from jaxscale import metrics, models
 from jaxscale.config import base_config
 from jaxscale.errors import UserError
 
@@ -26,8 +26,8 @@ LLAMA32_1B = dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv
 
 
 def test_param_count_matches_published_llama_shapes():
-    assert metrics.param_count(_model(**LLAMA3_8B)) == 8_030_261_248
-    assert metrics.param_count(_model(**LLAMA32_1B)) == 1_235_814_400
+    assert models.param_count(_model(**LLAMA3_8B)) == 8_030_261_248
+    assert models.param_count(_model(**LLAMA32_1B)) == 1_235_814_400
 
 
 def test_flops_per_token_tiny_config_by_hand():
@@ -40,7 +40,7 @@ def test_flops_per_token_tiny_config_by_hand():
     # The LM head is a matmul whether or not it shares the embedding's weights.
     tied = _model(tie_embeddings=True)
     assert metrics.flops_per_token(tied, 128) == expected
-    assert metrics.param_count(m) - metrics.param_count(tied) == 512 * 128
+    assert models.param_count(m) - models.param_count(tied) == 512 * 128
 
 
 def test_peak_on_cpu_is_measured_and_split_over_devices():

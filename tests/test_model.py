@@ -11,8 +11,7 @@ from flax import nnx
 from test_parallel import train_losses
 
 from jaxscale.errors import UserError
-from jaxscale.metrics import param_count
-from jaxscale.models import Llama, LlamaConfig, abstract_model, loss_sums
+from jaxscale.models import Llama, LlamaConfig, abstract_model, loss_sums, param_count
 from jaxscale.models.layers import causal_attention, documents, rope
 
 BASE = LlamaConfig.from_config(tiny_config().model)

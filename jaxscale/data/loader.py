@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxscale.data.corpus import load_documents, split_documents
 from jaxscale.data.packing import PackedTokens, pack_documents
-from jaxscale.data.scenes import SceneExamples, make_scenes
+from jaxscale.data.scenes import ANSWERS, SceneExamples, make_scenes
 from jaxscale.data.tokenizer import Tokenizer, load_tokenizer
 from jaxscale.errors import UserError
 
@@ -155,6 +155,9 @@ def scene_examples(config: ml_collections.ConfigDict, n: int, tokenizer: Tokeniz
                    heldout: bool = False) -> SceneExamples:
     """`n` examples of the embedded image/clip question-answering task (`data.source=scenes`);
     `heldout` ones come from another seed than training's."""
+    if config.model.family == "clip" and config.model.fusion.n_answers != len(ANSWERS):
+        raise UserError(f"model.fusion.n_answers={config.model.fusion.n_answers} but the scenes task has "
+                        f"{len(ANSWERS)} answers; set model.fusion.n_answers={len(ANSWERS)}")
     seed = config.seed + (HELDOUT_SEED_OFFSET if heldout else 0)
     scenes = make_scenes(n, seed, image_size=config.model.vision.image_size,
                          frames=config.data.frames)

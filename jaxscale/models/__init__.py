@@ -1,7 +1,7 @@
 """Models: Flax NNX modules whose parameters and activations name logical axes only.
 
 Every model has `loss_sums(batch, **kwargs) -> (loss_sum, weight)`; `build_model` makes the one a
-config's `model.family` names.
+config's `model.family` names, and `flops_per_token` and `param_count` ask that family's module.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ import jax
 from flax import nnx
 
 from jaxscale.errors import UserError
+from jaxscale.models import fusion, gpt2, llama
+from jaxscale.models.gpt2 import GPT2
 from jaxscale.models.llama import Llama, LlamaConfig
 
 FAMILIES = ("llama", "gpt2", "early_fusion", "cross_attention", "clip")
 DECODERS = ("llama", "gpt2")  # text-only decoder families
+_DECODER_MODULES = {"llama": llama, "gpt2": gpt2}  # each holds its family's FLOP and parameter counts
 
 
 def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
@@ -22,14 +25,31 @@ def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
     if family == "llama":
         return Llama(LlamaConfig.from_config(model_cfg), rngs)
     if family == "gpt2":
-        from jaxscale.models.gpt2 import GPT2
-
         return GPT2(LlamaConfig.from_config(model_cfg), rngs)
     if family not in FAMILIES:
         raise UserError(f"model.family={family!r}; use one of {', '.join(FAMILIES)}")
-    from jaxscale.models import fusion
-
     return fusion.build(family, model_cfg, rngs)
+
+
+def flops_per_token(model_cfg, seq_len: int, frames: int = 1) -> float:
+    """Training FLOPs (forward + backward) per token of `seq_len`-long text rows: a decoder
+    family's own count (`llama.flops_per_token`, `gpt2.flops_per_token`), or for a multimodal family
+    all of one example's FLOPs (encoder of `frames` images and connector included) spread over its
+    text tokens. `model_cfg` is the config's `model` section or a `LlamaConfig` (a Llama)."""
+    family = getattr(model_cfg, "family", "llama")
+    if family in DECODERS:
+        return _DECODER_MODULES[family].flops_per_token(model_cfg, seq_len)
+    return fusion.flops_per_example(model_cfg, seq_len, frames) / seq_len
+
+
+def param_count(model_cfg) -> int:
+    """All parameters of the decoder (llama or gpt2) that `model_cfg` describes: the config's
+    `model` section or a `LlamaConfig` (a Llama)."""
+    family = getattr(model_cfg, "family", "llama")
+    if family not in DECODERS:
+        raise UserError(f"param_count counts the decoder families ({', '.join(DECODERS)}), not "
+                        f"model.family={family!r}; count the leaves of abstract_model instead")
+    return _DECODER_MODULES[family].param_count(model_cfg)
 
 
 def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
@@ -44,4 +64,5 @@ def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: dict,
     return nnx.merge(graphdef, params).loss_sums(batch, **model_kwargs)
 
 
-__all__ = ["DECODERS", "FAMILIES", "Llama", "LlamaConfig", "abstract_model", "build_model", "loss_sums"]
+__all__ = ["DECODERS", "FAMILIES", "Llama", "LlamaConfig", "abstract_model", "build_model", "flops_per_token",
+           "loss_sums", "param_count"]

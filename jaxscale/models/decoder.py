@@ -2,7 +2,8 @@
 
 This is the interface the pipeline schedules and the fusion models build on: `embed_tokens`,
 `blocks` (one module whose parameters carry a leading `layers` axis), `block_fn` and `head`, with
-`scan_blocks` running a stack and `attention_mask` the packed-document mask.
+`scan_blocks` running a stack and `attention_mask` the packed-document mask; `flops_per_token`
+is the FLOP count every decoder family's own builds on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ if TYPE_CHECKING:
 
 RESIDUAL = ("batch", "res_seq", "embed")
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def attention_params(c: LlamaConfig) -> int:
+    """The q, k, v and o weights of one decoder layer."""
+    return 2 * c.d_model * c.n_heads * c.head_dim + 2 * c.d_model * c.n_kv_heads * c.head_dim
+
+
+def flops_per_token(c: LlamaConfig, layer_matmul_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: `6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len`.
+
+    N_matmul counts each layer's `layer_matmul_params` and the LM head (even when tied; the
+    embedding lookup is not a matmul). The second term is QK^T and AV forward+backward with no
+    causal discount (PaLM convention).
+    """
+    n_matmul = c.n_layers * layer_matmul_params + c.d_model * c.vocab_size
+    return float(6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len)
 
 
 def apply_block(block: nnx.Module, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:

@@ -26,12 +26,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxscale.data.scenes import ANSWERS
 from jaxscale.errors import UserError
-from jaxscale.metrics import flops_per_token
 from jaxscale.models.decoder import attention_mask, scan_blocks
 from jaxscale.models.layers import RMSNorm, param, stack_layers, token_loss_sums
-from jaxscale.models.llama import Llama, LlamaConfig
+from jaxscale.models.llama import Llama, LlamaConfig, flops_per_token
 from jaxscale.models.vit import (
     MLP,
     Attention,
@@ -69,7 +67,7 @@ def build(family: str, model_cfg, rngs: nnx.Rngs) -> nnx.Module:
         return CrossAttentionFusion(llm, vision, rngs, n_latents=f.n_latents,
                                     resampler_layers=f.resampler_layers, every=f.cross_every,
                                     freeze=freeze)
-    return CLIP(llm, vision, rngs, embed_dim=f.embed_dim)
+    return CLIP(llm, vision, rngs, embed_dim=f.embed_dim, n_answers=f.n_answers)
 
 
 def flops_per_example(model_cfg, seq_len: int, frames: int) -> float:
@@ -220,18 +218,21 @@ def _unordered(first, then):
 
 
 class CLIP(nnx.Module):
-    """Image and text encoders with a contrastive loss; summed answer heads (decision level)."""
+    """Image and text encoders with a contrastive loss; summed answer heads (decision level) over
+    `n_answers` classes."""
 
-    def __init__(self, llm: LlamaConfig, vision: ViTConfig, rngs: nnx.Rngs, *, embed_dim: int):
-        if embed_dim < 1:
-            raise UserError(f"model.fusion.embed_dim={embed_dim} must be positive")
+    def __init__(self, llm: LlamaConfig, vision: ViTConfig, rngs: nnx.Rngs, *, embed_dim: int,
+                 n_answers: int):
+        for name, value in (("embed_dim", embed_dim), ("n_answers", n_answers)):
+            if value < 1:
+                raise UserError(f"model.fusion.{name}={value} must be positive")
         self.vision = ViT(vision, rngs)
         self.text = Llama(llm, rngs)
         self.image_proj = param(rngs, (vision.d_model, embed_dim), ("embed", None), vision.d_model**-0.5)
         self.text_proj = param(rngs, (llm.d_model, embed_dim), ("embed", None), llm.d_model**-0.5)
         self.log_scale = nnx.Param(jnp.full((), math.log(1 / 0.07), jnp.float32), logical_axes=())
-        self.image_answer = param(rngs, (embed_dim, len(ANSWERS)), (None, None), embed_dim**-0.5)
-        self.text_answer = param(rngs, (embed_dim, len(ANSWERS)), (None, None), embed_dim**-0.5)
+        self.image_answer = param(rngs, (embed_dim, n_answers), (None, None), embed_dim**-0.5)
+        self.text_answer = param(rngs, (embed_dim, n_answers), (None, None), embed_dim**-0.5)
 
     def embed_images(self, images: jax.Array, apply_block: Callable | None = None) -> jax.Array:
         """Unit-norm image embeddings [batch, embed_dim] (mean of the encoder's tokens)."""

@@ -15,7 +15,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.decoder import RESIDUAL, Attend, Decoder
+from jaxscale.models.decoder import RESIDUAL, Attend, Decoder, attention_params
+from jaxscale.models.decoder import flops_per_token as decoder_flops_per_token
 from jaxscale.models.layers import (
     LayerNorm,
     causal_attention,
@@ -88,6 +89,26 @@ class Block(nnx.Module):
         """One layer; `positions` are unused (they enter through the position embedding)."""
         x = constrain(x + self.attn(self.ln1(x), mask, attend), RESIDUAL)
         return constrain(x + self.mlp(self.ln2(x)), RESIDUAL)
+
+
+def layer_matmul_params(c: LlamaConfig) -> int:
+    """Matmul weights of one layer: q, k, v, o and the MLP's fc and proj."""
+    return attention_params(c) + 2 * c.d_model * c.d_ff
+
+
+def param_count(c: LlamaConfig) -> int:
+    """All parameters of the GPT-2 that `c` (a `LlamaConfig` or the config's `model` section)
+    describes: token and position tables, the LM head unless tied, each layer's matmuls, biases
+    and two LayerNorms (scale and bias), the final LayerNorm."""
+    tables = 1 if c.tie_embeddings else 2
+    per_layer = layer_matmul_params(c) + 3 * c.n_heads * c.head_dim + c.d_ff + 2 * c.d_model + 4 * c.d_model
+    return (tables * c.vocab_size * c.d_model + c.max_seq_len * c.d_model + c.n_layers * per_layer
+            + 2 * c.d_model)
+
+
+def flops_per_token(c: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the GPT-2 that `c` describes (`decoder.flops_per_token`)."""
+    return decoder_flops_per_token(c, layer_matmul_params(c), seq_len)
 
 
 class GPT2(Decoder):

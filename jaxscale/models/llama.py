@@ -16,7 +16,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.decoder import RESIDUAL, Attend, Decoder
+from jaxscale.models.decoder import RESIDUAL, Attend, Decoder, attention_params
+from jaxscale.models.decoder import flops_per_token as decoder_flops_per_token
 from jaxscale.models.layers import (
     ATTENTION,
     RMSNorm,
@@ -155,6 +156,25 @@ class Block(nnx.Module):
 def stacked_blocks(c: LlamaConfig, rngs: nnx.Rngs) -> Block:
     """`n_layers` blocks as one `Block` whose parameters carry a leading `layers` axis."""
     return stack_layers(lambda r: Block(c, r), c.n_layers, rngs)
+
+
+def layer_matmul_params(c: LlamaConfig) -> int:
+    """Matmul weights of one layer: q, k, v, o and SwiGLU's gate, up and down."""
+    return attention_params(c) + 3 * c.d_model * c.d_ff
+
+
+def param_count(c: LlamaConfig) -> int:
+    """All parameters of the Llama that `c` (a `LlamaConfig` or the config's `model` section)
+    describes: embedding, the LM head unless tied, each layer's matmuls and two RMSNorm scales,
+    the final norm."""
+    tables = 1 if c.tie_embeddings else 2
+    layers = c.n_layers * (layer_matmul_params(c) + 2 * c.d_model)
+    return tables * c.vocab_size * c.d_model + layers + c.d_model
+
+
+def flops_per_token(c: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the Llama that `c` describes (`decoder.flops_per_token`)."""
+    return decoder_flops_per_token(c, layer_matmul_params(c), seq_len)
 
 
 class Llama(Decoder):

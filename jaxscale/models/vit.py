@@ -256,7 +256,7 @@ def vit_flops_per_example(c: ViTConfig, frames: int) -> float:
 
     `6 * N_matmul * T + 12 * n_layers * n_heads * head_dim * T²` with T = frames * grid² the
     encoder's tokens (pooling comes after the blocks and is free). N_matmul counts the patch
-    embedding and the attention and MLP weights (the convention of `jaxscale.metrics`; the patch
+    embedding and the attention and MLP weights (the convention of `decoder.flops_per_token`; the patch
     embedding's input gradient, which training does not need, is counted too).
     """
     t = frames * c.grid**2
