@@ -13,8 +13,11 @@ H100 (docs/results/throughput_gpu.md):
 On a host without an NVIDIA GPU add `--config.model.attention=dot_product`.
 """
 
-from jaxscale.config import base_config
-from jaxscale.models.presets import llama3
+from pathlib import Path
+
+from jaxscale.config import base_config, load_module
+
+llama3 = load_module(Path(__file__).with_name("presets.py")).llama3
 
 
 def get_config():

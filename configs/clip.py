@@ -4,7 +4,11 @@
 1B-class decoder with a ViT-L/14 encoder.
 """
 
-from jaxscale.models.presets import multimodal_config
+from pathlib import Path
+
+from jaxscale.config import load_module
+
+multimodal_config = load_module(Path(__file__).with_name("presets.py")).multimodal_config
 
 
 def get_config(size: str = "tiny"):

@@ -1,7 +1,10 @@
 """Llama-3.2-1B shape (1.24B parameters, tied embeddings), FSDP over all devices."""
 
-from jaxscale.config import base_config
-from jaxscale.models.presets import llama3
+from pathlib import Path
+
+from jaxscale.config import base_config, load_module
+
+llama3 = load_module(Path(__file__).with_name("presets.py")).llama3
 
 
 def get_config():

@@ -1,7 +1,10 @@
 """Llama-3-70B shape (70.6B parameters): tensor parallel over 8 devices, FSDP over the rest."""
 
-from jaxscale.config import base_config
-from jaxscale.models.presets import llama3
+from pathlib import Path
+
+from jaxscale.config import base_config, load_module
+
+llama3 = load_module(Path(__file__).with_name("presets.py")).llama3
 
 
 def get_config():

@@ -1,7 +1,10 @@
 """Llama-3-8B shape (8.03B parameters), FSDP over all devices."""
 
-from jaxscale.config import base_config
-from jaxscale.models.presets import llama3
+from pathlib import Path
+
+from jaxscale.config import base_config, load_module
+
+llama3 = load_module(Path(__file__).with_name("presets.py")).llama3
 
 
 def get_config():

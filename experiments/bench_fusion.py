@@ -22,15 +22,16 @@ import time
 
 import jax
 
+from jaxscale.config import load_module
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.mesh import mesh_from_config
 from jaxscale.models.fusion import vision_config
-from jaxscale.models.presets import multimodal_config
 from jaxscale.train.evaluate import evaluate, heldout_batches
 from jaxscale.train.trainer import build_trainer
 
 FAMILIES = ("early_fusion", "cross_attention", "clip")
 HELDOUT = 512
+multimodal_config = load_module(_host.ROOT / "configs/presets.py").multimodal_config
 
 
 def family_config(family: str, steps: int, frames: int):

@@ -1,12 +1,17 @@
 """The base config: every key a run may set, with the tiny default that trains in minutes on a CPU.
 
 Experiment files in `configs/` start from `base_config()` and change a few fields; a key that is not
-here is a mistake and `validate` says so before anything runs.
+here is a mistake and `validate` says so before anything runs. They are loaded by path, not imported
+as a package, so they share `configs/presets.py` through `load_module`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import types
+from pathlib import Path
 
 import ml_collections
 
@@ -144,6 +149,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1
     c.optim.clip_norm = 1.0
     return c
+
+
+def load_module(path: str | os.PathLike) -> types.ModuleType:
+    """Run the Python file at `path` as a module of its own (not added to `sys.modules`), e.g. a
+    config file's sibling: `load_module(Path(__file__).with_name("presets.py"))`, from any cwd."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None:
+        raise UserError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # Bounds of numeric settings, checked before anything runs so the error names the key: ">= 1"

@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,17 +12,19 @@ from conftest import devices_or_skip
 from flax import nnx
 
 from jaxscale.checkpoint import Checkpointer
+from jaxscale.config import load_module
 from jaxscale.data import build_data, make_global_batch
+from jaxscale.data.scenes import ANSWERS
 from jaxscale.errors import UserError
 from jaxscale.hlo import unordered_collectives
 from jaxscale.mesh import mesh_from_config
 from jaxscale.models import build_model
-from jaxscale.models.presets import multimodal_config
 from jaxscale.train.evaluate import evaluate, heldout_batches
 from jaxscale.train.loop import _initial_state
 from jaxscale.train.trainer import build_trainer
 
 FAMILIES = ("early_fusion", "cross_attention", "clip")
+multimodal_config = load_module(Path(__file__).parents[1] / "configs/presets.py").multimodal_config
 TRAIN_STEPS = {"early_fusion": 600}  # its whole schedule: at 300 steps it is only starting to
 # use the image (held-out answers 0.48-0.54 right with it, 0.32-0.40 without, by jax version)
 TRAIN_STEPS_DEFAULT = 300  # enough for CLIP and the cross-attention decoder
@@ -110,6 +113,7 @@ def test_freezing_the_connector_keeps_the_gates_shut_while_the_decoder_trains():
     (dict(freeze="text"), UserError, "model.fusion.freeze names 'text'.*vision, connector, llm"),
     (dict(cross_every=3), UserError, "model.fusion.cross_every=3 must divide model.n_layers=2"),
     (dict(family="clip", embed_dim=0), UserError, "model.fusion.embed_dim=0 must be positive"),
+    (dict(family="clip", n_answers=0), UserError, "model.fusion.n_answers=0 must be positive"),
     (dict(pipeline=2), NotImplementedError, "pipeline parallelism for model.family='cross_attention'"),
 ])
 def test_bad_multimodal_configs_are_clear(changes, error, message):
@@ -122,6 +126,15 @@ def test_bad_multimodal_configs_are_clear(changes, error, message):
     devices = devices_or_skip(config.mesh.pipeline)
     with pytest.raises(error, match=message):
         build_trainer(config, mesh_from_config(config.mesh, devices))
+
+
+def test_the_answer_classes_are_the_scenes_tasks():
+    config = mm_config("clip")
+    assert config.model.fusion.n_answers == len(ANSWERS)
+    config.model.fusion.n_answers = len(ANSWERS) - 1
+    with pytest.raises(UserError, match=f"model.fusion.n_answers={len(ANSWERS) - 1} but the scenes task "
+                                        f"has {len(ANSWERS)} answers; set model.fusion.n_answers="):
+        build_data(config)
 
 
 @pytest.fixture(scope="module")

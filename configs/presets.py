@@ -1,8 +1,12 @@
-"""Published model shapes, as `model` config fields."""
+"""Presets the config files share: published model shapes as `model` fields, and the multimodal
+experiments. A config file loads it by path: `load_module(Path(__file__).with_name("presets.py"))`.
+"""
 
-# Small models on a CPU: unrolled layers and einsum attention step 1.40x faster (the embedded
-# default on 2 cores, docs/throughput.md); the base config keeps the layer scan deep models need.
-SMALL_MODEL = dict(scan_layers=False, attention="einsum")
+import ml_collections
+
+from jaxscale.config import base_config
+from jaxscale.default_config import SMALL_MODEL
+from jaxscale.errors import UserError
 
 LLAMA3_COMMON = dict(vocab_size=128256, n_kv_heads=8, max_seq_len=8192, rope_theta=500000.0)
 
@@ -21,12 +25,9 @@ def llama3(size: str) -> dict:
     return {**LLAMA3_COMMON, **LLAMA3[size]}
 
 
-def multimodal_config(family: str, size: str = "tiny"):
+def multimodal_config(family: str, size: str = "tiny") -> ml_collections.ConfigDict:
     """A config training `family` on the embedded scenes task: "tiny" (minutes on a CPU) or
     "realistic" (a Llama-3.2-1B decoder with a ViT-L/14 encoder at 224 px, for accelerators)."""
-    from jaxscale.config import base_config
-    from jaxscale.errors import UserError
-
     if size not in ("tiny", "realistic"):
         raise UserError(f"multimodal preset size {size!r}; use tiny or realistic "
                         f"(--config configs/{family}.py:tiny)")
