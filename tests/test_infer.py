@@ -20,7 +20,7 @@ from jaxscale.infer import CacheConfig, Generator, SamplingParams, load_params, 
 from jaxscale.infer.decode import decode_step, prefill
 from jaxscale.infer.evaluate import agreement, document_rows, eval_documents, perplexity
 from jaxscale.infer.generate import inference_layout, prompt_batch
-from jaxscale.infer.quantize import CONTRACTING, _pack, _unpack, quantize_weight
+from jaxscale.infer.quantize import CONTRACTING, quantize_weight
 from jaxscale.mesh import make_mesh, mesh_from_config
 from jaxscale.models import Llama, LlamaConfig
 from jaxscale.sharding import use_layout
@@ -166,8 +166,9 @@ def test_int8_weights_track_float32(gen, heldout):
 
 def test_int4_weights_shrink_8x_less_scales_and_agree_less(gen, heldout):
     """int4 in groups of 64 (the whole input of most weights here): 7.0x fewer bytes; agreement
-    with float32 about 85% (group 32: 87%, 6.3x)."""
+    with float32 about 85% (group 32: 87%, 6.3x): at least 80%, and at most int8's."""
     fp = gen()
+    int8_share = agreement(fp, gen(weights="int8"), heldout, batch_size=128, max_rows=512)
     for group, ratio in ((64, 6.9), (32, 6.2)):
         q4 = gen(weights="int4", group_size=group)
         assert q4.weight_bytes() == expected_weight_bytes(fp.params, 4, group)
@@ -175,7 +176,7 @@ def test_int4_weights_shrink_8x_less_scales_and_agree_less(gen, heldout):
         assert q4.params["embed"].get_value().q.dtype == jnp.int8  # two values per byte
         share = agreement(fp, q4, heldout, batch_size=128, max_rows=512)
         print(f"int4 group {group}: agreement {share:.3f}")
-        assert 0.8 <= share < 0.99, share
+        assert 0.8 <= share <= int8_share, (share, int8_share)
 
 
 def test_quantization_error_is_at_most_half_a_step_and_int4_packs_losslessly():
@@ -185,9 +186,13 @@ def test_quantization_error_is_at_most_half_a_step_and_int4_packs_losslessly():
         assert q.scale.shape == (3, 64 // (group or 64), 4, 8) and q.shape == w.shape
         step = np.repeat(np.asarray(q.scale), group or 64, axis=1)
         assert (np.abs(np.asarray(q[...]) - np.asarray(w)) <= step / 2 + 1e-6).all()
-    values = jnp.arange(-7, 8, dtype=jnp.int8)
+    # Every pair of int4 values, packed into one byte: integers of a column whose largest is 7
+    # quantize to themselves (scale 1), so dequantizing gives them back exactly.
+    values = jnp.arange(-7, 8, dtype=jnp.float32)
     grid = jnp.stack(jnp.meshgrid(values, values), -1).reshape(-1, 2)
-    np.testing.assert_array_equal(_unpack(_pack(grid)), grid)
+    q = quantize_weight(grid, (-2,), 4)
+    assert q.q.shape == (225, 1) and q.q.dtype == jnp.int8
+    np.testing.assert_array_equal(q.dequantize(), grid)
     with pytest.raises(UserError, match="group_size=48 does not divide the 64 inputs"):
         quantize_weight(w, (-3,), 4, 48)
 
