@@ -72,7 +72,7 @@ def _iota(dims: str, perm: str | None) -> np.ndarray:
     return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
 
 
-def _groups(line: str) -> frozenset | None:
+def replica_groups(line: str) -> frozenset[frozenset[int]] | None:
     """The replica groups of a collective as a set of device-id sets, in any of the notations
     XLA prints (a list, `[groups,size]<=[dims]T(perm)`, `mesh[axes] {axes}`); None when absent
     or unread (then it cannot be told apart from any other)."""
@@ -129,7 +129,7 @@ def unordered_collectives(hlo_text: str) -> list[tuple[str, str, str]]:
         """(kind, channel, groups) of the collectives `line` runs, itself or in what it calls."""
         if m := _COLLECTIVE.search(line):
             channel = re.search(r"channel_id=(\d+)", line)
-            return {(m.group(1), channel and int(channel.group(1)), _groups(line))}
+            return {(m.group(1), channel and int(channel.group(1)), replica_groups(line))}
         out = set()
         for m in _CALLS.finditer(line):
             for comp in (c.strip(" {}%") for c in m.group(1).split(",")):

@@ -1,6 +1,6 @@
 """Reading collectives out of HLO text: counts and the pairs that may run at once."""
 
-from jaxscale.hlo import _groups, collective_stats, unordered_collectives
+from jaxscale.hlo import collective_stats, replica_groups, unordered_collectives
 
 # A loop holding an all-gather, and an all-gather outside it: unordered in `main`, ordered in
 # `ordered`; the same pair on another group or channel; two plain collectives (which XLA:CPU
@@ -47,13 +47,13 @@ def test_a_loop_and_a_collective_of_its_kind_group_and_channel_with_no_path_betw
 
 def test_replica_groups_in_each_notation():
     pairs = frozenset({frozenset({0, 4}), frozenset({1, 5}), frozenset({2, 6}), frozenset({3, 7})})
-    assert _groups("replica_groups={{0,4},{1,5},{2,6},{3,7}}, dimensions={0}") == pairs
-    assert _groups("replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}") == pairs
-    assert _groups("replica_groups=mesh['data'=2,'fsdp'=4] {'data'}, dimensions={0}") == pairs
+    assert replica_groups("replica_groups={{0,4},{1,5},{2,6},{3,7}}, dimensions={0}") == pairs
+    assert replica_groups("replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}") == pairs
+    assert replica_groups("replica_groups=mesh['data'=2,'fsdp'=4] {'data'}, dimensions={0}") == pairs
     quads = frozenset({frozenset({0, 1, 2, 3}), frozenset({4, 5, 6, 7})})
-    assert _groups("replica_groups=mesh['a'=1,'b'=4,'c'=2], device_ids=([2,4]T(1,0)) {'b'}, "
+    assert replica_groups("replica_groups=mesh['a'=1,'b'=4,'c'=2], device_ids=([2,4]T(1,0)) {'b'}, "
                    "dimensions={0}") == quads
-    assert _groups("replica_groups={}, dimensions={0}") is None  # every device: unknown count
+    assert replica_groups("replica_groups={}, dimensions={0}") is None  # every device: unknown count
 
 
 def test_collective_stats_count_ops_and_result_bytes():

@@ -20,7 +20,7 @@ from jaxscale.hlo import unordered_collectives
 from jaxscale.mesh import mesh_from_config
 from jaxscale.models import build_model
 from jaxscale.train.evaluate import evaluate, heldout_batches
-from jaxscale.train.loop import _initial_state
+from jaxscale.train.loop import initial_state
 from jaxscale.train.trainer import build_trainer
 
 FAMILIES = ("early_fusion", "cross_attention", "clip")
@@ -156,7 +156,7 @@ def initialised(spec, tmp_path, **vision):
     config.model.vision.update(vision)
     config.checkpoint.init_params_from = spec
     trainer = build_trainer(config, mesh_from_config(config.mesh, jax.devices()[:1]))
-    state = _initial_state(config, trainer, None, Checkpointer(str(tmp_path / "checkpoints")))
+    state = initial_state(config, trainer, None, Checkpointer(str(tmp_path / "checkpoints")))
     return jax.device_get(trainer.init().params), jax.device_get(state.params)
 
 
@@ -244,7 +244,7 @@ def test_cross_attention_answers_from_the_image_with_a_clip_encoder(trained, tmp
     config.model.fusion.freeze = "vision"
     own = Checkpointer(str(tmp_path / "checkpoints"))
     trainer, state, _ = train(config, jax.devices()[:1], TRAIN_STEPS_DEFAULT,
-                              start=lambda t: _initial_state(config, t, None, own),
+                              start=lambda t: initial_state(config, t, None, own),
                               compiler_options=TRAINING)
     metrics = blind_metrics(config, trainer, state.params)
     seeing = metrics["none"]["answer_correct"]

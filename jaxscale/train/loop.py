@@ -9,17 +9,19 @@ import signal
 import threading
 
 import jax
+import ml_collections
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxscale import metrics
 from jaxscale.checkpoint import Checkpointer, parse_init_params_from
 from jaxscale.config import validate
-from jaxscale.data import build_data, make_global_batch
+from jaxscale.data import DataIterator, build_data, make_global_batch
 from jaxscale.data.loader import process_rows
 from jaxscale.errors import UserError
 from jaxscale.mesh import describe, mesh_from_config
-from jaxscale.train.trainer import build_trainer
+from jaxscale.train.step import TrainState
+from jaxscale.train.trainer import Trainer, build_trainer
 
 log = logging.getLogger("jaxscale")
 
@@ -46,7 +48,7 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
                         async_save=ckpt_cfg.async_save)
     with contextlib.ExitStack() as stack:
         stack.enter_context(ckpt)
-        state = _initial_state(config, trainer, data, ckpt)  # fails before anything is written
+        state = initial_state(config, trainer, data, ckpt)  # fails before anything is written
         first = int(state.step)
         last = min(config.train.steps, stop_at) if stop_at is not None else config.train.steps
         if first >= last:  # already there: nothing to compile, write or measure
@@ -110,13 +112,17 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
     return history
 
 
-def _initial_state(config, trainer, data, ckpt: Checkpointer):
-    """Resume from the latest (or `checkpoint.resume_step`) checkpoint, else initialise."""
+def initial_state(config: ml_collections.ConfigDict, trainer: Trainer, data: DataIterator | None,
+                  ckpt: Checkpointer) -> TrainState:
+    """The state a run starts from: `ckpt`'s latest (or `checkpoint.resume_step`) checkpoint,
+    `data` (when given) set to where it stopped; else a fresh one, its parameters (or some
+    groups) read from `checkpoint.init_params_from` when set."""
     ckpt_cfg = config.checkpoint
     step = ckpt_cfg.resume_step if ckpt_cfg.resume_step >= 0 else None
     if ckpt.steps() or step is not None:
         state, data_state, step = ckpt.restore(trainer.abstract_state(canonical=True), step)
-        data.set_state(data_state)
+        if data is not None:
+            data.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, step)
         return trainer.from_canonical(state)
     loaded = _read_init_params(ckpt_cfg.init_params_from, trainer)  # errors before init's compile
