@@ -20,15 +20,24 @@ the host's cores, so every layout is held to the one roof.
 import os
 import sys
 
-from jaxscale.host_memory import reexec_with_host_memory
+import _host
 
+from jaxscale.cpu import SWITCH, reexec_with_host_memory
+from jaxscale.errors import UserError
+
+# On a Linux CPU-only host, huge pages and the block cache (jaxscale/cpu.py) unless JAXSCALE_HOST_MEMORY=0.
 # Interleaved layouts free blocks of several sizes between steps: the block cache keeps up to half
 # the memory idle (not its eighth), or each round faults them in again (single 704 -> 607 ms).
 os.environ.setdefault("JAXSCALE_BLOCK_CACHE_MB",
                       str(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**21))
-reexec_with_host_memory([sys.executable, *sys.argv])  # as the `jaxscale` command runs
-
-import _host
+os.environ.setdefault(SWITCH, "1" if sys.platform == "linux" and _host.cpu_only() else "0")
+try:
+    HOST_MEMORY = reexec_with_host_memory([sys.executable, *sys.argv])
+except UserError as e:
+    sys.exit(f"bench_throughput: {e}")
+print(f"host memory: {SWITCH}={os.environ[SWITCH]}: "
+      + ("glibc huge pages and the block cache (jaxscale/cpu.py) are on" if HOST_MEMORY
+         else "the process's allocator as it is"), flush=True)
 
 _host.emulate_devices()
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # an accelerator is the run's alone
@@ -249,8 +258,9 @@ def main() -> None:
     single = next((statistics.median(r.times) for r in runs if r.layout == "single"), None)
     lines = [f"# Training throughput of `{args.config}`", "",
              *_host.environment_lines(load),
-             f"- GLIBC_TUNABLES: `{os.environ.get('GLIBC_TUNABLES', '')}`; LD_PRELOAD: "
-             f"`{os.path.basename(os.environ.get('LD_PRELOAD', '')) or 'none'}` (jaxscale/host_memory.py), "
+             f"- Host memory: {SWITCH}={os.environ[SWITCH]}; GLIBC_TUNABLES: "
+             f"`{os.environ.get('GLIBC_TUNABLES', '')}`; LD_PRELOAD: "
+             f"`{os.path.basename(os.environ.get('LD_PRELOAD', '')) or 'none'}` (jaxscale/cpu.py), "
              f"JAXSCALE_BLOCK_CACHE_MB={os.environ.get('JAXSCALE_BLOCK_CACHE_MB', '')}",
              f"- Config: `{args.config}` {' '.join(overrides)}; {tokens} tokens/step; "
              f"{fpt / 1e6:.2f} MFLOP/token (6 x matmul params + causal attention)",

@@ -16,7 +16,6 @@ from ml_collections import config_flags
 
 from jaxscale.config import validate
 from jaxscale.errors import UserError
-from jaxscale.host_memory import reexec_with_host_memory
 
 USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...] [--num_devices N]
        jaxscale generate [--config FILE] [--config.KEY=VALUE ...] [--checkpoint DIR] --prompt TEXT
@@ -119,7 +118,6 @@ def _first_line(e: BaseException) -> str:
 
 
 COMMANDS = ("train", "info", "generate", "eval", "inspect", "launch", "import-hf", "export-hf")
-CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def _launch(argv: list[str]) -> int:
@@ -160,10 +158,10 @@ def _hf(command: str, config, opts) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "jax" not in sys.modules and "concurrency_optimized" not in os.environ.get("XLA_FLAGS", ""):
-        # XLA:CPU's concurrency-optimized scheduler can deadlock pipeline x fsdp x tensor layouts
-        # of a multi-device CPU mesh; the flag only concerns the CPU backend.
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_FLAG}".strip()
+    if "jax" not in sys.modules:  # XLA reads its flags once, when the first backend starts
+        from jaxscale.cpu import with_xla_cpu_flags
+
+        os.environ.update(with_xla_cpu_flags(os.environ))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -252,7 +250,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The `jaxscale` command."""
-    reexec_with_host_memory([sys.executable, "-m", "jaxscale.cli", *sys.argv[1:]])
+    from jaxscale.cpu import reexec_with_host_memory
+
+    try:
+        reexec_with_host_memory([sys.executable, "-m", "jaxscale.cli", *sys.argv[1:]])
+    except UserError as e:
+        print(f"jaxscale: error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(main())
 
 

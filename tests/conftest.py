@@ -14,14 +14,13 @@ import shutil
 import sys
 import tempfile
 
-from jaxscale.host_memory import SWITCH, with_block_cache
+from jaxscale.cpu import SWITCH, XLA_CPU_FLAGS, with_block_cache
 
-# XLA:CPU's concurrency-optimized scheduler can order the collectives of pipeline x fsdp x tensor
-# layouts so that emulated devices deadlock; the default scheduler does not.
-# On GPUs, deterministic reductions: the exact-resume tests compare losses bit for bit.
+# The XLA:CPU flags the `jaxscale` command sets (jaxscale/cpu.py). On GPUs, deterministic
+# reductions: the exact-resume tests compare losses bit for bit.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_cpu_enable_concurrency_optimized_scheduler=false --xla_gpu_deterministic_ops=true"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
+    + XLA_CPU_FLAGS + " --xla_gpu_deterministic_ops=true"
 ).strip()
 
 
@@ -49,11 +48,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
-# The block cache the `jaxscale` command preloads (jaxscale/host_memory.py), for the xdist workers
-# and the processes tests start, which inherit it: steps of the multimodal presets on 2 cores, early
-# fusion 146 -> 104 ms, CLIP 190 -> 127 ms. (Huge pages too slowed the many short processes of
-# tests/test_checkpoint.py and tests/test_distributed.py by 5-10%; the command still adds them.)
-if sys.platform == "linux" and os.environ.get(SWITCH) != "0":
+# On a CPU-only Linux test bench, the block cache `JAXSCALE_HOST_MEMORY=1` preloads (jaxscale/cpu.py)
+# for the xdist workers and the processes tests start, which inherit it: steps of the multimodal
+# presets on 2 cores, early fusion 146 -> 104 ms, CLIP 190 -> 127 ms. (Huge pages too slowed the
+# many short processes of tests/test_checkpoint.py and tests/test_distributed.py by 5-10%.) Not
+# where JAXSCALE_HOST_MEMORY=0 or another library is preloaded.
+if (sys.platform == "linux" and cpu_only() and os.environ.get(SWITCH) != "0"
+        and not os.environ.get("LD_PRELOAD")):
     os.environ.update(with_block_cache(os.environ))
 
 import jax  # noqa: E402

@@ -171,21 +171,21 @@ def test_generate_streams_a_prompt_and_eval_reports_perplexity(tiny_run):
     assert int(found[3].replace(",", "")) > 20_000  # the embedded held-out split: ~29 KB
 
 
-@pytest.mark.parametrize("switch", [None, "0"])
-def test_the_command_reexecutes_itself_with_its_host_memory_unless_told_not_to(switch):
-    from jaxscale.host_memory import block_cache_library
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux (glibc) only")
+@pytest.mark.parametrize("switch", [None, "0", "1"])
+def test_the_command_reexecutes_itself_with_its_host_memory_only_when_asked(switch):
+    from jaxscale.cpu import APPLIED, SWITCH, block_cache_library
 
-    code = ("import sys; from jaxscale.host_memory import reexec_with_host_memory; "
+    code = ("import sys; from jaxscale.cpu import reexec_with_host_memory; "
             "reexec_with_host_memory([sys.executable, '-c', 'import os; "
             "print(os.environ.get(\"GLIBC_TUNABLES\"), os.environ.get(\"LD_PRELOAD\"))']); "
             "print('parent')")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "JAXSCALE_HOST_MEMORY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", SWITCH, APPLIED)}
     if switch is not None:
-        env["JAXSCALE_HOST_MEMORY"] = switch
+        env[SWITCH] = switch
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env).stdout.strip()
-    if switch == "0" or sys.platform != "linux":
+    if switch != "1":
         assert out == "parent"
     else:
         lib = block_cache_library()

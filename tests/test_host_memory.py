@@ -1,11 +1,12 @@
-"""The block cache preloaded into jaxscale processes (jaxscale/block_cache.c)."""
+"""Host memory for CPU hosts: the block cache (jaxscale/block_cache.c) and when it is preloaded."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from jaxscale.host_memory import block_cache_library
+from jaxscale.cpu import APPLIED, SWITCH, block_cache_library
 
 MIB = 1 << 20
 
@@ -78,12 +79,12 @@ print(all(p % (2 << 20) == 0 for p in held), extra % (2 << 20) != 0, big % (2 <<
 
 def test_the_environment_builds_the_cache_once_and_does_without_it_when_no_compiler_works(
         tmp_path, monkeypatch):
-    from jaxscale.host_memory import host_memory_env
+    from jaxscale.cpu import host_memory_env
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "broken"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     env = host_memory_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=8"})
-    assert "LD_PRELOAD" not in env and env["JAXSCALE_HOST_MEMORY"] == "1"
+    assert "LD_PRELOAD" not in env and env[APPLIED] == "1"
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=8:glibc.malloc.hugetlb=1"
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh"))
@@ -92,5 +93,45 @@ def test_the_environment_builds_the_cache_once_and_does_without_it_when_no_compi
     if lib is None:
         pytest.skip("no C compiler")
     assert lib.parent == tmp_path / "fresh" / "jaxscale" and lib.is_file()
-    env = host_memory_env({"LD_PRELOAD": "/other.so"})
-    assert env["LD_PRELOAD"] == f"{lib}:/other.so" and block_cache_library() == lib
+    env = host_memory_env({"LD_PRELOAD": str(lib)})
+    assert env["LD_PRELOAD"] == str(lib) and block_cache_library() == lib
+
+
+STAND_IN = """
+#include <stddef.h>
+extern void *__libc_malloc(size_t);
+extern void __libc_free(void *);
+void *malloc(size_t n) { return __libc_malloc(n); }
+void free(void *p) { __libc_free(p); }
+"""
+
+
+def command(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`jaxscale ARGS` in this environment without its host-memory settings, plus `env`."""
+    base = {k: v for k, v in os.environ.items() if k not in (SWITCH, APPLIED, "LD_PRELOAD")}
+    return subprocess.run([sys.executable, "-m", "jaxscale.cli", *args], capture_output=True,
+                          text=True, env={**base, **env}, timeout=300)
+
+
+def test_with_another_allocator_preloaded_the_command_refuses_in_one_line(tmp_path):
+    source = tmp_path / "allocator.c"
+    source.write_text(STAND_IN)
+    allocator = tmp_path / "liballocator.so"
+    built = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(allocator), str(source)],
+                           capture_output=True)
+    if built.returncode != 0:
+        pytest.skip("no C compiler to build a stand-in allocator")
+    out = command("info", **{SWITCH: "1", "LD_PRELOAD": str(allocator)})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"jaxscale: error: {SWITCH}=1 preloads jaxscale's block cache, but LD_PRELOAD already holds "
+        f"{allocator}; two allocators in one process abort it: unset LD_PRELOAD or {SWITCH}"]
+    # without the switch the stand-in is left alone, and the command runs
+    out = command("info", "--config.model.n_layers=1", LD_PRELOAD=str(allocator))
+    assert out.returncode == 0 and "parameters" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_switch_that_is_neither_on_nor_off_is_refused():
+    out = command("info", **{SWITCH: "yes"})
+    assert (out.returncode, out.stderr.strip()) == (
+        2, f"jaxscale: error: {SWITCH}='yes': set it to 1 (huge pages and the block cache) or 0")

@@ -10,7 +10,7 @@ from conftest import devices_or_skip, tiny_config
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxscale.collective_order import SCOPE as ORDERING_SCOPE
+from jaxscale.cpu import SCOPE as ORDERING_SCOPE
 from jaxscale.data import build_data, make_global_batch
 from jaxscale.errors import UserError
 from jaxscale.hlo import collective_stats, unordered_collectives

@@ -17,7 +17,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxscale.collective_order import order_collectives
+from jaxscale.cpu import order_collectives
 from jaxscale.errors import UserError
 from jaxscale.models import DECODERS, loss_sums
 from jaxscale.parallel import data_parallel, pipeline, tensor_parallel, vocab_parallel, zero

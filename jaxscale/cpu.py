@@ -1,0 +1,189 @@
+"""Everything jaxscale does only for CPU hosts; nothing else in the library names a backend.
+
+- `order_collectives`: collective ordering for meshes of emulated CPU devices, lowered for CPU only
+  (`jax.lax.platform_dependent`): a program lowered for GPUs or TPUs holds none of it.
+- `with_xla_cpu_flags`: an XLA:CPU flag set before jax starts; only the CPU backend reads it.
+- Host memory (docs/throughput.md), opt-in with `JAXSCALE_HOST_MEMORY=1`: XLA:CPU allocates each
+  execution's temporaries afresh; glibc maps blocks that large anew each time and the kernel
+  faults in and zeroes their pages (a third of the reference training step on 4 KiB pages, 9% on
+  huge pages, 19% with 8 emulated devices). glibc's huge-page tunable and the block cache
+  (`block_cache.c`, preloaded) are read only when a process starts, so the `jaxscale` command
+  re-executes itself once with them when asked; with the Python API, start Python in the
+  environment `host_memory_env` returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxscale.errors import UserError
+
+SCOPE = "cpu_collective_order"  # the name of every operation the ordering adds
+# XLA:CPU's concurrency-optimized scheduler can deadlock pipeline x fsdp x tensor layouts of a
+# multi-device CPU mesh; the default scheduler does not.
+XLA_CPU_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+SWITCH = "JAXSCALE_HOST_MEMORY"  # "1": re-execute with huge pages and the block cache
+APPLIED = "JAXSCALE_HOST_MEMORY_APPLIED"  # set in the re-executed process
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+SOURCE = Path(__file__).with_name("block_cache.c")
+
+
+# -- collective ordering ------------------------------------------------------------------------
+
+def order_collectives(first, then):
+    """`(first, then)` unchanged, but in a program lowered for CPU `then` waits for `first`, and
+    in the backward pass the cotangents of `first` for those of `then`; lowered for any other
+    platform nothing is added, so accelerators keep the overlap.
+
+    XLA:CPU runs a program's collectives in program order, but a loop holding some runs as one
+    operation, next to any other with no path between them, and its in-process collectives tell
+    collectives apart only by kind, group and channel (jax gives all of `shard_map`'s the same).
+    So the emulated devices of one process can pair one device's collective in a layer loop
+    with another's outside it, or in another tower's loop: the run stops, or mixes their data
+    (NaN losses). Computations that hold such collectives are ordered here by a data dependency
+    (XLA:CPU drops optimization barriers before it orders a program);
+    `jaxscale.hlo.unordered_collectives` finds the pairs left.
+    """
+    return jax.lax.platform_dependent(first, then, cpu=_ordered, default=_unchanged)
+
+
+def _unchanged(first, then):
+    return first, then
+
+
+def _varying(x) -> frozenset:
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def _wait(tree, deps):
+    """`tree` made to wait for `deps` through a data dependency, which no pass drops. A leaf
+    waits for the dependencies that vary over no manual axes it does not (so its type stays);
+    float0 leaves (integers' cotangents) stay."""
+    # false, NaN or not, from one element of each dependency: nothing XLA folds away
+    flags = [(_varying(x), x[(0,) * x.ndim].astype(jnp.float32) * 0 > 1)
+             for x in jax.tree.leaves(deps) if x.dtype != jax.dtypes.float0]
+
+    def one(x):
+        mine = [f for axes, f in flags if axes <= _varying(x)]
+        if x.dtype == jax.dtypes.float0 or not mine:
+            return x
+        never = functools.reduce(jnp.logical_or, mine)
+        return x | never if x.dtype == jnp.bool_ else x + never.astype(x.dtype)
+
+    with jax.named_scope(SCOPE):
+        return jax.tree.map(one, tree)
+
+
+@jax.custom_vjp
+def _ordered(first, then):
+    return first, _wait(then, first)
+
+
+def _ordered_fwd(first, then):
+    return _ordered(first, then), None
+
+
+def _ordered_bwd(_, cts):
+    ct_first, ct_then = cts
+    return _wait(ct_first, ct_then), ct_then
+
+
+_ordered.defvjp(_ordered_fwd, _ordered_bwd)
+
+
+# -- XLA:CPU flags ------------------------------------------------------------------------------
+
+def with_xla_cpu_flags(env: dict[str, str]) -> dict[str, str]:
+    """`env` with `XLA_CPU_FLAGS` added to XLA_FLAGS unless the user set that flag."""
+    env = dict(env)
+    if "concurrency_optimized_scheduler" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {XLA_CPU_FLAGS}".strip()
+    return env
+
+
+# -- host memory --------------------------------------------------------------------------------
+
+def block_cache_library() -> Path | None:
+    """The block cache (`block_cache.c`) built for this machine, or None without a C compiler.
+
+    Built once per source version into $XDG_CACHE_HOME/jaxscale (~/.cache/jaxscale)."""
+    try:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxscale"
+    except RuntimeError:  # no home directory
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    lib = cache / f"block_cache-{digest}-{platform.machine()}.so"
+    if lib.exists():
+        return lib
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        return None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            built = Path(tmp) / lib.name
+            result = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(built), str(SOURCE),
+                                     "-lpthread", "-Wl,--no-undefined"], capture_output=True, timeout=120)
+            if result.returncode != 0:
+                return None
+            os.replace(built, lib)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return lib
+
+
+def with_block_cache(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the block cache in LD_PRELOAD where it builds (no huge pages, no mark).
+
+    Raises UserError when LD_PRELOAD already holds another library: the cache hands blocks it
+    does not keep to glibc, so an allocator preloaded beside it (tcmalloc, jemalloc) aborts the
+    process on its first foreign pointer."""
+    env = dict(env)
+    lib = block_cache_library()
+    others = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":")
+              if p and p != str(lib)]
+    if others:
+        raise UserError(f"{SWITCH}=1 preloads jaxscale's block cache, but LD_PRELOAD already holds "
+                        f"{others[0]}; two allocators in one process abort it: unset LD_PRELOAD "
+                        f"or {SWITCH}")
+    if lib is not None:
+        env["LD_PRELOAD"] = str(lib)
+    return env
+
+
+def host_memory_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) with huge pages for glibc's malloc and the block cache
+    preloaded where it builds, marked so that `reexec_with_host_memory` leaves it alone."""
+    env = with_block_cache(dict(os.environ if env is None else env))
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, HUGE_PAGES)))
+    env[APPLIED] = "1"
+    return env
+
+
+def reexec_with_host_memory(command: list[str]) -> bool:
+    """Re-run `command` (this process's own, same pid) in `host_memory_env` if the user set
+    JAXSCALE_HOST_MEMORY=1 (Linux only; call it first thing, it replaces the process). Returns
+    whether the settings apply to this process; raises UserError where they cannot."""
+    switch = os.environ.get(SWITCH, "")
+    if switch not in ("", "0", "1"):
+        raise UserError(f"{SWITCH}={switch!r}: set it to 1 (huge pages and the block cache) or 0")
+    if switch != "1":
+        return False
+    if sys.platform != "linux":
+        raise UserError(f"{SWITCH}=1 needs Linux (glibc's allocator); unset it on {sys.platform}")
+    if not os.environ.get(APPLIED):
+        os.execve(sys.executable, command, host_memory_env())
+    return True
