@@ -76,80 +76,103 @@ class OneFOneB:
         head_fn = functools.partial(_head_loss, graphdef, block_shapes)
         aux = (batch["positions"], attention_mask(batch["segment_ids"]), batch["targets"],
                batch["loss_mask"])
-        loss_sum = _pipelined(stage_fn, head_fn, self.m, self.p, axes)(blocks, head_params, x, aux)
+        loss_sum = _pipelined(stage_fn, head_fn, self.m, self.p)(blocks, head_params, x, aux)
         return jax.lax.psum(loss_sum, AXIS), jnp.sum(batch["loss_mask"])
 
 
-def _pipelined(stage_fn: Callable, head_fn: Callable, m: int, p: int, axes: frozenset[str]):
+def _pipelined(stage_fn: Callable, head_fn: Callable, m: int, p: int) -> Callable:
     """`f(blocks, head_params, x, aux) -> loss_sum` (last stage; 0 elsewhere), gradients by 1F1B."""
 
     @jax.custom_vjp
     def f(w, h, x, aux):  # not differentiated: the forward ticks only
-        return _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux, with_grads=False)[0]
+        return _Ticks(stage_fn, head_fn, m, p, w, h, x, aux, with_grads=False).run()[0]
 
     def fwd(w, h, x, aux):
-        return _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux, with_grads=True)
+        return _Ticks(stage_fn, head_fn, m, p, w, h, x, aux, with_grads=True).run()
 
     def bwd(grads, ct):
-        dw, dh, dx = jax.tree.map(lambda g: (g * ct).astype(g.dtype), grads)
+        dw, dh, dx = jax.tree.map(functools.partial(_scaled, ct), grads)
         return dw, dh, dx, None
 
     f.defvjp(fwd, bwd)
     return f
 
 
-def _schedule(stage_fn, head_fn, m, p, axes, w, h, x, aux, *, with_grads: bool):
-    """Run the ticks; returns `(loss_sum, (grad_blocks, grad_head, grad_x))` (zero gradients
-    and only the `M + P - 1` forward ticks without `with_grads`)."""
-    stage = jax.lax.axis_index(AXIS)
-    positions, mask, targets, loss_mask = aux
-    xs, ps, ms, ts, ls = (split_microbatches(a, m) for a in (x, positions, mask, targets, loss_mask))
-    slots = min(m, 2 * p - 1)
+def _zero(a: jax.Array) -> jax.Array:
+    return a * 0
 
-    def run(w, xin, i):
-        return stage_fn(w, xin, ps[i], None if ms is None else ms[i])
 
-    def backward(xin, i, ct):
+def _scaled(ct: jax.Array, g: jax.Array) -> jax.Array:
+    return (g * ct).astype(g.dtype)
+
+
+class _Ticks:
+    """One stage's run of the schedule on blocks `w`, head `h` and the stage input `x`.
+
+    `run()` returns `(loss_sum, (grad_blocks, grad_head, grad_x))`: zero gradients and only the
+    `M + P - 1` forward ticks without `with_grads`."""
+
+    def __init__(self, stage_fn, head_fn, m, p, w, h, x, aux, *, with_grads: bool):
+        self.stage_fn, self.head_fn, self.m, self.p = stage_fn, head_fn, m, p
+        self.w, self.h, self.shape, self.with_grads = w, h, x.shape, with_grads
+        self.xs, self.ps, self.ms, self.ts, self.ls = (split_microbatches(a, m) for a in (x, *aux))
+        self.stage = jax.lax.axis_index(AXIS)
+        self.slots = min(m, 2 * p - 1)
+        self.zeros_x = self.xs[0] * 0
+        self.zeros_w = jax.tree.map(_zero, w)  # zeros of the same type (varying over the same axes)
+        self.zeros_h = jax.tree.map(_zero, h)
+        self.zero_loss = jnp.sum(self.zeros_x, dtype=jnp.float32)
+
+    def run(self):
+        zeros_x = self.zeros_x
+        init = (zeros_x, zeros_x, jnp.stack([zeros_x] * self.slots), self.zeros_w, self.zeros_h,
+                self.xs * 0, self.zero_loss)
+        ticks = self.m + 2 * self.p - 2 if self.with_grads else self.m + self.p - 1
+        (_, _, _, grad_w, grad_h, grad_x, loss_sum), _ = jax.lax.scan(self.tick, init,
+                                                                     jnp.arange(ticks))
+        return loss_sum, (grad_w, grad_h, grad_x.reshape(self.shape))
+
+    def forward(self, w, xin, i):
+        """The stage's layers on microbatch `i`'s input `xin`."""
+        return self.stage_fn(w, xin, self.ps[i], None if self.ms is None else self.ms[i])
+
+    def backward(self, xin, i, ct):
         """Stage backward of microbatch `i` from its stashed input: recompute, then transpose."""
-        return jax.vjp(lambda w, xin: run(w, xin, i), w, xin)[1](ct)
+        return jax.vjp(functools.partial(self._forward_of, i), self.w, xin)[1](ct)
 
-    def head(y, i):
-        if not with_grads:
-            return head_fn(h, y, ts[i], ls[i]), zeros_h, zeros_x
-        lsum, vjp = jax.vjp(lambda h, y: head_fn(h, y, ts[i], ls[i]), h, y)
-        dh, dy = vjp(lsum * 0 + 1)
-        return lsum, dh, dy
+    def _forward_of(self, i, w, xin):
+        return self.forward(w, xin, i)
 
-    zeros_x = xs[0] * 0
-    zeros_w = jax.tree.map(lambda a: a * 0, w)
-    zeros_h = jax.tree.map(lambda a: a * 0, h)
-    zero_loss = jnp.sum(zeros_x, dtype=jnp.float32)
-    forward_ring = [(i, (i + 1) % p) for i in range(p)]
-    backward_ring = [((i + 1) % p, i) for i in range(p)]
-    last = stage == p - 1
+    def head(self, y, i):
+        """The last stage's loss sum of microbatch `i`, with its head and input gradients."""
+        loss = functools.partial(self.head_fn, targets=self.ts[i], loss_mask=self.ls[i])
+        if not self.with_grads:
+            return loss(self.h, y), self.zeros_h, self.zeros_x
+        lsum, vjp = jax.vjp(loss, self.h, y)
+        return (lsum, *vjp(lsum * 0 + 1))
 
-    def tick(carry, t):
+    def tick(self, carry, t):
+        """Stage `s` at tick `t`: forward of microbatch `t - s`, backward of `t - (2P - 2 - s)`."""
+        p, m, stage, zeros_x = self.p, self.m, self.stage, self.zeros_x
         recv_x, recv_ct, stash, grad_w, grad_h, grad_x, loss_sum = carry
-        fi, bi = t - stage, t - (2 * p - 2 - stage)  # forward / backward microbatch
+        fi, bi = t - stage, t - (2 * p - 2 - stage)
         f_ok, b_ok = (fi >= 0) & (fi < m), (bi >= 0) & (bi < m)
         fi, bi = jnp.clip(fi, 0, m - 1), jnp.clip(bi, 0, m - 1)
-        xin = jnp.where(stage == 0, xs[fi], recv_x)
-        y = jax.lax.cond(f_ok, lambda: run(w, xin, fi), lambda: zeros_x)
-        lsum, dh, dy = jax.lax.cond(f_ok & last, lambda: head(y, fi),
-                                    lambda: (zero_loss, zeros_h, zeros_x))
-        dw, dx = zeros_w, zeros_x
-        if with_grads:
-            stash = stash.at[fi % slots].set(jnp.where(f_ok, xin, stash[fi % slots]))
+        last = stage == p - 1
+        xin = jnp.where(stage == 0, self.xs[fi], recv_x)
+        y = jax.lax.cond(f_ok, lambda: self.forward(self.w, xin, fi), lambda: zeros_x)
+        lsum, dh, dy = jax.lax.cond(f_ok & last, lambda: self.head(y, fi),
+                                    lambda: (self.zero_loss, self.zeros_h, zeros_x))
+        dw, dx = self.zeros_w, zeros_x
+        if self.with_grads:
+            stash = stash.at[fi % self.slots].set(jnp.where(f_ok, xin, stash[fi % self.slots]))
             ct = jnp.where(last, dy, recv_ct)
-            dw, dx = jax.lax.cond(b_ok, lambda: backward(stash[bi % slots], bi, ct),
-                                  lambda: (zeros_w, zeros_x))
+            dw, dx = jax.lax.cond(b_ok, lambda: self.backward(stash[bi % self.slots], bi, ct),
+                                  lambda: (self.zeros_w, zeros_x))
         grad_x = grad_x.at[bi].set(jnp.where(b_ok & (stage == 0), dx, grad_x[bi]))
+        forward_ring = [(i, (i + 1) % p) for i in range(p)]
+        backward_ring = [((i + 1) % p, i) for i in range(p)]
         carry = (jax.lax.ppermute(y, AXIS, forward_ring), jax.lax.ppermute(dx, AXIS, backward_ring),
                  stash, jax.tree.map(jnp.add, grad_w, dw), jax.tree.map(jnp.add, grad_h, dh),
                  grad_x, loss_sum + lsum)
         return carry, None
-
-    init = (zeros_x, zeros_x, jnp.stack([zeros_x] * slots), zeros_w, zeros_h, xs * 0, zero_loss)
-    ticks = m + 2 * p - 2 if with_grads else m + p - 1
-    (_, _, _, grad_w, grad_h, grad_x, loss_sum), _ = jax.lax.scan(tick, init, jnp.arange(ticks))
-    return loss_sum, (grad_w, grad_h, grad_x.reshape(x.shape))
