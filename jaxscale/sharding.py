@@ -31,7 +31,8 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 # its mesh axis (`parallel.DEFAULT_RULES` joins them); here they are all unsharded.
 LOGICAL_AXES = (
     "batch",
-    "layers",  # the stacked-blocks axis
+    "layers",  # the stacked-blocks axis of a decoder
+    "encoder_layers",  # the stacked-blocks axis of an encoder (not pipelined)
     "vocab",
     "embed",
     "mlp",

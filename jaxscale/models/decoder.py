@@ -1,14 +1,13 @@
 """What the decoder families share: stacked blocks run between token embeddings and a head.
 
-This is the interface the pipeline schedules and the fusion models build on: `embed_tokens`,
-`blocks` (one module whose parameters carry a leading `layers` axis), `block_fn` and `head`, with
-`scan_blocks` running a stack and `attention_mask` the packed-document mask; `flops_per_token`
-is the FLOP count every decoder family's own builds on.
+The fusion models build on it (`embed_tokens`, `blocks`: one module whose parameters carry a
+leading `layers` axis, `block_fn`, `head`) and the pipeline schedules on its pipeline interface
+(`Decoder`), with `scan_blocks` running a stack and `attention_mask` the packed-document mask;
+`flops_per_token` is the FLOP count every decoder family's own builds on.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -70,40 +69,50 @@ class Decoder(nnx.Module):
 
     Subclasses set `config`, `blocks` and define `embed_tokens(tokens, positions)`, `final(x)`
     (the final norm) and `output_table()` (the output layer's [embed, vocab] weights).
+
+    The pipeline interface, which the fusion models implement too: `PIPELINED`, the paths of the
+    stacked modules a pipeline splits into stages (each with a leading `layers` axis);
+    `pipeline_input(batch)`, the residual stream entering them and the per-example inputs every
+    stage uses (`side`); `pipeline_stage(x, side)`, the stacked layers the model holds (a stage's
+    share of them, under a pipeline) on `x`; `pipeline_loss(y, batch)`, the loss sum of the last
+    layer's output.
     """
 
+    PIPELINED = ("blocks",)
     config: LlamaConfig
     blocks: nnx.Module
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
-                 apply_block: Callable[..., jax.Array] = apply_block,
-                 run_blocks: Callable[..., jax.Array] = scan_blocks) -> jax.Array:
-        """Logits for `tokens`. Parallelism strategies may replace how the blocks run:
-        `apply_block(block, x, positions, mask)` runs one layer (to gather its parameters just in
-        time), `run_blocks(blocks, x, positions, mask, apply_block)` runs the stack (a pipeline)."""
-        return self.head(self.hidden(tokens, positions, segment_ids, apply_block, run_blocks))
+                 apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
+        """Logits for `tokens`. `apply_block(block, x, positions, mask)` runs one layer (data
+        parallelism replaces it to gather the layer's parameters just in time)."""
+        return self.head(self.hidden(tokens, positions, segment_ids, apply_block))
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
                apply_block: Callable[..., jax.Array] = apply_block,
-               run_blocks: Callable[..., jax.Array] = scan_blocks,
                vocab_axes: tuple[str, ...] = ()) -> jax.Array:
         """The last block's output [batch, seq, embed] for `tokens` (see `__call__`; for
         `vocab_axes`, `loss_sums`)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return self.run(self.embed_tokens(tokens, positions, vocab_axes), positions,
-                        attention_mask(segment_ids), apply_block, run_blocks)
+                        attention_mask(segment_ids), apply_block)
 
     def loss_sums(self, batch: dict[str, jax.Array], vocab_axes: tuple[str, ...] = (),
-                  **kwargs) -> tuple[jax.Array, jax.Array]:
+                  apply_block: Callable[..., jax.Array] = apply_block) -> tuple[jax.Array, jax.Array]:
         """Summed next-token cross-entropy over `loss_mask`, and the mask's sum. With
-        `loss_chunk`, the logits are never materialised (`chunked_xent_sums`). With
         `vocab_axes`, data parallelism hands the model its slice of the vocabulary tables over
         those mesh axes (see `embed_lookup`)."""
-        x = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                        vocab_axes=vocab_axes, **kwargs)
+        x = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], apply_block,
+                        vocab_axes)
+        return self.output_loss(x, batch, vocab_axes)
+
+    def output_loss(self, x: jax.Array, batch: dict[str, jax.Array],
+                    vocab_axes: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
+        """`loss_sums` from the last block's output `x`. With `loss_chunk` (or `vocab_axes`) the
+        logits are never materialised (`chunked_xent_sums`)."""
         if self.config.loss_chunk or vocab_axes:
             return chunked_xent_sums(self.final(x), self.output_table().astype(x.dtype),
                                      batch["targets"], batch["loss_mask"],
@@ -112,12 +121,22 @@ class Decoder(nnx.Module):
         return token_loss_sums(self.head(x), batch["targets"], batch["loss_mask"])
 
     def run(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
-            apply_block: Callable[..., jax.Array] = apply_block,
-            run_blocks: Callable[..., jax.Array] = scan_blocks) -> jax.Array:
+            apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
         """The blocks on a residual stream `x` [batch, seq, embed] (token or other embeddings)."""
-        if run_blocks is scan_blocks and not self.config.scan_layers:
-            run_blocks = functools.partial(scan_blocks, unroll=True)
-        return run_blocks(self.blocks, x, positions, mask, self.block_fn(apply_block))
+        return scan_blocks(self.blocks, x, positions, mask, self.block_fn(apply_block),
+                           unroll=not self.config.scan_layers)
+
+    def pipeline_input(self, batch: dict[str, jax.Array],
+                       apply_block: Callable[..., jax.Array] = apply_block):
+        return (self.embed_tokens(batch["inputs"], batch["positions"]),
+                {"positions": batch["positions"], "mask": attention_mask(batch["segment_ids"])})
+
+    def pipeline_stage(self, x: jax.Array, side: dict[str, jax.Array],
+                       apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
+        return self.run(x, side["positions"], side["mask"], apply_block)
+
+    def pipeline_loss(self, y: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+        return self.output_loss(y, batch)[0]
 
     def block_fn(self, apply_block: Callable[..., jax.Array] = apply_block) -> Callable[..., jax.Array]:
         """`apply_block` under the model's rematerialisation policy."""

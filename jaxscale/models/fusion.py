@@ -110,13 +110,21 @@ class Projector(nnx.Module):
 
 
 class _TokenModel(nnx.Module):
-    """Shared by the fusion families that answer in text: loss and answer accuracy from logits."""
+    """Shared by the fusion families that answer in text: loss and answer accuracy from logits,
+    through the decoder's pipeline interface (`models.decoder.Decoder`), which they implement:
+    `pipeline_input` runs the encoder and connector, `pipeline_stage` the decoder's layers."""
+
+    llm: Llama
 
     def logits(self, batch: Batch, apply_block: Callable | None = None) -> jax.Array:
-        raise NotImplementedError
+        x, side = self.pipeline_input(batch, apply_block)
+        return self.llm.head(_text(self.pipeline_stage(x, side, apply_block), batch))
 
     def loss_sums(self, batch: Batch, apply_block: Callable | None = None):
         return token_loss_sums(self.logits(batch, apply_block), batch["targets"], batch["loss_mask"])
+
+    def pipeline_loss(self, y: jax.Array, batch: Batch) -> jax.Array:
+        return token_loss_sums(self.llm.head(_text(y, batch)), batch["targets"], batch["loss_mask"])[0]
 
     def evaluate(self, batch: Batch) -> dict[str, jax.Array]:
         """Per example: is every answer token right, and the answer's mean token loss."""
@@ -131,8 +139,15 @@ class _TokenModel(nnx.Module):
         return jax.lax.stop_gradient(tokens) if "vision" in self.freeze else tokens
 
 
+def _text(y: jax.Array, batch: Batch) -> jax.Array:
+    """The text positions of the decoder's output (after any image prefix)."""
+    return y[:, y.shape[1] - batch["targets"].shape[1]:]
+
+
 class EarlyFusion(_TokenModel):
     """Projected image tokens, then the text, through one causal decoder."""
+
+    PIPELINED = ("llm/blocks",)
 
     def __init__(self, llm: LlamaConfig, vision: ViTConfig, rngs: nnx.Rngs, freeze=()):
         self.vision = ViT(vision, rngs)
@@ -140,7 +155,7 @@ class EarlyFusion(_TokenModel):
         self.llm = Llama(llm, rngs)
         self.freeze = tuple(freeze)
 
-    def logits(self, batch: Batch, apply_block: Callable | None = None) -> jax.Array:
+    def pipeline_input(self, batch: Batch, apply_block: Callable | None = None):
         dt = jnp.dtype(self.llm.config.dtype)
         image = self.projector(self._visual(batch["images"], apply_block).astype(dt))
         text = self.llm.embed_tokens(batch["inputs"])
@@ -149,8 +164,10 @@ class EarlyFusion(_TokenModel):
         positions = jnp.broadcast_to(jnp.arange(n + s), (b, n + s))
         segments = jnp.concatenate([jnp.ones((b, n), batch["segment_ids"].dtype),
                                     batch["segment_ids"]], axis=1)
-        x = self.llm.run(x, positions, attention_mask(segments), **_blocks_kwargs(apply_block))
-        return self.llm.head(x[:, n:])
+        return x, {"positions": positions, "mask": attention_mask(segments)}
+
+    def pipeline_stage(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
+        return self.llm.run(x, side["positions"], side["mask"], **_blocks_kwargs(apply_block))
 
 
 class GatedCrossAttention(nnx.Module):
@@ -174,6 +191,8 @@ class GatedCrossAttention(nnx.Module):
 class CrossAttentionFusion(_TokenModel):
     """The decoder with a gated cross-attention block before every `every` layers."""
 
+    PIPELINED = ("cross", "llm/blocks")
+
     def __init__(self, llm: LlamaConfig, vision: ViTConfig, rngs: nnx.Rngs, *, n_latents: int,
                  resampler_layers: int, every: int, freeze=()):
         if every < 1 or llm.n_layers % every:
@@ -191,12 +210,17 @@ class CrossAttentionFusion(_TokenModel):
         self.every = every
         self.freeze = tuple(freeze)
 
-    def logits(self, batch: Batch, apply_block: Callable | None = None) -> jax.Array:
+    def pipeline_input(self, batch: Batch, apply_block: Callable | None = None):
         dt = jnp.dtype(self.llm.config.dtype)
         visual = self._visual(batch["images"], apply_block)
         visual = self.projector(self.resampler(visual).astype(dt))
-        x = self.llm.embed_tokens(batch["inputs"])
-        positions, mask = batch["positions"], attention_mask(batch["segment_ids"])
+        return self.llm.embed_tokens(batch["inputs"]), {
+            "positions": batch["positions"], "mask": attention_mask(batch["segment_ids"]),
+            "visual": visual}
+
+    def pipeline_stage(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
+        """Groups of a cross-attention block and `every` decoder layers (a stage's share of the
+        groups, under a pipeline)."""
         run_layer = self.llm.block_fn(**_blocks_kwargs(apply_block))
         block_graph, blocks = nnx.split(self.llm.blocks)
         cross_graph, cross = nnx.split(self.cross)
@@ -205,12 +229,11 @@ class CrossAttentionFusion(_TokenModel):
 
         def group(x, states):
             cross_state, block_states = states
-            x = nnx.merge(cross_graph, cross_state)(x, visual)
-            return scan_blocks(nnx.merge(block_graph, block_states), x, positions, mask,
-                               run_layer, unroll), None
+            x = nnx.merge(cross_graph, cross_state)(x, side["visual"])
+            return scan_blocks(nnx.merge(block_graph, block_states), x, side["positions"],
+                               side["mask"], run_layer, unroll), None
 
-        x = jax.lax.scan(group, x, (cross, groups), unroll=unroll)[0]
-        return self.llm.head(x)
+        return jax.lax.scan(group, x, (cross, groups), unroll=unroll)[0]
 
 
 def _unordered(first, then):

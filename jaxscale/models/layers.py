@@ -342,8 +342,10 @@ def remat_policy(name: str) -> Callable | None:
                      f"save:<name>,<name>")
 
 
-def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
-    """`n` layers built by `make` as one module whose parameters carry a leading `layers` axis."""
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs,
+                 axis: str = "layers") -> nnx.Module:
+    """`n` layers built by `make` as one module whose parameters carry a leading logical `axis`:
+    `layers` for a decoder's (which pipelines split into stages), `encoder_layers` otherwise."""
 
     @nnx.vmap(in_axes=0, out_axes=0)
     def build(key):
@@ -352,5 +354,5 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs)
     layers = build(jax.random.split(rngs.params(), n))
     for _, node in nnx.iter_graph(layers):
         if isinstance(node, nnx.Variable):
-            node.set_metadata(logical_axes=("layers", *node.get_metadata()["logical_axes"]))
+            node.set_metadata(logical_axes=(axis, *node.get_metadata()["logical_axes"]))
     return layers

@@ -164,7 +164,7 @@ class ViT(nnx.Module):
         self.patch_embed = param(rngs, (patch_dim, c.d_model), ("patch", "embed"), patch_dim**-0.5)
         self.pos_embed = param(rngs, (c.grid**2, c.d_model), (None, "embed"), 0.02)
         self.frame_embed = param(rngs, (c.max_frames, c.d_model), (None, "embed"), 0.02)
-        self.blocks = stack_layers(lambda r: ViTBlock(c, r), c.n_layers, rngs)
+        self.blocks = stack_layers(lambda r: ViTBlock(c, r), c.n_layers, rngs, "encoder_layers")
         self.final_norm = RMSNorm(c.d_model, c.norm_eps)
 
     def __call__(self, images: jax.Array,
@@ -238,7 +238,7 @@ class PerceiverResampler(nnx.Module):
         self.latents = param(rngs, (n_latents, d_model), (None, "embed"), 1.0)
         self.layers = stack_layers(
             lambda r: ResamplerLayer(d_model, n_heads, head_dim, d_ff, n_layers, norm_eps, r),
-            n_layers, rngs)
+            n_layers, rngs, "encoder_layers")
         self.final_norm = RMSNorm(d_model, norm_eps)
         self.unroll = unroll
 

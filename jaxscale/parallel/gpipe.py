@@ -18,19 +18,12 @@ forward and its transpose backward, and one all-reduce of the `M` outputs (`M A`
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from jaxscale.models.decoder import scan_blocks
-
-AXIS = "pipeline"
-
-
-def split_microbatches(a: jax.Array | None, m: int) -> jax.Array | None:
-    """[B, ...] -> [m, B/m, ...] (microbatch i = rows [i B/m, (i+1) B/m))."""
-    return None if a is None else a.reshape(m, a.shape[0] // m, *a.shape[1:])
+from jaxscale.parallel.stages import AXIS, split_microbatches
 
 
 def _not_sliced(prim, *_, **__) -> bool:
@@ -38,17 +31,19 @@ def _not_sliced(prim, *_, **__) -> bool:
     return prim.name not in ("dynamic_slice", "reshape", "squeeze")
 
 
-def _run_chunk(graph, v: int, apply_block, stacked, chunk, inp, positions, mask):
+def _run_chunk(stage_fn: Callable, v: int, w, chunk, inp, side):
     """The stage's layers of virtual-stage chunk `chunk` on `inp`."""
     if v > 1:
-        stacked = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, chunk, 0, False), stacked)
-    return scan_blocks(nnx.merge(graph, stacked), inp, positions, mask, apply_block)
+        w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, chunk, 0, False), w)
+    return stage_fn(w, inp, side)
 
 
 class CircularSchedule:
-    """`run_blocks(blocks, x, positions, mask, apply_block)` under GPipe (`virtual=1`) or the
-    interleaved schedule; call it where `pipeline` is manual and `blocks` holds this stage's
-    layers (`[V, L/(P V), ...]` with `virtual > 1`, see `pipeline.virtualize`).
+    """`schedule(stage_fn, w, x, side)`: the pipelined layers on `x` under GPipe (`virtual=1`)
+    or the interleaved schedule, where `stage_fn(w, x, side)` runs the layers `w` (a stage's, or
+    a chunk's) and `side` holds per-example inputs ([batch, ...] leaves) every stage uses. Call
+    it where `pipeline` is manual and `w` holds this stage's layers (`[V, L/(P V), ...]` with
+    `virtual > 1`, see `pipeline.virtualize`).
 
     Microbatches go in groups of P: stage `s` at tick `t` works on `u = t - s`, chunk
     `(u mod PV) // P`, microbatch `(u // PV) P + u mod P`; the last stage's output for chunk c is
@@ -58,14 +53,14 @@ class CircularSchedule:
     def __init__(self, microbatches: int, stages: int, virtual: int = 1):
         self.m, self.p, self.v = microbatches, stages, virtual
 
-    def __call__(self, blocks, x, positions, mask, apply_block) -> jax.Array:
+    def __call__(self, stage_fn: Callable, w, x: jax.Array, side) -> jax.Array:
         m, p, v = self.m, self.p, self.v
-        graph, stacked = nnx.split(blocks)
-        run = functools.partial(_run_chunk, graph, v, apply_block)
+        run = functools.partial(_run_chunk, stage_fn, v)
         if v > 1:  # slice the chunk's weights again in the backward instead of keeping them per tick
             run = jax.checkpoint(run, policy=_not_sliced)
-        xs, ps, masks = (split_microbatches(a, m) for a in (x, positions, mask))
-        tick = functools.partial(self._tick, run, stacked, xs, ps, masks, jax.lax.axis_index(AXIS))
+        xs = split_microbatches(x, m)
+        sides = jax.tree.map(functools.partial(split_microbatches, m=m), side)
+        tick = functools.partial(self._tick, run, w, xs, sides, jax.lax.axis_index(AXIS))
         init = (xs[0] * 0, xs * 0)  # zeros of the same type (varying over the manual axes)
         (_, outputs), _ = jax.lax.scan(tick, init, jnp.arange(m * v + p - 1))
         # the last stage's outputs to every stage; summed in float32 (XLA:CPU cannot all-reduce bf16)
@@ -73,14 +68,14 @@ class CircularSchedule:
         outputs = jax.lax.psum(jnp.where(last, outputs, 0).astype(jnp.float32), AXIS)
         return outputs.astype(x.dtype).reshape(x.shape)
 
-    def _tick(self, run, stacked, xs, ps, masks, stage, carry, t):
+    def _tick(self, run, w, xs, sides, stage, carry, t):
         m, p, v = self.m, self.p, self.v
         held, outputs = carry
         u = t - stage
         chunk = jnp.clip((u % (p * v)) // p, 0, v - 1)
         i = jnp.clip((u // (p * v)) * p + u % p, 0, m - 1)
         inp = jnp.where((stage == 0) & (chunk == 0), xs[i], held)
-        out = run(stacked, chunk, inp, ps[i], None if masks is None else masks[i])
+        out = run(w, chunk, inp, jax.tree.map(lambda a: a[i], sides))
         done = (stage == p - 1) & (chunk == v - 1) & (u >= 0) & (u < m * v)
         outputs = outputs.at[i].set(jnp.where(done, out, outputs[i]))
         ring = [(j, (j + 1) % p) for j in range(p)]

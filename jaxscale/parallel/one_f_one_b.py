@@ -28,10 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxscale.models.decoder import apply_block as plain_block
-from jaxscale.models.decoder import attention_mask, scan_blocks
-from jaxscale.models.layers import token_loss_sums
-from jaxscale.parallel.gpipe import AXIS, split_microbatches
+from jaxscale.parallel.stages import AXIS, in_stack, run_stage, shapes, split_microbatches
 
 
 def _varying(x: jax.Array) -> frozenset[str]:
@@ -44,55 +41,56 @@ def _vary(x: jax.Array, axes: frozenset[str]) -> jax.Array:
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _stage(block_graph, run_layer, w, x, positions, mask):
-    """This stage's layers (parameters `w`) on `x`."""
-    return scan_blocks(nnx.merge(block_graph, w), x, positions, mask, run_layer)
-
-
-def _head_loss(graphdef, block_shapes, h, y, targets, loss_mask):
+def _head_loss(graph: nnx.GraphDef, w_shapes, h, y: jax.Array, labels) -> jax.Array:
     """The loss sum of the last stage's output `y` through the model's head (parameters `h`)."""
-    head = nnx.merge(graphdef, nnx.State({**h, "blocks": block_shapes})).head
-    return token_loss_sums(head(y), targets, loss_mask)[0]
+    return nnx.merge(graph, w_shapes, h).pipeline_loss(y, labels)
+
+
+def _differentiable(a) -> bool:
+    return a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
 
 
 class OneFOneB:
-    """`loss(graphdef, params, batch, apply_block=...) -> (loss_sum, count)` under 1F1B for a
-    decoder (`models.decoder.Decoder`: `embed_tokens`, `blocks`, `block_fn`, `head`).
+    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count)` under 1F1B for a model
+    with the pipeline interface of `models.decoder.Decoder`, whose stacks at `paths` are split
+    into stages.
 
     Runs where `pipeline` is manual; returns the same sums on every stage.
     """
 
-    def __init__(self, microbatches: int, stages: int):
-        self.m, self.p = microbatches, stages
+    def __init__(self, microbatches: int, stages: int, paths: tuple[str, ...]):
+        self.m, self.p, self.paths = microbatches, stages, paths
 
-    def __call__(self, graphdef: nnx.GraphDef, params: nnx.State, batch, apply_block=plain_block):
+    def __call__(self, graphdef: nnx.GraphDef, params: nnx.State, batch, **model_kwargs):
         model = nnx.merge(graphdef, params)
-        x = model.embed_tokens(batch["inputs"], batch["positions"])
+        x, side = model.pipeline_input(batch, **model_kwargs)
         axes = _varying(x)  # every manual axis: the table is marked varying over all of them
-        blocks = jax.tree.map(lambda a: _vary(a, axes), params["blocks"])
-        head_params = nnx.State({k: v for k, v in params.items() if k != "blocks"})
-        block_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), blocks)
-        stage_fn = functools.partial(_stage, nnx.split(model.blocks)[0], model.block_fn(apply_block))
-        head_fn = functools.partial(_head_loss, graphdef, block_shapes)
-        aux = (batch["positions"], attention_mask(batch["segment_ids"]), batch["targets"],
-               batch["loss_mask"])
-        loss_sum = _pipelined(stage_fn, head_fn, self.m, self.p)(blocks, head_params, x, aux)
+        graph, w, h = nnx.split(model, in_stack(self.paths), ...)
+        w = jax.tree.map(lambda a: _vary(a, axes), w)
+        # per-example inputs with gradients (a cross-attention model's visual context) and without
+        ctx = {k: a for k, a in side.items() if _differentiable(a)}
+        aux = ({k: a for k, a in side.items() if k not in ctx},
+               {"targets": batch["targets"], "loss_mask": batch["loss_mask"]})
+        stage_fn = functools.partial(run_stage, graph, shapes(h), model_kwargs)
+        head_fn = functools.partial(_head_loss, graph, shapes(w))
+        loss_sum = _pipelined(stage_fn, head_fn, self.m, self.p)(w, h, x, ctx, aux)
         return jax.lax.psum(loss_sum, AXIS), jnp.sum(batch["loss_mask"])
 
 
 def _pipelined(stage_fn: Callable, head_fn: Callable, m: int, p: int) -> Callable:
-    """`f(blocks, head_params, x, aux) -> loss_sum` (last stage; 0 elsewhere), gradients by 1F1B."""
+    """`f(blocks, head_params, x, ctx, aux) -> loss_sum` (last stage; 0 elsewhere), gradients by
+    1F1B for the blocks, the head, the stage input `x` and the context `ctx`."""
 
     @jax.custom_vjp
-    def f(w, h, x, aux):  # not differentiated: the forward ticks only
-        return _Ticks(stage_fn, head_fn, m, p, w, h, x, aux, with_grads=False).run()[0]
+    def f(w, h, x, ctx, aux):  # not differentiated: the forward ticks only
+        return _Ticks(stage_fn, head_fn, m, p, w, h, x, ctx, aux, with_grads=False).run()[0]
 
-    def fwd(w, h, x, aux):
-        return _Ticks(stage_fn, head_fn, m, p, w, h, x, aux, with_grads=True).run()
+    def fwd(w, h, x, ctx, aux):
+        return _Ticks(stage_fn, head_fn, m, p, w, h, x, ctx, aux, with_grads=True).run()
 
     def bwd(grads, ct):
-        dw, dh, dx = jax.tree.map(functools.partial(_scaled, ct), grads)
-        return dw, dh, dx, None
+        dw, dh, dx, dctx = jax.tree.map(functools.partial(_scaled, ct), grads)
+        return dw, dh, dx, dctx, None
 
     f.defvjp(fwd, bwd)
     return f
@@ -106,46 +104,55 @@ def _scaled(ct: jax.Array, g: jax.Array) -> jax.Array:
     return (g * ct).astype(g.dtype)
 
 
+def _at(i, tree):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
 class _Ticks:
-    """One stage's run of the schedule on blocks `w`, head `h` and the stage input `x`.
+    """One stage's run of the schedule on blocks `w`, head `h`, the stage input `x`, the context
+    `ctx` and the inputs without gradients `aux = (side, labels)`.
 
-    `run()` returns `(loss_sum, (grad_blocks, grad_head, grad_x))`: zero gradients and only the
-    `M + P - 1` forward ticks without `with_grads`."""
+    `run()` returns `(loss_sum, (grad_blocks, grad_head, grad_x, grad_ctx))`: zero gradients and
+    only the `M + P - 1` forward ticks without `with_grads`."""
 
-    def __init__(self, stage_fn, head_fn, m, p, w, h, x, aux, *, with_grads: bool):
+    def __init__(self, stage_fn, head_fn, m, p, w, h, x, ctx, aux, *, with_grads: bool):
         self.stage_fn, self.head_fn, self.m, self.p = stage_fn, head_fn, m, p
         self.w, self.h, self.shape, self.with_grads = w, h, x.shape, with_grads
-        self.xs, self.ps, self.ms, self.ts, self.ls = (split_microbatches(a, m) for a in (x, *aux))
+        split = functools.partial(split_microbatches, m=m)
+        self.xs = split(x)
+        self.ctxs, (self.sides, self.labels) = jax.tree.map(split, (ctx, aux))
         self.stage = jax.lax.axis_index(AXIS)
         self.slots = min(m, 2 * p - 1)
         self.zeros_x = self.xs[0] * 0
         self.zeros_w = jax.tree.map(_zero, w)  # zeros of the same type (varying over the same axes)
         self.zeros_h = jax.tree.map(_zero, h)
+        self.zeros_ctx = jax.tree.map(_zero, _at(0, self.ctxs))
         self.zero_loss = jnp.sum(self.zeros_x, dtype=jnp.float32)
 
     def run(self):
         zeros_x = self.zeros_x
         init = (zeros_x, zeros_x, jnp.stack([zeros_x] * self.slots), self.zeros_w, self.zeros_h,
-                self.xs * 0, self.zero_loss)
+                self.xs * 0, jax.tree.map(_zero, self.ctxs), self.zero_loss)
         ticks = self.m + 2 * self.p - 2 if self.with_grads else self.m + self.p - 1
-        (_, _, _, grad_w, grad_h, grad_x, loss_sum), _ = jax.lax.scan(self.tick, init,
-                                                                     jnp.arange(ticks))
-        return loss_sum, (grad_w, grad_h, grad_x.reshape(self.shape))
+        (_, _, _, grad_w, grad_h, grad_x, grad_ctx, loss_sum), _ = jax.lax.scan(
+            self.tick, init, jnp.arange(ticks))
+        grad_ctx = jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]), grad_ctx)
+        return loss_sum, (grad_w, grad_h, grad_x.reshape(self.shape), grad_ctx)
 
-    def forward(self, w, xin, i):
-        """The stage's layers on microbatch `i`'s input `xin`."""
-        return self.stage_fn(w, xin, self.ps[i], None if self.ms is None else self.ms[i])
+    def forward(self, w, xin, ctx, i):
+        """The stage's layers on microbatch `i`'s input `xin` (and context `ctx`)."""
+        return self.stage_fn(w, xin, {**_at(i, self.sides), **ctx})
 
     def backward(self, xin, i, ct):
         """Stage backward of microbatch `i` from its stashed input: recompute, then transpose."""
-        return jax.vjp(functools.partial(self._forward_of, i), self.w, xin)[1](ct)
+        return jax.vjp(functools.partial(self._forward_of, i), self.w, xin, _at(i, self.ctxs))[1](ct)
 
-    def _forward_of(self, i, w, xin):
-        return self.forward(w, xin, i)
+    def _forward_of(self, i, w, xin, ctx):
+        return self.forward(w, xin, ctx, i)
 
     def head(self, y, i):
         """The last stage's loss sum of microbatch `i`, with its head and input gradients."""
-        loss = functools.partial(self.head_fn, targets=self.ts[i], loss_mask=self.ls[i])
+        loss = functools.partial(self.head_fn, labels=_at(i, self.labels))
         if not self.with_grads:
             return loss(self.h, y), self.zeros_h, self.zeros_x
         lsum, vjp = jax.vjp(loss, self.h, y)
@@ -154,25 +161,27 @@ class _Ticks:
     def tick(self, carry, t):
         """Stage `s` at tick `t`: forward of microbatch `t - s`, backward of `t - (2P - 2 - s)`."""
         p, m, stage, zeros_x = self.p, self.m, self.stage, self.zeros_x
-        recv_x, recv_ct, stash, grad_w, grad_h, grad_x, loss_sum = carry
+        recv_x, recv_ct, stash, grad_w, grad_h, grad_x, grad_ctx, loss_sum = carry
         fi, bi = t - stage, t - (2 * p - 2 - stage)
         f_ok, b_ok = (fi >= 0) & (fi < m), (bi >= 0) & (bi < m)
         fi, bi = jnp.clip(fi, 0, m - 1), jnp.clip(bi, 0, m - 1)
         last = stage == p - 1
         xin = jnp.where(stage == 0, self.xs[fi], recv_x)
-        y = jax.lax.cond(f_ok, lambda: self.forward(self.w, xin, fi), lambda: zeros_x)
+        y = jax.lax.cond(f_ok, lambda: self.forward(self.w, xin, _at(fi, self.ctxs), fi),
+                         lambda: zeros_x)
         lsum, dh, dy = jax.lax.cond(f_ok & last, lambda: self.head(y, fi),
                                     lambda: (self.zero_loss, self.zeros_h, zeros_x))
-        dw, dx = self.zeros_w, zeros_x
+        dw, dx, dctx = self.zeros_w, zeros_x, self.zeros_ctx
         if self.with_grads:
             stash = stash.at[fi % self.slots].set(jnp.where(f_ok, xin, stash[fi % self.slots]))
             ct = jnp.where(last, dy, recv_ct)
-            dw, dx = jax.lax.cond(b_ok, lambda: self.backward(stash[bi % self.slots], bi, ct),
-                                  lambda: (self.zeros_w, zeros_x))
+            dw, dx, dctx = jax.lax.cond(b_ok, lambda: self.backward(stash[bi % self.slots], bi, ct),
+                                        lambda: (self.zeros_w, zeros_x, self.zeros_ctx))
         grad_x = grad_x.at[bi].set(jnp.where(b_ok & (stage == 0), dx, grad_x[bi]))
+        grad_ctx = jax.tree.map(lambda g, d: g.at[bi].add(d), grad_ctx, dctx)
         forward_ring = [(i, (i + 1) % p) for i in range(p)]
         backward_ring = [((i + 1) % p, i) for i in range(p)]
         carry = (jax.lax.ppermute(y, AXIS, forward_ring), jax.lax.ppermute(dx, AXIS, backward_ring),
                  stash, jax.tree.map(jnp.add, grad_w, dw), jax.tree.map(jnp.add, grad_h, dh),
-                 grad_x, loss_sum + lsum)
+                 grad_x, grad_ctx, loss_sum + lsum)
         return carry, None

@@ -48,7 +48,8 @@ class Parallelized:
     `loss(params, batch) -> (loss_sum, count)`: the global sums, differentiable in `params`;
     `param_specs`, `opt_specs`: the stored layouts of parameters (and gradients) and optimizer
     state; `batch_spec`: the batch's; `virtual_stages`: chunks of layers per pipeline stage (the
-    parameters' stacked blocks are `[V, L/V, ...]` when > 1, see `pipeline.virtualize`).
+    parameters' pipelined stacks are `[V, L/V, ...]` when > 1, see `pipeline.virtualize`);
+    `pipelined`: the paths of those stacks (none without a pipeline).
     """
 
     loss: Callable
@@ -56,6 +57,7 @@ class Parallelized:
     opt_specs: object
     batch_spec: PartitionSpec
     virtual_stages: int
+    pipelined: tuple[str, ...]
 
 
 def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: Layout,
@@ -67,18 +69,19 @@ def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: La
     stages = layout.mesh.shape["pipeline"]
     check_batch(config, layout)
     virtual = pipeline.virtual_stages(config, stages)
-    param_specs = pipeline.virtualize(zero.specs(layout, params, stage, from_stage=2), virtual)
-    opt_specs = pipeline.virtualize(zero.specs(layout, opt_state, stage, from_stage=1), virtual)
+    paths = pipeline.pipelined(nnx.merge(graphdef, params), params, config, stages, virtual)
+    param_specs = pipeline.virtualize(zero.specs(layout, params, stage, from_stage=2), virtual, paths)
+    opt_specs = pipeline.virtualize(zero.specs(layout, opt_state, stage, from_stage=1), virtual, paths)
     model_loss = (pipeline.pipeline_loss(config.pipeline.schedule, config.pipeline.microbatches,
-                                         stages, virtual) if stages > 1 else loss_sums)
+                                         stages, virtual, paths) if stages > 1 else loss_sums)
     manual_axes = data_parallel.dp_axes(layout) + (("pipeline",) if stages > 1 else ())
     loss = _sharded_loss(graphdef, params, config, layout, param_specs, model_loss, manual_axes,
-                         stacked_dims=1 + (virtual > 1))
-    return Parallelized(loss, param_specs, opt_specs, layout.spec(("batch",)), virtual)
+                         virtualized=paths if virtual > 1 else ())
+    return Parallelized(loss, param_specs, opt_specs, layout.spec(("batch",)), virtual, paths)
 
 
 def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_loss: Callable,
-                  manual_axes: tuple[str, ...], stacked_dims: int) -> Callable:
+                  manual_axes: tuple[str, ...], virtualized: tuple[str, ...]) -> Callable:
     """The loss run manual over `manual_axes`, or the model's own where there are none."""
     if not manual_axes:
         return lambda p, batch: model_loss(graphdef, p, batch)
@@ -87,7 +90,7 @@ def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_l
     decoder = config.model.family in DECODERS and layout.mesh.shape["pipeline"] == 1
     local = zero.LocalLoss(
         graphdef, model_loss, layout, manual, param_specs, manual_axes,
-        regather=zero.regathers(layout, config.parallel.zero_stage), stacked_dims=stacked_dims,
+        regather=zero.regathers(layout, config.parallel.zero_stage), virtualized=virtualized,
         tables=vocab_parallel.vocab_tables(params) if decoder else {},
         order=order_collectives, towers=_takes(graphdef, params, "order"))
     return data_parallel.data_parallel_loss(local, layout, manual, manual_axes)
@@ -110,7 +113,4 @@ def check_batch(config, layout: Layout) -> None:
         raise UserError(f"micro-batch {batch // accum} (train.global_batch_size / "
                         f"grad_accum_steps) is not divisible by the data-parallel size {dp} "
                         f"(data x fsdp); change the batch size or the mesh")
-    if layout.mesh.shape["pipeline"] > 1 and config.model.family not in DECODERS:
-        raise NotImplementedError(f"pipeline parallelism for model.family={config.model.family!r} "
-                                  f"(pipelines run {', '.join(DECODERS)}); set mesh.pipeline=1")
     pipeline.check_pipeline(config, layout.mesh.shape["pipeline"], batch // accum // dp)

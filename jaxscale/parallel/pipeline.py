@@ -14,15 +14,18 @@ Each schedule's docstring gives its collectives and bubble.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
-from jaxscale.models import loss_sums
-from jaxscale.parallel.gpipe import AXIS, CircularSchedule
+from jaxscale.parallel.gpipe import CircularSchedule
 from jaxscale.parallel.one_f_one_b import OneFOneB
+from jaxscale.parallel.stages import AXIS, in_stack, run_stage, shapes, under
 from jaxscale.sharding import Rules
 
 RULES: Rules = (("layers", AXIS),)
@@ -51,6 +54,25 @@ def check_pipeline(config, stages: int, local_batch: int) -> None:
                         f"{stages}; set pipeline.microbatches={p.microbatches} to a multiple of it")
 
 
+def pipelined(model: nnx.Module, params, config, stages: int, virtual: int) -> tuple[str, ...]:
+    """The paths of the model's stacks a pipeline of `stages` splits (`PIPELINED`; none when
+    `stages == 1`), with clear errors for a model or a stack the pipeline cannot split."""
+    if stages == 1:
+        return ()
+    paths = getattr(model, "PIPELINED", ())
+    if not paths:
+        raise NotImplementedError(f"pipeline parallelism for model.family={config.model.family!r} "
+                                  f"(it has no stack of decoder layers to split into stages); set "
+                                  f"mesh.pipeline=1")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        stack = next((p for p in paths if under(path, (p,))), None)
+        if stack and leaf.shape[0] % (stages * virtual):
+            raise UserError(f"the pipelined stack {stack!r} holds {leaf.shape[0]} layers, which "
+                            f"mesh.pipeline={stages} x pipeline.virtual_stages={virtual} does not "
+                            f"divide")
+    return paths
+
+
 def virtual_stages(config, stages: int) -> int:
     """Chunks of layers per stage: `pipeline.virtual_stages` under the interleaved schedule."""
     pipe = config.pipeline
@@ -58,43 +80,46 @@ def virtual_stages(config, stages: int) -> int:
 
 
 class _CircularLoss:
-    """The model's `loss_sums` with its blocks run by a `CircularSchedule`; the same sums on every
-    stage (each computed the loss from the broadcast last-stage output)."""
+    """The model's loss with its pipelined layers run by a `CircularSchedule`; the same sums on
+    every stage (each computed the loss from the broadcast last-stage output)."""
 
-    def __init__(self, schedule: CircularSchedule):
-        self.schedule = schedule
+    def __init__(self, schedule: CircularSchedule, paths: tuple[str, ...]):
+        self.schedule, self.paths = schedule, paths
 
     def __call__(self, graphdef, params, batch, **model_kwargs):
-        loss_sum, count = loss_sums(graphdef, params, batch, run_blocks=self.schedule, **model_kwargs)
-        return jax.lax.pmean(loss_sum, AXIS), jax.lax.pmean(count, AXIS)
+        model = nnx.merge(graphdef, params)
+        x, side = model.pipeline_input(batch, **model_kwargs)
+        graph, w, rest = nnx.split(model, in_stack(self.paths), ...)
+        stage = functools.partial(run_stage, graph, shapes(rest), model_kwargs)
+        loss_sum = model.pipeline_loss(self.schedule(stage, w, x, side), batch)
+        return jax.lax.pmean(loss_sum, AXIS), jax.lax.pmean(jnp.sum(batch["loss_mask"]), AXIS)
 
 
-def pipeline_loss(schedule: str, microbatches: int, stages: int, virtual: int = 1) -> Callable:
-    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count)` under a schedule.
+def pipeline_loss(schedule: str, microbatches: int, stages: int, virtual: int,
+                  paths: tuple[str, ...]) -> Callable:
+    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count)` under a schedule,
+    for a model with the pipeline interface of `models.decoder.Decoder` whose stacks at `paths`
+    are split into stages.
 
     Runs where `pipeline` is manual; returns the same sums on every stage.
     """
     if schedule == "1f1b":
-        return OneFOneB(microbatches, stages)
+        return OneFOneB(microbatches, stages, paths)
     return _CircularLoss(CircularSchedule(microbatches, stages, virtual if schedule == "interleaved"
-                                          else 1))
+                                          else 1), paths)
 
 
-def _is_block_path(path) -> bool:
-    return any(getattr(k, "key", getattr(k, "name", None)) == "blocks" for k in path)
+def virtualize(tree, virtual: int, paths: tuple[str, ...], *, inverse: bool = False):
+    """Stacked-layer leaves `[L, ...]` <-> `[V, L/V, ...]` (specs gain / lose a leading None).
 
-
-def virtualize(tree, virtual: int, *, inverse: bool = False):
-    """Stacked-block leaves `[L, ...]` <-> `[V, L/V, ...]` (specs gain / lose a leading None).
-
-    Applies to every leaf under a `blocks` key (parameters and optimizer state alike), for arrays,
-    ShapeDtypeStructs and PartitionSpecs; other leaves pass through.
+    Applies to every leaf under one of the pipelined `paths` (parameters and optimizer state
+    alike), for arrays, ShapeDtypeStructs and PartitionSpecs; other leaves pass through.
     """
     if virtual == 1:
         return tree
 
     def convert(path, leaf):
-        if not _is_block_path(path):
+        if not under(path, paths):
             return leaf
         if isinstance(leaf, PartitionSpec):
             return PartitionSpec(*leaf[1:]) if inverse else PartitionSpec(None, *leaf)

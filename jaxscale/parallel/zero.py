@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec
 
 from jaxscale.parallel import vocab_parallel
 from jaxscale.parallel.data_parallel import split_dims, vary
+from jaxscale.parallel.stages import under
 from jaxscale.sharding import Layout, Rules, as_tuple
 
 RULES: Rules = (("embed", "fsdp"),)  # parameters: FSDP over `fsdp`
@@ -52,7 +53,7 @@ def zero_spec(layout: Layout, spec: PartitionSpec, shape, names=()) -> Partition
     order = sorted(range(len(dims)), key=lambda i: not (i < len(names) and names[i] == "vocab"))
     for i in order:
         d = dims[i]
-        if i < len(names) and names[i] == "layers":
+        if i < len(names) and names[i] in ("layers", "encoder_layers"):
             continue
         if set(as_tuple(d)) <= {"fsdp"} and shape[i] % (layout.size(as_tuple(d)) * n) == 0:
             dims[i] = as_tuple(d) + ("data",) if d else "data"
@@ -129,16 +130,17 @@ def block_part(path) -> str:
     return "/".join(keys[keys.index("blocks") + 1:]) if "blocks" in keys else ""
 
 
-def _layer_specs(manual, stacked_dims: int) -> dict[frozenset, dict[str, PartitionSpec]]:
+def _layer_specs(manual, virtualized: tuple[str, ...]) -> dict[frozenset, dict[str, PartitionSpec]]:
     """One layer's specs for each stacked-blocks subtree (`blocks` anywhere in the tree), keyed by
-    the set of its parameter names, which is how `RegatheredBlock` recognises a layer."""
+    the set of its parameter names, which is how `RegatheredBlock` recognises a layer; stacks at
+    the `virtualized` paths have two leading stacked dimensions (`pipeline.virtualize`)."""
     groups: dict[tuple, dict[str, PartitionSpec]] = {}
     for path, spec in jax.tree_util.tree_flatten_with_path(
             manual, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]:
         if name := block_part(path):
             keys = _keys(path)
             groups.setdefault(tuple(keys[:keys.index("blocks")]), {})[name] = PartitionSpec(
-                *spec[stacked_dims:])
+                *spec[1 + under(path, virtualized):])
     out: dict[frozenset, dict[str, PartitionSpec]] = {}
     for layer in groups.values():
         key = frozenset(layer)
@@ -152,8 +154,9 @@ class RegatheredBlock:
     """`apply_block(block, *args)` that gathers the layer's parameter shards inside the layer and
     again in the backward pass (remat policy `_not_gathered`) instead of keeping them."""
 
-    def __init__(self, manual_specs, stacked_dims: int, manual_axes: tuple[str, ...], flat: bool):
-        self.layer_specs = _layer_specs(manual_specs, stacked_dims)
+    def __init__(self, manual_specs, virtualized: tuple[str, ...], manual_axes: tuple[str, ...],
+                 flat: bool):
+        self.layer_specs = _layer_specs(manual_specs, virtualized)
         self.manual_axes, self.flat = manual_axes, flat
 
     def __call__(self, block: nnx.Module, *args) -> jax.Array:
@@ -184,14 +187,14 @@ class LocalLoss:
 
     def __init__(self, graphdef: nnx.GraphDef, model_loss: Callable, layout: Layout, manual_specs,
                  stored_specs, manual_axes: tuple[str, ...], *, regather: bool,
-                 stacked_dims: int, tables: dict[str, int], order: Callable | None,
+                 virtualized: tuple[str, ...], tables: dict[str, int], order: Callable | None,
                  towers: bool = False):
         self.graphdef, self.model_loss, self.layout = graphdef, model_loss, layout
         self.manual, self.stored, self.manual_axes = manual_specs, stored_specs, manual_axes
         self.regather, self.tables, self.order, self.towers = regather, tables, order, towers
         # flat buffers only where no other mesh axis splits the parameters (see `gather_all`)
         self.flat = all(n == 1 for a, n in layout.mesh.shape.items() if a not in manual_axes)
-        self.block = RegatheredBlock(manual_specs, stacked_dims, manual_axes, self.flat) if (
+        self.block = RegatheredBlock(manual_specs, virtualized, manual_axes, self.flat) if (
             regather) else None
 
     def __call__(self, params, batch):

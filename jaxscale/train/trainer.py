@@ -39,6 +39,7 @@ class Trainer:
     state_specs: TrainState
     batch_spec: PartitionSpec
     virtual_stages: int = 1
+    pipelined: tuple[str, ...] = ()  # the paths of the stacks split into pipeline stages
     loss_fn: Callable = dataclasses.field(repr=False, default=None)
     _step: Callable = dataclasses.field(repr=False, default=None)
     _compiled: object = dataclasses.field(repr=False, default=None)
@@ -63,7 +64,7 @@ class Trainer:
         @partial(jax.jit, out_shardings=self.state_shardings)
         def init_fn(key):
             model = build_model(self.config.model, nnx.Rngs(params=key))
-            params = virtualize(nnx.state(model), self.virtual_stages)
+            params = virtualize(nnx.state(model), self.virtual_stages, self.pipelined)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=self.tx.init(params))
 
@@ -78,9 +79,10 @@ class Trainer:
         v = 1 if canonical else self.virtual_stages
         shapes = jax.eval_shape(
             lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
-            virtualize(abstract_model(self.config.model)[1], v))
+            virtualize(abstract_model(self.config.model)[1], v, self.pipelined))
         leaves, treedef = jax.tree.flatten(shapes)
-        specs = virtualize(self.state_specs, self.virtual_stages, inverse=True) if canonical else (
+        specs = virtualize(self.state_specs, self.virtual_stages, self.pipelined, inverse=True) if (
+            canonical) else (
             self.state_specs)
         shardings = jax.tree.leaves(self.layout.shardings(specs))
         return treedef.unflatten([jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
@@ -102,7 +104,7 @@ class Trainer:
             target = self.abstract_state(canonical=inverse)
             target = target if key[1] else target.params
             self._converters[key] = jax.jit(
-                partial(virtualize, virtual=self.virtual_stages, inverse=inverse),
+                partial(virtualize, virtual=self.virtual_stages, paths=self.pipelined, inverse=inverse),
                 out_shardings=jax.tree.map(lambda s: s.sharding, target))
         with use_layout(self.layout):
             return self._converters[key](tree)
@@ -120,12 +122,15 @@ class Trainer:
             self._compiled = self.lower().compile(compiler_options)
         return self._compiled
 
+    def trace(self) -> jax.stages.Traced:
+        """One step traced for the abstract state and batch (its program: `.jaxpr`)."""
+        with use_layout(self.layout):
+            return self._step.trace(self.abstract_state(), self.abstract_batch())
+
     def lower(self, platform: str | None = None) -> jax.stages.Lowered:
         """One step lowered to StableHLO, for this mesh's platform or for `platform` ("cpu",
         "cuda", "rocm", "tpu"): what a program built here looks like on other devices."""
-        with use_layout(self.layout):
-            traced = self._step.trace(self.abstract_state(), self.abstract_batch())
-        return traced.lower(lowering_platforms=(platform,) if platform else None)
+        return self.trace().lower(lowering_platforms=(platform,) if platform else None)
 
     def loss(self, params, batch: Batch) -> jax.Array:
         """The mean loss of `batch` at `params` (the state's layout), without gradients."""
@@ -157,7 +162,7 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(par.batch_spec)),
                      out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(config, layout, graphdef, tx, schedule, state_specs, par.batch_spec,
-                   par.virtual_stages, par.loss, jitted)
+                   par.virtual_stages, par.pipelined, par.loss, jitted)
 
 
 def frozen_groups(model_cfg) -> tuple[str, ...]:
