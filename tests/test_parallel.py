@@ -17,7 +17,6 @@ from jaxscale.hlo import collective_stats, unordered_collectives
 from jaxscale.mesh import mesh_from_config
 from jaxscale.models.layers import chunked_xent_sums, embed_lookup
 from jaxscale.models.llama import Block, LlamaConfig
-from jaxscale.sharding import use_layout
 from jaxscale.train.trainer import build_trainer
 
 STEPS = 5
@@ -187,9 +186,7 @@ def gathers_in_program(**layout) -> int:
     """all_gather ops in the program handed to XLA (before backend passes)."""
     config = tiny_config(**layout)
     trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(8)))
-    with use_layout(trainer.layout):
-        jaxpr = jax.make_jaxpr(trainer._step)(trainer.abstract_state(), trainer.abstract_batch())
-    return str(jaxpr).count("all_gather[")
+    return str(trainer.trace().jaxpr).count("all_gather[")
 
 
 def test_zero3_regathers_block_params_in_the_backward_and_zero2_does_not():
