@@ -60,26 +60,29 @@ def vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def data_parallel_loss(local_loss: Callable, layout: Layout, manual_specs,
-                       manual_axes: tuple[str, ...]) -> Callable:
+class DataParallelLoss:
     """`loss(params, batch) -> (loss_sum, count)`, the global sums, differentiable in `params`.
 
     `local_loss(params, batch)` runs on each device's shard of the batch (split over the
     data-parallel axes) with the parameters as `manual_specs` split them over `manual_axes`; its
     sums are added over the data-parallel axes.
     """
-    axes = tuple(a for a in manual_axes if a in AXES)
 
-    def summed(params, batch):
-        loss_sum, count = local_loss(params, batch)
-        if axes:  # one all-reduce, after the loss (the count alone would not wait for it)
-            loss_sum, count = jax.lax.psum((loss_sum, count), axes)
-        return loss_sum, count
+    def __init__(self, local_loss: Callable, layout: Layout, manual_specs,
+                 manual_axes: tuple[str, ...]):
+        self.local_loss, self.layout = local_loss, layout
+        self.manual_specs, self.manual_axes = manual_specs, manual_axes
+        self.axes = tuple(a for a in manual_axes if a in AXES)
 
-    def loss(params, batch):
-        batch_specs = jax.tree.map(lambda _: PartitionSpec(axes or None), batch)
-        return jax.shard_map(summed, mesh=layout.mesh, in_specs=(manual_specs, batch_specs),
+    def __call__(self, params, batch):
+        batch_specs = jax.tree.map(lambda _: PartitionSpec(self.axes or None), batch)
+        return jax.shard_map(self._summed, mesh=self.layout.mesh,
+                             in_specs=(self.manual_specs, batch_specs),
                              out_specs=(PartitionSpec(), PartitionSpec()),
-                             axis_names=set(manual_axes))(params, batch)
+                             axis_names=set(self.manual_axes))(params, batch)
 
-    return loss
+    def _summed(self, params, batch):
+        loss_sum, count = self.local_loss(params, batch)
+        if self.axes:  # one all-reduce, after the loss (the count alone would not wait for it)
+            loss_sum, count = jax.lax.psum((loss_sum, count), self.axes)
+        return loss_sum, count

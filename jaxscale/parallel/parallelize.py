@@ -93,7 +93,7 @@ def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_l
         regather=zero.regathers(layout, config.parallel.zero_stage), virtualized=virtualized,
         tables=vocab_parallel.vocab_tables(params) if decoder else {},
         order=order_collectives, towers=_takes(graphdef, params, "order"))
-    return data_parallel.data_parallel_loss(local, layout, manual, manual_axes)
+    return data_parallel.DataParallelLoss(local, layout, manual, manual_axes)
 
 
 def _takes(graphdef: nnx.GraphDef, params: nnx.State, keyword: str) -> bool:
