@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxscale.models.layers import chunked_xent_sums, dense, remat_policy, token_loss_sums
+from jaxscale.models.layers import (
+    VocabShards,
+    chunked_xent_sums,
+    dense,
+    remat_policy,
+    token_loss_sums,
+)
 from jaxscale.sharding import constrain
 
 if TYPE_CHECKING:
@@ -92,31 +98,31 @@ class Decoder(nnx.Module):
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
                apply_block: Callable[..., jax.Array] = apply_block,
-               vocab_axes: tuple[str, ...] = ()) -> jax.Array:
+               vocab: VocabShards | None = None) -> jax.Array:
         """The last block's output [batch, seq, embed] for `tokens` (see `__call__`; for
-        `vocab_axes`, `loss_sums`)."""
+        `vocab`, `loss_sums`)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self.run(self.embed_tokens(tokens, positions, vocab_axes), positions,
+        return self.run(self.embed_tokens(tokens, positions, vocab), positions,
                         attention_mask(segment_ids), apply_block)
 
-    def loss_sums(self, batch: dict[str, jax.Array], vocab_axes: tuple[str, ...] = (),
+    def loss_sums(self, batch: dict[str, jax.Array], vocab: VocabShards | None = None,
                   apply_block: Callable[..., jax.Array] = apply_block) -> tuple[jax.Array, jax.Array]:
-        """Summed next-token cross-entropy over `loss_mask`, and the mask's sum. With
-        `vocab_axes`, data parallelism hands the model its slice of the vocabulary tables over
-        those mesh axes (see `embed_lookup`)."""
+        """Summed next-token cross-entropy over `loss_mask`, and the mask's sum. With `vocab`, a
+        parallelism strategy hands the model its slice of the vocabulary tables and what the
+        embedding and loss do across the slices (see `layers.VocabShards`)."""
         x = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], apply_block,
-                        vocab_axes)
-        return self.output_loss(x, batch, vocab_axes)
+                        vocab)
+        return self.output_loss(x, batch, vocab)
 
     def output_loss(self, x: jax.Array, batch: dict[str, jax.Array],
-                    vocab_axes: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
-        """`loss_sums` from the last block's output `x`. With `loss_chunk` (or `vocab_axes`) the
+                    vocab: VocabShards | None = None) -> tuple[jax.Array, jax.Array]:
+        """`loss_sums` from the last block's output `x`. With `loss_chunk` (or `vocab`) the
         logits are never materialised (`chunked_xent_sums`)."""
-        if self.config.loss_chunk or vocab_axes:
+        if self.config.loss_chunk or vocab is not None:
             return chunked_xent_sums(self.final(x), self.output_table().astype(x.dtype),
                                      batch["targets"], batch["loss_mask"],
-                                     self.config.loss_chunk or x.size // x.shape[-1], vocab_axes,
+                                     self.config.loss_chunk or x.size // x.shape[-1], vocab,
                                      self.config.logits_dtype)
         return token_loss_sums(self.head(x), batch["targets"], batch["loss_mask"])
 

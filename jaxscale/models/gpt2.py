@@ -19,6 +19,7 @@ from jaxscale.models.decoder import RESIDUAL, Attend, Decoder, attention_params
 from jaxscale.models.decoder import flops_per_token as decoder_flops_per_token
 from jaxscale.models.layers import (
     LayerNorm,
+    VocabShards,
     causal_attention,
     dense,
     embed_lookup,
@@ -128,13 +129,13 @@ class GPT2(Decoder):
         remat_policy(c.remat)
 
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None,
-                     vocab_axes: tuple[str, ...] = ()) -> jax.Array:
+                     vocab: VocabShards | None = None) -> jax.Array:
         """Token plus position embeddings, in the compute dtype."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         wte = constrain(self.wte[...], ("vocab", None))
         wpe = constrain(self.wpe[...], ("positions", None))
-        x = embed_lookup(wte, tokens, vocab_axes) + jnp.take(wpe, positions, axis=0)
+        x = embed_lookup(wte, tokens, vocab) + jnp.take(wpe, positions, axis=0)
         return constrain(x.astype(self.config.dtype), RESIDUAL)
 
     def final(self, x: jax.Array) -> jax.Array:

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -180,30 +181,34 @@ class RopeScaling:
             raise UserError(f"model.rope_scaling={self.kind!r}; use none or llama3")
 
 
-def embed_lookup(table: jax.Array, tokens: jax.Array,
-                 vocab_axes: tuple[str, ...] = ()) -> jax.Array:
-    """The rows of `table` [vocab, embed] for `tokens` [...] ([..., embed]).
+class VocabShards(Protocol):
+    """Vocabulary tables held as slices across devices: what a parallelism strategy hands the
+    embedding lookup and the chunked loss (`jaxscale.parallel.vocab_parallel.VocabShards`, which
+    holds the collectives; the model passes it on). Hashable."""
 
-    With `vocab_axes` (inside `shard_map`, manual over them), `table` is this device's slice of
-    the vocabulary (device `axis_index(vocab_axes)` holds rows `i * len(table)` onwards): the
-    tokens of all devices over `vocab_axes` are gathered, each device contributes the rows it
-    holds, and a reduce-scatter hands every device its own tokens' rows. The table is never
-    gathered and its gradient stays sharded.
-    """
-    if not vocab_axes:
-        return jnp.take(table, tokens, axis=0)
-    rows = table.shape[0]
-    ids = jax.lax.all_gather(tokens.reshape(-1), vocab_axes, tiled=True)
-    local = ids - jax.lax.axis_index(vocab_axes) * rows
-    hit = (local >= 0) & (local < rows)
-    out = jnp.where(hit[:, None], jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0), 0)
-    out = jax.lax.psum_scatter(out, vocab_axes, scatter_dimension=0, tiled=True)
-    return out.reshape(*tokens.shape, table.shape[1])
+    unroll: bool  # run the loss's chunk loop unrolled
+
+    def lookup(self, table: jax.Array, tokens: jax.Array) -> jax.Array: ...
+
+    def gather_tokens(self, xs: jax.Array, ts: jax.Array, ms: jax.Array,
+                      vocab: int) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+
+    def normalizer(self, logits: jax.Array, target: jax.Array, tc: jax.Array,
+                   vocab: int) -> tuple[jax.Array, jax.Array]: ...
+
+    def scatter(self, losses: jax.Array, d_x: jax.Array,
+                local_n: int) -> tuple[jax.Array, jax.Array]: ...
+
+
+def embed_lookup(table: jax.Array, tokens: jax.Array, vocab: VocabShards | None = None) -> jax.Array:
+    """The rows of `table` [vocab, embed] for `tokens` [...] ([..., embed]); with `vocab`, `table`
+    is this device's slice of the vocabulary and `vocab.lookup` finds every token's row."""
+    return jnp.take(table, tokens, axis=0) if vocab is None else vocab.lookup(table, tokens)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def chunked_xent_sums(x: jax.Array, table: jax.Array, targets: jax.Array, mask: jax.Array,
-                      chunk: int, vocab_axes: tuple[str, ...] = (),
+                      chunk: int, vocab: VocabShards | None = None,
                       logits_dtype: str = "float32") -> tuple[jax.Array, jax.Array]:
     """`token_loss_sums(x @ table, targets, mask)` without materialising the logits.
 
@@ -214,28 +219,21 @@ def chunked_xent_sums(x: jax.Array, table: jax.Array, targets: jax.Array, mask: 
     plain output layer. The output layer writes its logits in `logits_dtype` (bfloat16 halves
     the memory traffic of the passes over them); the loss and its gradient are computed in float32.
 
-    With `vocab_axes` (inside `shard_map`, manual over them), `table` is this device's slice of
-    the vocabulary (as in `embed_lookup`): the tokens of all devices over `vocab_axes` are
-    gathered ([tokens, embed], far smaller than the table), each device computes its slice's
-    logits, the log-sum-exp is combined across devices, and the gradient of `x` is
-    reduce-scattered back. The sums are this device's tokens'; the caller sums them over
-    `vocab_axes` (the gradients assume so).
+    With `vocab`, `table` is this device's slice of the vocabulary (as in `embed_lookup`): the
+    tokens of the devices sharing the tables are gathered (`vocab.gather_tokens`), each device
+    computes its slice's logits, the log-sum-exp is combined across devices (`vocab.normalizer`),
+    and the gradient of `x` goes back to its device (`vocab.scatter`). The sums are this
+    device's tokens'; the caller sums them over those devices (the gradients assume so).
     """
-    return _chunked_xent(x, table, targets, mask, chunk, vocab_axes, logits_dtype)[0]
+    return _chunked_xent(x, table, targets, mask, chunk, vocab, logits_dtype)[0]
 
 
-def _chunked_xent(x, table, targets, mask, chunk, vocab_axes, logits_dtype):
-    d, local_n, vocab = x.shape[-1], targets.size, table.shape[-1]
+def _chunked_xent(x, table, targets, mask, chunk, vocab, logits_dtype):
+    d, local_n, vocab_size = x.shape[-1], targets.size, table.shape[-1]
     xs, ts, ms = x.reshape(local_n, d), targets.reshape(local_n), mask.reshape(local_n)
     ms = ms.astype(jnp.float32)
-    if vocab_axes:  # one gather (XLA:CPU can abort on concurrent independent all-gathers)
-        packed = jnp.concatenate([xs.astype(jnp.float32), ms[:, None],
-                                  jax.lax.bitcast_convert_type(ts.astype(jnp.int32), jnp.float32)[:, None]],
-                                 axis=1)
-        packed = jax.lax.all_gather(packed, vocab_axes, tiled=True)
-        xs, ms = packed[:, :d].astype(x.dtype), packed[:, d]
-        ts = jax.lax.bitcast_convert_type(packed[:, d + 1], jnp.int32)
-        ts = ts - jax.lax.axis_index(vocab_axes) * vocab
+    if vocab is not None:
+        xs, ts, ms = vocab.gather_tokens(xs, ts, ms, vocab_size)
     n = ts.size
     chunk = min(chunk, n)
     pad = -n % chunk  # padding tokens weigh 0
@@ -244,23 +242,19 @@ def _chunked_xent(x, table, targets, mask, chunk, vocab_axes, logits_dtype):
         return jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(-1, chunk, *a.shape[1:])
 
     def body(d_table, inputs):
-        xc, tc, mc = inputs  # with `vocab_axes`, targets outside this slice are out of range
+        xc, tc, mc = inputs  # with `vocab`, targets outside this slice are out of range
         logits = jnp.einsum("cd,dv->cv", xc, table, preferred_element_type=jnp.dtype(logits_dtype))
         logits = constrain(logits, (None, "vocab")).astype(jnp.float32)
-        target = jnp.take_along_axis(logits, jnp.clip(tc, 0, vocab - 1)[:, None], axis=-1)[:, 0]
-        if vocab_axes:  # both sums in one all-reduce
-            top = jax.lax.pmax(jnp.max(logits, axis=-1), vocab_axes)
-            sums, target = jax.lax.psum(jnp.stack([
-                jnp.sum(jnp.exp(logits - top[:, None]), axis=-1),
-                jnp.where((tc >= 0) & (tc < vocab), target, 0.0)]), vocab_axes)
-            lse = top + jnp.log(sums)
+        target = jnp.take_along_axis(logits, jnp.clip(tc, 0, vocab_size - 1)[:, None], axis=-1)[:, 0]
+        if vocab is not None:
+            lse, target = vocab.normalizer(logits, target, tc, vocab_size)
         else:
             lse = jax.nn.logsumexp(logits, axis=-1)
         probs = jnp.exp(logits - lse[:, None])
-        d_logits = ((probs - jax.nn.one_hot(tc, vocab, dtype=probs.dtype))
+        d_logits = ((probs - jax.nn.one_hot(tc, vocab_size, dtype=probs.dtype))
                     * mc[:, None]).astype(x.dtype)
-        d_x = jnp.einsum("cv,dv->cd", d_logits, table,  # partial sums with `vocab_axes`
-                         preferred_element_type=jnp.float32 if vocab_axes else None)
+        d_x = jnp.einsum("cv,dv->cd", d_logits, table,  # partial sums with `vocab`
+                         preferred_element_type=None if vocab is None else jnp.float32)
         d_table = d_table + jnp.einsum("cd,cv->dv", xc, d_logits,
                                        preferred_element_type=d_table.dtype)
         return d_table, ((lse - target) * mc, d_x)
@@ -269,19 +263,16 @@ def _chunked_xent(x, table, targets, mask, chunk, vocab_axes, logits_dtype):
     varying = set(jax.typeof(x).manual_axis_type.varying) | set(jax.typeof(table).manual_axis_type.varying)
     if varying:  # inside shard_map: the accumulator varies where its summands do
         zeros = jax.lax.pcast(zeros, tuple(sorted(varying)), to="varying")
-    # With `vocab_axes` the chunks are unrolled: XLA:CPU can abort when collectives in a loop
-    # body run concurrently with independent ones of the same kind outside it.
     d_table, (losses, d_x) = jax.lax.scan(body, zeros, (chunks(xs), chunks(ts), chunks(ms)),
-                                          unroll=bool(vocab_axes))
+                                          unroll=vocab is not None and vocab.unroll)
     losses, d_x = losses.reshape(-1)[:n], d_x.reshape(-1, d)[:n]
-    if vocab_axes:  # back to this device's tokens
-        d_x = jax.lax.psum_scatter(d_x, vocab_axes, scatter_dimension=0, tiled=True)
-        losses = jax.lax.dynamic_slice(losses, (jax.lax.axis_index(vocab_axes) * local_n,), (local_n,))
+    if vocab is not None:  # back to this device's tokens
+        losses, d_x = vocab.scatter(losses, d_x, local_n)
     sums = (jnp.sum(losses), jnp.sum(mask.astype(jnp.float32)))
     return sums, (d_x.reshape(x.shape).astype(x.dtype), d_table.astype(table.dtype), targets, mask)
 
 
-def _chunked_xent_bwd(chunk, vocab_axes, logits_dtype, residuals, g):
+def _chunked_xent_bwd(chunk, vocab, logits_dtype, residuals, g):
     d_x, d_table, targets, mask = residuals
     scale = g[0]
     return ((d_x * scale.astype(d_x.dtype)), d_table * scale.astype(d_table.dtype),

@@ -22,6 +22,7 @@ from jaxscale.models.layers import (
     ATTENTION,
     RMSNorm,
     RopeScaling,
+    VocabShards,
     causal_attention,
     dense,
     embed_lookup,
@@ -190,11 +191,11 @@ class Llama(Decoder):
         remat_policy(c.remat)  # reject a bad policy name at construction time
 
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None,
-                     vocab_axes: tuple[str, ...] = ()) -> jax.Array:
+                     vocab: VocabShards | None = None) -> jax.Array:
         """The residual stream's input: token embeddings in the compute dtype (RoPE places
         positions inside attention, so `positions` is unused)."""
         table = constrain(self.embed[...], ("vocab", None))  # gathered whole over `fsdp` for use
-        x = embed_lookup(table, tokens, vocab_axes)
+        x = embed_lookup(table, tokens, vocab)
         return constrain(x.astype(self.config.dtype), RESIDUAL)
 
     def final(self, x: jax.Array) -> jax.Array:

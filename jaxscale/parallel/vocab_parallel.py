@@ -3,8 +3,8 @@
 What it shards: a vocabulary table (a top-level parameter with a `vocab` axis) that the
 data-parallel axes shard stays split by vocabulary inside the loss. When the tokens of the
 devices along those axes are fewer than the vocabulary, each device keeps its slice of the
-vocabulary and the model gathers the tokens instead (`models.layers.embed_lookup`,
-`chunked_xent_sums`), so neither the table nor its gradient crosses the network.
+vocabulary and the tokens are gathered instead (`VocabShards`, which the model's embedding lookup
+and chunked loss call), so neither the table nor its gradient crosses the network.
 
 Formulation: explicit collectives (inside the data-parallel `shard_map`), because they buy a
 measured saving over gathering the table (docs/parallelism.md): per step, an all-gather of the
@@ -16,7 +16,10 @@ gradient. A table stored split along another dimension moves to a vocabulary spl
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -71,3 +74,58 @@ def vocab_slice(x: jax.Array, spec: PartitionSpec, vocab_dim: int,
     """This device's slice of a table's vocabulary over `axes`, from its stored shard."""
     ((dim, _),) = split_dims(spec)
     return x if dim == vocab_dim else jax.lax.all_to_all(x, axes, vocab_dim, dim, tiled=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShards:
+    """Vocabulary tables split over `axes` (inside `shard_map`, manual over them): device
+    `axis_index(axes)` holds vocabulary rows `i * rows` onwards. The collectives of the embedding
+    lookup and the chunked loss (`models.layers.VocabShards`, `chunked_xent_sums`).
+
+    `unroll`: the loss's chunk loop runs unrolled on every backend (XLA:CPU can pair the
+    collectives of a loop body with independent ones of the same kind outside it; the chunks are
+    usually one: `loss_chunk` unset means all tokens at once).
+    """
+
+    axes: tuple[str, ...]
+    unroll: bool = True
+
+    def lookup(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
+        """The rows of `table` (this device's slice) for `tokens`: every device's tokens gathered,
+        each device contributes the rows it holds, and a reduce-scatter hands every device its
+        own tokens' rows. The table is never gathered and its gradient stays split."""
+        rows = table.shape[0]
+        ids = jax.lax.all_gather(tokens.reshape(-1), self.axes, tiled=True)
+        local = ids - jax.lax.axis_index(self.axes) * rows
+        hit = (local >= 0) & (local < rows)
+        out = jnp.where(hit[:, None], jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0), 0)
+        out = jax.lax.psum_scatter(out, self.axes, scatter_dimension=0, tiled=True)
+        return out.reshape(*tokens.shape, table.shape[1])
+
+    def gather_tokens(self, xs: jax.Array, ts: jax.Array, ms: jax.Array, vocab: int):
+        """Every device's hidden states `xs` [n, d], targets `ts` (made relative to this
+        device's `vocab` rows) and mask `ms` [n], in one all-gather."""
+        d = xs.shape[-1]
+        packed = jnp.concatenate([xs.astype(jnp.float32), ms[:, None],
+                                  jax.lax.bitcast_convert_type(ts.astype(jnp.int32), jnp.float32)[:, None]],
+                                 axis=1)
+        packed = jax.lax.all_gather(packed, self.axes, tiled=True)
+        ts = jax.lax.bitcast_convert_type(packed[:, d + 1], jnp.int32)
+        return (packed[:, :d].astype(xs.dtype), ts - jax.lax.axis_index(self.axes) * vocab,
+                packed[:, d])
+
+    def normalizer(self, logits: jax.Array, target: jax.Array, tc: jax.Array, vocab: int):
+        """The log-sum-exp over the whole vocabulary of this device's slice of `logits`, and the
+        target logit from the device that holds it: both sums in one all-reduce."""
+        top = jax.lax.pmax(jnp.max(logits, axis=-1), self.axes)
+        sums, target = jax.lax.psum(jnp.stack([
+            jnp.sum(jnp.exp(logits - top[:, None]), axis=-1),
+            jnp.where((tc >= 0) & (tc < vocab), target, 0.0)]), self.axes)
+        return top + jnp.log(sums), target
+
+    def scatter(self, losses: jax.Array, d_x: jax.Array, local_n: int):
+        """The losses of this device's `local_n` tokens, and their hidden states' gradient
+        (partial sums reduce-scattered)."""
+        d_x = jax.lax.psum_scatter(d_x, self.axes, scatter_dimension=0, tiled=True)
+        start = jax.lax.axis_index(self.axes) * local_n
+        return jax.lax.dynamic_slice(losses, (start,), (local_n,)), d_x

@@ -199,7 +199,7 @@ class LocalLoss:
 
     def __call__(self, params, batch):
         vocab = self._vocab_axes(params, batch["inputs"].size) if self.tables else ()
-        kwargs = {"vocab_axes": vocab} if vocab else {}
+        kwargs = {"vocab": vocab_parallel.VocabShards(vocab)} if vocab else {}
         full = self._gather(params, vocab)
         if self.order is not None:
             full, batch = self._ordered(full, params, batch)
