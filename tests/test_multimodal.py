@@ -145,8 +145,8 @@ def four_layer_references():
     return reference
 
 
-def pipeline_config(family, **pipeline):
-    config = mm_config(family, pipeline=2 if pipeline else 1)
+def pipeline_config(family, mesh=None, **pipeline):
+    config = mm_config(family, pipeline=2 if pipeline else 1, **(mesh or {}))
     config.model.n_layers = 4  # two stages of two chunks under the interleaved schedule
     config.pipeline.update(**pipeline)
     return config
@@ -154,12 +154,14 @@ def pipeline_config(family, **pipeline):
 
 @pytest.mark.parametrize("family", ["early_fusion", "cross_attention"])
 @pytest.mark.parametrize("schedule", [dict(schedule="gpipe"), dict(schedule="1f1b"),
-                                      dict(schedule="interleaved", virtual_stages=2)],
-                         ids=["gpipe", "1f1b", "interleaved"])
+                                      dict(schedule="interleaved", virtual_stages=2),
+                                      dict(schedule="1f1b", mesh=dict(fsdp=2, tensor=2))],
+                         ids=["gpipe", "1f1b", "interleaved", "1f1b_fsdp2_tp2"])
 def test_fusion_decoders_pipeline_under_every_schedule(family, schedule, four_layer_references):
     """The decoder's layers (and the cross-attention blocks) split into stages; the encoder and
     connector run before the pipeline, their gradients through its input (and visual context)."""
-    trainer, state, losses = train(pipeline_config(family, **schedule), devices_or_skip(2), 3)
+    config = pipeline_config(family, **schedule)
+    trainer, state, losses = train(config, devices_or_skip(8 if "mesh" in schedule else 2), 3)
     reference_losses, reference = four_layer_references(family)
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
     # the encoder and connector trained alike (3 steps move them by ~1e-3): their gradients came

@@ -66,7 +66,9 @@ class OneFOneB:
         x, side = model.pipeline_input(batch, **model_kwargs)
         axes = _varying(x)  # every manual axis: the table is marked varying over all of them
         graph, w, h = nnx.split(model, in_stack(self.paths), ...)
-        w = jax.tree.map(lambda a: _vary(a, axes), w)
+        # gradients come out of the schedule varying over every manual axis; so must the inputs
+        # (parameters that gather themselves, such as an encoder's blocks under FSDP, are not yet)
+        w, h = jax.tree.map(lambda a: _vary(a, axes), (w, h))
         # per-example inputs with gradients (a cross-attention model's visual context) and without
         ctx = {k: a for k, a in side.items() if _differentiable(a)}
         aux = ({k: a for k, a in side.items() if k not in ctx},
