@@ -1,10 +1,11 @@
 """Pipeline parallelism over the `pipeline` mesh axis: GPipe, 1F1B and interleaved schedules.
 
-What it shards: the stacked blocks' `layers` axis over `pipeline`, so stage `s` holds layers
-`[s L/P, (s+1) L/P)`; with the interleaved schedule the stacked layers are stored as
-`[V, L/V, ...]` with the second axis on `pipeline` (`virtualize`), so that each device holds its
-`V` chunks. Checkpoints keep the `[L, ...]` form. Everything outside the blocks is replicated
-over `pipeline`.
+What it shards: the `layers` axis of the stacks a model names in `PIPELINED` (a decoder's
+blocks; a cross-attention model's blocks and cross-attention layers alike) over `pipeline`, so
+stage `s` holds layers `[s L/P, (s+1) L/P)`; with the interleaved schedule those stacks are
+stored as `[V, L/V, ...]` with the second axis on `pipeline` (`virtualize`), so that each device
+holds its `V` chunks. Checkpoints keep the `[L, ...]` form. Everything else is replicated over
+`pipeline` and runs on every stage (an encoder before the pipeline, the head after it).
 
 Formulation: explicit collectives, in the schedules' own files (`gpipe.py`: GPipe and
 interleaved, `one_f_one_b.py`: 1F1B), run inside the data-parallel `shard_map` with `pipeline`
