@@ -28,6 +28,10 @@ def _from_storage(code_file: str) -> bool:
 
 
 def _raised_in_storage(e: BaseException | None) -> bool:
+    """Whether `e` comes from the storage layer: raised in its Python code, or by TensorStore's
+    C++ (whose errors name their spec), as a read left behind in an asyncio task is."""
+    if e is not None and "tensorstore_spec" in str(e):
+        return True
     tb = e.__traceback__ if e is not None else None
     while tb is not None and not _from_storage(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
