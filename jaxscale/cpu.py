@@ -24,9 +24,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 from jaxscale.errors import UserError
 
 SCOPE = "cpu_collective_order"  # the name of every operation the ordering adds
@@ -55,7 +52,9 @@ def order_collectives(first, then):
     (XLA:CPU drops optimization barriers before it orders a program);
     `jaxscale.hlo.unordered_collectives` finds the pairs left.
     """
-    return jax.lax.platform_dependent(first, then, cpu=_ordered, default=_unchanged)
+    import jax
+
+    return jax.lax.platform_dependent(first, then, cpu=_ordered(), default=_unchanged)
 
 
 def _unchanged(first, then):
@@ -63,6 +62,8 @@ def _unchanged(first, then):
 
 
 def _varying(x) -> frozenset:
+    import jax
+
     return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
@@ -70,6 +71,9 @@ def _wait(tree, deps):
     """`tree` made to wait for `deps` through a data dependency, which no pass drops. A leaf
     waits for the dependencies that vary over no manual axes it does not (so its type stays);
     float0 leaves (integers' cotangents) stay."""
+    import jax
+    import jax.numpy as jnp
+
     # false, NaN or not, from one element of each dependency: nothing XLA folds away
     flags = [(_varying(x), x[(0,) * x.ndim].astype(jnp.float32) * 0 > 1)
              for x in jax.tree.leaves(deps) if x.dtype != jax.dtypes.float0]
@@ -85,21 +89,28 @@ def _wait(tree, deps):
         return jax.tree.map(one, tree)
 
 
-@jax.custom_vjp
-def _ordered(first, then):
+@functools.cache
+def _ordered():
+    """`_wait` with its backward, built on first use: this module is imported before jax starts
+    (the command's flags and re-execution), and jax is only imported once ordering is needed."""
+    import jax
+
+    ordered = jax.custom_vjp(_ordered_primal)
+    ordered.defvjp(_ordered_fwd, _ordered_bwd)
+    return ordered
+
+
+def _ordered_primal(first, then):
     return first, _wait(then, first)
 
 
 def _ordered_fwd(first, then):
-    return _ordered(first, then), None
+    return _ordered_primal(first, then), None
 
 
 def _ordered_bwd(_, cts):
     ct_first, ct_then = cts
     return _wait(ct_first, ct_then), ct_then
-
-
-_ordered.defvjp(_ordered_fwd, _ordered_bwd)
 
 
 # -- XLA:CPU flags ------------------------------------------------------------------------------
