@@ -20,6 +20,25 @@ LLAMA3 = {
 }
 
 
+# Mixture-of-experts shapes: (`model` fields, `model.moe` fields).
+MOE = {
+    # Mixtral-8x7B: 46,702,792,704 parameters, 12,879,925,248 active per token
+    "mixtral_8x7b": (dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                          head_dim=128, d_ff=14336, max_seq_len=32768, rope_theta=1e6),
+                     dict(n_experts=8, top_k=2, d_ff=14336, router="softmax", aux_coef=0.02)),
+    # Qwen3-30B-A3B: 30,532,122,624 parameters, 3,353,032,704 active per token
+    "qwen3_30b_a3b": (dict(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
+                           head_dim=128, d_ff=6144, max_seq_len=40960, rope_theta=1e6,
+                           norm_eps=1e-6, qk_norm=True),
+                      dict(n_experts=128, top_k=8, d_ff=768, router="softmax", aux_coef=0.001)),
+}
+
+
+def moe(name: str) -> tuple[dict, dict]:
+    """`model` and `model.moe` fields of a published MoE shape: "mixtral_8x7b" or "qwen3_30b_a3b"."""
+    return MOE[name]
+
+
 def llama3(size: str) -> dict:
     """Model fields of a Llama-3 size: "1b", "8b" or "70b"."""
     return {**LLAMA3_COMMON, **LLAMA3[size]}

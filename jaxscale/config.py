@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.rope_high_freq_factor = 4.0
     c.model.rope_original_max_seq_len = 8192
     c.model.norm_eps = 1e-5
+    c.model.qk_norm = False  # RMSNorm of each head's queries and keys before RoPE (Qwen3)
     c.model.tie_embeddings = False
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # none | full | save_dots | save:<name>,<name> (names: see models/llama.py)
@@ -49,6 +50,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "dot_product"  # jax.nn.dot_product_attention; "einsum" (faster on XLA:CPU);
     # "cudnn" (cuDNN flash attention: NVIDIA GPUs, bfloat16)
     c.model.max_documents = 8  # cudnn on Hopper+: documents a packed row may hold (packed layout)
+    c.model.moe = ml_collections.ConfigDict()  # mixture of experts (llama family; docs/moe.md)
+    c.model.moe.n_experts = 0  # 0: dense
+    c.model.moe.top_k = 2  # experts per token
+    c.model.moe.d_ff = 0  # each expert's hidden size
+    c.model.moe.shared_d_ff = 0  # shared experts' hidden size (DeepSeek); 0: none
+    c.model.moe.first_dense = 0  # the first layers keep a dense MLP (DeepSeek-V3: 3)
+    c.model.moe.every = 1  # then every N-th layer is an MoE layer (Llama 4: 2)
+    c.model.moe.router = "softmax"  # softmax (Mixtral) | sigmoid (DeepSeek-V3)
+    c.model.moe.normalize_top_k = True  # renormalise the chosen experts' weights to sum to 1
+    c.model.moe.route_scale = 1.0  # routed experts' weights times this (DeepSeek-V3: 2.5)
+    c.model.moe.bias_rate = 0.0  # aux-loss-free balancing bias step per optimizer step; 0: off
+    c.model.moe.aux_coef = 0.01  # load-balancing loss weight
+    c.model.moe.z_coef = 0.001  # router z-loss weight
+    c.model.moe.dispatch = "dropless"  # dropless | capacity (static slots; overflow dropped)
+    c.model.moe.capacity_factor = 1.25  # capacity: slots per expert = factor x seq x top_k / experts
     c.model.family = "llama"  # llama | gpt2 | early_fusion | cross_attention | clip (docs/multimodal.md)
 
     c.model.vision = ml_collections.ConfigDict()  # the ViT encoder of the multimodal families

@@ -2,6 +2,8 @@
 
 - `order_collectives`: collective ordering for meshes of emulated CPU devices, lowered for CPU only
   (`jax.lax.platform_dependent`): a program lowered for GPUs or TPUs holds none of it.
+- `ragged_all_to_all`: `jax.lax.ragged_all_to_all`, which XLA:CPU does not implement, written
+  for CPU as an `all_to_all` of chunks padded to the operand's length (lowered for CPU only).
 - `with_xla_cpu_flags`: an XLA:CPU flag set before jax starts; only the CPU backend reads it.
 - Host memory (docs/throughput.md), opt-in with `JAXSCALE_HOST_MEMORY=1`: XLA:CPU allocates each
   execution's temporaries afresh; glibc maps blocks that large anew each time and the kernel
@@ -114,6 +116,40 @@ def _ordered_bwd(_, cts):
 
 
 # -- XLA:CPU flags ------------------------------------------------------------------------------
+
+# -- ragged all-to-all --------------------------------------------------------------------------
+
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                      axis_name: str):
+    """`jax.lax.ragged_all_to_all` with one chunk per device of `axis_name` (offsets and sizes of
+    the axis's length). Lowered for CPU, whose XLA has no ragged all-to-all, each chunk travels
+    padded to the operand's length in one `all_to_all`: the same result, the operand's length
+    times the axis size in bytes. Lowered for any other platform it is the ragged collective."""
+    import jax
+
+    def ragged(*args):
+        return jax.lax.ragged_all_to_all(*args, axis_name=axis_name)
+
+    return jax.lax.platform_dependent(
+        operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+        cpu=functools.partial(_padded_all_to_all, axis_name), default=ragged)
+
+
+def _padded_all_to_all(axis_name, operand, output, input_offsets, send_sizes, output_offsets,
+                       recv_sizes):
+    import jax
+    import jax.numpy as jnp
+
+    m = operand.shape[0]
+    row = jnp.arange(m)
+    chunks = jnp.take(operand, jnp.minimum(input_offsets[:, None] + row, m - 1), axis=0)
+    chunks = jnp.where((row < send_sizes[:, None]).reshape(*chunks.shape[:2], *(1,) * (operand.ndim - 1)),
+                       chunks, jnp.zeros((), operand.dtype))
+    got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # [sources, m, ...]
+    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    dest = jnp.where(row < recv_sizes[:, None], offsets[:, None] + row, output.shape[0])
+    return output.at[dest.reshape(-1)].set(got.reshape(-1, *operand.shape[1:]), mode="drop")
+
 
 def with_xla_cpu_flags(env: dict[str, str]) -> dict[str, str]:
     """`env` with `XLA_CPU_FLAGS` added to XLA_FLAGS unless the user set that flag."""

@@ -18,7 +18,7 @@ from jaxscale.errors import UserError
 
 # Outermost first: `tensor` is innermost so its collectives stay on the fastest links (NVLink, ICI).
 AXES = ("pipeline", "data", "fsdp", "expert", "context", "tensor")
-_NOT_YET = {"expert": "expert", "context": "context (ring attention)"}
+_NOT_YET = {"context": "context (ring attention)"}
 
 
 def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:

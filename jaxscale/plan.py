@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxscale.config import validate
@@ -31,10 +32,9 @@ def plan(config, num_devices: int | None = None) -> dict:
     tx, _ = make_optimizer(config.optim, config.train.steps)
     opt = jax.eval_shape(tx.init, params)
     stage = config.parallel.zero_stage
-    param_count = sum(p.size for p in jax.tree.leaves(params))
     return {
         "mesh": {a: s for a, s in sizes.items() if s > 1} or {"single device": 1},
-        "params": param_count,
+        **counts(params, config.model.moe),
         "param_bytes_total": sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params)),
         "param_bytes_per_device": bytes_per_device(
             zero.specs(layout, params, stage, from_stage=3), params, sizes),
@@ -46,6 +46,18 @@ def plan(config, num_devices: int | None = None) -> dict:
     }
 
 
+def counts(params, moe) -> dict[str, int]:
+    """Trained parameters (`nnx.Param`s: not an MoE router's balancing bias), and those one token
+    uses: of each MoE layer's experts, `top_k` of `n_experts`."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    trained = [(v, "experts" in str(v.get_metadata().get("logical_axes")))
+               for v in variables if isinstance(v, nnx.Param)]
+    total = sum(v.size for v, _ in trained)
+    experts = sum(v.size for v, routed in trained if routed)
+    active = total - experts + (experts // moe.n_experts * moe.top_k if moe.n_experts else 0)
+    return {"params": total, "active_params": active}
+
+
 def report(config, num_devices: int | None = None) -> str:
     """`plan` as a few human-readable lines."""
     p = plan(config, num_devices)
@@ -54,6 +66,8 @@ def report(config, num_devices: int | None = None) -> str:
     mesh = " x ".join(f"{a}={s}" for a, s in p["mesh"].items())
     return "\n".join([
         f"parameters          {p['params']:,} ({p['param_bytes_total'] / gib:.2f} GiB float32)",
+        *([f"active / token      {p['active_params']:,} (routed experts: top_k of n_experts)"]
+          if p["active_params"] != p["params"] else []),
         f"mesh                {mesh}",
         f"params / device     {p['param_bytes_per_device'] / gib:.2f} GiB",
         f"grads / device      {p['grad_bytes_per_device'] / gib:.2f} GiB",

@@ -36,6 +36,7 @@ LOGICAL_AXES = (
     "vocab",
     "embed",
     "mlp",
+    "experts",  # the experts of an MoE layer
     "heads",
     "kv_heads",
     "head_dim",

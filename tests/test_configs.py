@@ -9,6 +9,7 @@ import pytest
 
 from jaxscale.config import base_config, load_module, validate
 from jaxscale.errors import UserError
+from jaxscale.models import param_count
 from jaxscale.models.llama import LlamaConfig
 from jaxscale.plan import plan
 from jaxscale.train.optim import make_optimizer, make_schedule
@@ -34,12 +35,25 @@ def test_config_file_is_valid(path):
                                           ("llama3_8b", 8_030_261_248),
                                           ("llama3_70b", 70_553_706_496),
                                           # the released GPT-2 small's count: embeddings tied
-                                          ("gpt2_small", 124_439_808)])
+                                          ("gpt2_small", 124_439_808),
+                                          # Hugging Face's counts of Mixtral-8x7B, Qwen3-30B-A3B
+                                          ("mixtral_8x7b", 46_702_792_704),
+                                          ("qwen3_moe", 30_532_122_624)])
 def test_presets_build_abstractly_with_published_sizes(name, params):
     config = load(next(p for p in CONFIGS if p.stem == name))
     p = plan(config, num_devices=256)
     assert p["params"] == params
-    assert p["param_bytes_total"] == 4 * params
+    bias = 4 * config.model.n_layers * config.model.moe.n_experts  # routers' balancing state
+    assert p["param_bytes_total"] == 4 * params + bias
+
+
+@pytest.mark.parametrize("name, active", [("mixtral_8x7b", 12_879_925_248),  # "12.9B active"
+                                          ("qwen3_moe", 3_353_032_704),  # "3.3B activated"
+                                          ("llama3_8b", 8_030_261_248)])
+def test_active_parameters_per_token(name, active):
+    config = load(next(p for p in CONFIGS if p.stem == name))
+    assert plan(config, num_devices=256)["active_params"] == active
+    assert param_count(config.model, active=True) == active
 
 
 def test_plan_divides_state_over_the_mesh():

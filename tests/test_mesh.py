@@ -32,8 +32,8 @@ def test_bad_mesh_sizes_say_what_is_wrong(sizes, message):
 
 def test_unimplemented_axes_raise_not_implemented():
     devices = devices_or_skip(2)
-    with pytest.raises(NotImplementedError, match="expert parallelism"):
-        make_mesh({"expert": 2, "data": 1}, devices)
+    with pytest.raises(NotImplementedError, match="context"):
+        make_mesh({"context": 2, "data": 1}, devices)
 
 
 def test_mesh_shape_and_axis_order():
@@ -65,8 +65,8 @@ def test_indivisible_dimension_is_reported_before_compiling(layout):
 
 
 def test_unknown_logical_axis_and_unknown_mesh_axis(layout):
-    with pytest.raises(UserError, match="logical axis 'experts' has no rule"):
-        layout.spec(("experts",))
+    with pytest.raises(UserError, match="logical axis 'image_patches' has no rule"):
+        layout.spec(("image_patches",))
     with pytest.raises(UserError, match="names mesh axis 'model'"):
         Layout(layout.mesh, merge_rules(DEFAULT_RULES, [("mlp", "model")]))
 

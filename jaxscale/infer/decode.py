@@ -31,11 +31,18 @@ def forward(model: Decoder, tokens: jax.Array, positions: jax.Array,
             kv["k"], kv["v"] = k, v
             return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
 
-        x = nnx.merge(graph, state)(x, positions, None, attend=attend)
+        x = _output(nnx.merge(graph, state)(x, positions, None, attend=attend))
         return x, (kv["k"], kv["v"])
 
+    if model.first_blocks is not None:
+        raise NotImplementedError("KV-cache decoding of an MoE model with model.moe.first_dense > 0")
     x, (ks, vs) = jax.lax.scan(layer, model.embed_tokens(tokens, positions), stacked)
     return x, ks, vs
+
+
+def _output(out):
+    """A block's output (an MoE block returns its router stats too, unused here)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def prefill(model: Decoder, config: CacheConfig, tokens: jax.Array,
@@ -67,7 +74,7 @@ def decode_step(model: Decoder, cache: KVCache, tokens: jax.Array) -> tuple[KVCa
             keys, values = written.layer(index, q.dtype)
             return jax.nn.dot_product_attention(q, keys, values, mask=mask)
 
-        x = nnx.merge(graph, state)(x, pos[:, None], None, attend=attend)
+        x = _output(nnx.merge(graph, state)(x, pos[:, None], None, attend=attend))
         return (x, out["cache"]), None
 
     n_layers = cache.k.shape[0]

@@ -1,6 +1,7 @@
 """Models: Flax NNX modules whose parameters and activations name logical axes only.
 
-Every model has `loss_sums(batch, **kwargs) -> (loss_sum, weight)`; `build_model` makes the one a
+Every model has `loss_sums(batch, **kwargs) -> (loss_sum, weight, stats)` (`stats`: an MoE
+model's router statistics, `moe.add_losses`; `{}` otherwise); `build_model` makes the one a
 config's `model.family` names, and `flops_per_token` and `param_count` ask that family's module.
 """
 
@@ -42,14 +43,17 @@ def flops_per_token(model_cfg, seq_len: int, frames: int = 1) -> float:
     return fusion.flops_per_example(model_cfg, seq_len, frames) / seq_len
 
 
-def param_count(model_cfg) -> int:
+def param_count(model_cfg, active: bool = False) -> int:
     """All parameters of the decoder (llama or gpt2) that `model_cfg` describes: the config's
-    `model` section or a `LlamaConfig` (a Llama)."""
+    `model` section or a `LlamaConfig` (a Llama). `active`: those one token uses (an MoE
+    model's routed experts counted `top_k` times per layer, not `n_experts`)."""
     family = getattr(model_cfg, "family", "llama")
     if family not in DECODERS:
         raise UserError(f"param_count counts the decoder families ({', '.join(DECODERS)}), not "
                         f"model.family={family!r}; count the leaves of abstract_model instead")
-    return _DECODER_MODULES[family].param_count(model_cfg)
+    if family == "llama":
+        return llama.param_count(model_cfg, active)
+    return gpt2.param_count(model_cfg)
 
 
 def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
@@ -58,9 +62,9 @@ def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: dict,
-              **model_kwargs) -> tuple[jax.Array, jax.Array]:
-    """The model's loss on `batch` as (sum over examples or tokens, their weight): each model
-    family's `loss_sums` method, e.g. token cross-entropies weighted by `loss_mask`."""
+              **model_kwargs) -> tuple[jax.Array, jax.Array, dict]:
+    """The model's loss on `batch` as (sum over examples or tokens, their weight, MoE stats):
+    each model family's `loss_sums` method, e.g. token cross-entropies weighted by `loss_mask`."""
     return nnx.merge(graphdef, params).loss_sums(batch, **model_kwargs)
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxscale.models import moe
 from jaxscale.models.layers import (
     VocabShards,
     chunked_xent_sums,
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from jaxscale.models.llama import LlamaConfig
 
 RESIDUAL = ("batch", "res_seq", "embed")
+Stats = moe.Stats
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -47,20 +49,25 @@ def flops_per_token(c: LlamaConfig, layer_matmul_params: int, seq_len: int) -> f
     return float(6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len)
 
 
-def apply_block(block: nnx.Module, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+def apply_block(block: nnx.Module, x: jax.Array, positions: jax.Array, mask: jax.Array):
     return block(x, positions, mask)
 
 
 def scan_blocks(blocks: nnx.Module, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                apply_block: Callable[..., jax.Array] = apply_block, unroll: bool = False) -> jax.Array:
+                apply_block: Callable[..., jax.Array] = apply_block,
+                unroll: bool = False) -> tuple[jax.Array, Stats]:
     """Run the stacked blocks in order with `jax.lax.scan` (one compiled layer, any depth), or
-    `unroll`ed (every layer in the program: compiles longer, runs faster on XLA:CPU)."""
+    `unroll`ed (every layer in the program: compiles longer, runs faster on XLA:CPU).
+
+    Returns the output and the blocks' stats stacked by layer (an MoE block returns its output
+    with its `moe.Stats`; `{}` for blocks that return an output alone)."""
     graph, stacked = nnx.split(blocks)
 
     def layer(x, state):
-        return apply_block(nnx.merge(graph, state), x, positions, mask), None
+        out = apply_block(nnx.merge(graph, state), x, positions, mask)
+        return out if isinstance(out, tuple) else (out, {})
 
-    return jax.lax.scan(layer, x, stacked, unroll=unroll)[0]
+    return jax.lax.scan(layer, x, stacked, unroll=unroll)
 
 
 def attention_mask(segment_ids: jax.Array | None) -> jax.Array | None:
@@ -87,38 +94,43 @@ class Decoder(nnx.Module):
     PIPELINED = ("blocks",)
     config: LlamaConfig
     blocks: nnx.Module
+    first_blocks: nnx.Module | None = None  # layers before `blocks` (an MoE model's dense ones)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
                  apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
         """Logits for `tokens`. `apply_block(block, x, positions, mask)` runs one layer (data
         parallelism replaces it to gather the layer's parameters just in time)."""
-        return self.head(self.hidden(tokens, positions, segment_ids, apply_block))
+        return self.head(self.hidden(tokens, positions, segment_ids, apply_block)[0])
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
                apply_block: Callable[..., jax.Array] = apply_block,
-               vocab: VocabShards | None = None) -> jax.Array:
-        """The last block's output [batch, seq, embed] for `tokens` (see `__call__`; for
-        `vocab`, `loss_sums`)."""
+               vocab: VocabShards | None = None) -> tuple[jax.Array, Stats]:
+        """The last block's output [batch, seq, embed] for `tokens`, and the blocks' stats (see
+        `run`; for `vocab`, `loss_sums`)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return self.run(self.embed_tokens(tokens, positions, vocab), positions,
                         attention_mask(segment_ids), apply_block)
 
     def loss_sums(self, batch: dict[str, jax.Array], vocab: VocabShards | None = None,
-                  apply_block: Callable[..., jax.Array] = apply_block) -> tuple[jax.Array, jax.Array]:
-        """Summed next-token cross-entropy over `loss_mask`, and the mask's sum. With `vocab`, a
-        parallelism strategy hands the model its slice of the vocabulary tables and what the
-        embedding and loss do across the slices (see `layers.VocabShards`)."""
-        x = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], apply_block,
-                        vocab)
-        return self.output_loss(x, batch, vocab)
+                  apply_block: Callable[..., jax.Array] = apply_block
+                  ) -> tuple[jax.Array, jax.Array, Stats]:
+        """Summed next-token cross-entropy over `loss_mask` (plus an MoE model's weighted router
+        losses, `moe.add_losses`), the mask's sum, and the MoE layers' stats (`{}` if none).
+        With `vocab`, a parallelism strategy hands the model its slice of the vocabulary tables
+        and what the embedding and loss do across the slices (see `layers.VocabShards`)."""
+        x, stats = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                               apply_block, vocab)
+        loss_sum, count = self.output_loss(x, batch, vocab)
+        loss_sum, summary = moe.add_losses(loss_sum, stats, self.config.moe)
+        return loss_sum, count, summary
 
     def output_loss(self, x: jax.Array, batch: dict[str, jax.Array],
                     vocab: VocabShards | None = None) -> tuple[jax.Array, jax.Array]:
-        """`loss_sums` from the last block's output `x`. With `loss_chunk` (or `vocab`) the
-        logits are never materialised (`chunked_xent_sums`)."""
+        """The cross-entropy sum and weight from the last block's output `x`. With `loss_chunk`
+        (or `vocab`) the logits are never materialised (`chunked_xent_sums`)."""
         if self.config.loss_chunk or vocab is not None:
             return chunked_xent_sums(self.final(x), self.output_table().astype(x.dtype),
                                      batch["targets"], batch["loss_mask"],
@@ -127,19 +139,35 @@ class Decoder(nnx.Module):
         return token_loss_sums(self.head(x), batch["targets"], batch["loss_mask"])
 
     def run(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
-            apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
-        """The blocks on a residual stream `x` [batch, seq, embed] (token or other embeddings)."""
+            apply_block: Callable[..., jax.Array] = apply_block) -> tuple[jax.Array, Stats]:
+        """The blocks on a residual stream `x` [batch, seq, embed] (token or other embeddings),
+        `first_blocks` first; the output and the stats of `blocks` (`scan_blocks`)."""
+        return self.run_blocks(self.run_first(x, positions, mask, apply_block), positions, mask,
+                               apply_block)
+
+    def run_blocks(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+                   apply_block: Callable[..., jax.Array] = apply_block) -> tuple[jax.Array, Stats]:
+        """`blocks` alone (a pipeline's stages), with their stats."""
         return scan_blocks(self.blocks, x, positions, mask, self.block_fn(apply_block),
                            unroll=not self.config.scan_layers)
 
+    def run_first(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+                  apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
+        """`first_blocks` on `x` (which a pipeline runs before its stages), or `x`."""
+        if self.first_blocks is None:
+            return x
+        return scan_blocks(self.first_blocks, x, positions, mask, self.block_fn(apply_block),
+                           unroll=not self.config.scan_layers)[0]
+
     def pipeline_input(self, batch: dict[str, jax.Array],
                        apply_block: Callable[..., jax.Array] = apply_block):
-        return (self.embed_tokens(batch["inputs"], batch["positions"]),
-                {"positions": batch["positions"], "mask": attention_mask(batch["segment_ids"])})
+        side = {"positions": batch["positions"], "mask": attention_mask(batch["segment_ids"])}
+        x = self.embed_tokens(batch["inputs"], batch["positions"])
+        return self.run_first(x, side["positions"], side["mask"], apply_block), side
 
     def pipeline_stage(self, x: jax.Array, side: dict[str, jax.Array],
                        apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
-        return self.run(x, side["positions"], side["mask"], apply_block)
+        return self.run_blocks(x, side["positions"], side["mask"], apply_block)[0]
 
     def pipeline_loss(self, y: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         return self.output_loss(y, batch)[0]

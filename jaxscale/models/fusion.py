@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from jaxscale.errors import UserError
+from jaxscale.models import moe
 from jaxscale.models.decoder import attention_mask, scan_blocks
 from jaxscale.models.layers import RMSNorm, param, stack_layers, token_loss_sums
 from jaxscale.models.llama import Llama, LlamaConfig, flops_per_token
@@ -61,6 +62,9 @@ def build(family: str, model_cfg, rngs: nnx.Rngs) -> nnx.Module:
     """The multimodal model of `model.family`."""
     llm, vision, f = LlamaConfig.from_config(model_cfg), vision_config(model_cfg), model_cfg.fusion
     freeze = tuple(g.strip() for g in f.freeze.split(",") if g.strip())
+    if llm.moe.n_experts and family != "early_fusion":
+        raise NotImplementedError(f"mixture-of-experts layers in model.family={family!r} (early_fusion "
+                                  f"has them); set model.moe.n_experts=0")
     if family == "early_fusion":
         return EarlyFusion(llm, vision, rngs, freeze=freeze)
     if family == "cross_attention":
@@ -117,11 +121,24 @@ class _TokenModel(nnx.Module):
     llm: Llama
 
     def logits(self, batch: Batch, apply_block: Callable | None = None) -> jax.Array:
-        x, side = self.pipeline_input(batch, apply_block)
-        return self.llm.head(_text(self.pipeline_stage(x, side, apply_block), batch))
+        return self._logits(batch, apply_block)[0]
 
     def loss_sums(self, batch: Batch, apply_block: Callable | None = None):
-        return token_loss_sums(self.logits(batch, apply_block), batch["targets"], batch["loss_mask"])
+        """The answer tokens' summed cross-entropy (plus the decoder's weighted router losses
+        if it has MoE layers), their count, and the MoE stats (`Decoder.loss_sums`)."""
+        logits, stats = self._logits(batch, apply_block)
+        loss_sum, count = token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+        loss_sum, summary = moe.add_losses(loss_sum, stats, self.llm.config.moe)
+        return loss_sum, count, summary
+
+    def _logits(self, batch: Batch, apply_block: Callable | None):
+        x, side = self.pipeline_input(batch, apply_block)
+        y, stats = self.decode(x, side, apply_block)
+        return self.llm.head(_text(y, batch)), stats
+
+    def decode(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
+        """The decoder's layers on the fused sequence `x`, and their MoE stats."""
+        return self.pipeline_stage(x, side, apply_block), {}
 
     def pipeline_loss(self, y: jax.Array, batch: Batch) -> jax.Array:
         return token_loss_sums(self.llm.head(_text(y, batch)), batch["targets"], batch["loss_mask"])[0]
@@ -164,10 +181,14 @@ class EarlyFusion(_TokenModel):
         positions = jnp.broadcast_to(jnp.arange(n + s), (b, n + s))
         segments = jnp.concatenate([jnp.ones((b, n), batch["segment_ids"].dtype),
                                     batch["segment_ids"]], axis=1)
-        return x, {"positions": positions, "mask": attention_mask(segments)}
+        side = {"positions": positions, "mask": attention_mask(segments)}
+        return self.llm.run_first(x, positions, side["mask"], **_blocks_kwargs(apply_block)), side
 
     def pipeline_stage(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
-        return self.llm.run(x, side["positions"], side["mask"], **_blocks_kwargs(apply_block))
+        return self.llm.pipeline_stage(x, side, **_blocks_kwargs(apply_block))
+
+    def decode(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
+        return self.llm.run_blocks(x, side["positions"], side["mask"], **_blocks_kwargs(apply_block))
 
 
 class GatedCrossAttention(nnx.Module):
@@ -231,7 +252,7 @@ class CrossAttentionFusion(_TokenModel):
             cross_state, block_states = states
             x = nnx.merge(cross_graph, cross_state)(x, side["visual"])
             return scan_blocks(nnx.merge(block_graph, block_states), x, side["positions"],
-                               side["mask"], run_layer, unroll), None
+                               side["mask"], run_layer, unroll)[0], None
 
         return jax.lax.scan(group, x, (cross, groups), unroll=unroll)[0]
 
@@ -269,7 +290,7 @@ class CLIP(nnx.Module):
 
     def _text_features(self, x: jax.Array, last: jax.Array, apply_block) -> jax.Array:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        x = self.text.run(x, positions, None, **_blocks_kwargs(apply_block))
+        x = self.text.run(x, positions, None, **_blocks_kwargs(apply_block))[0]
         x = self.text.final_norm(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
         return _unit(x.astype(jnp.float32) @ self.text_proj[...])
 
@@ -302,12 +323,13 @@ class CLIP(nnx.Module):
 
     def loss_sums(self, batch: Batch, apply_block: Callable | None = None,
                   order: Callable = _unordered):
-        """The summed contrastive and answer losses, and the number of examples. `order(first,
+        """The summed contrastive and answer losses, the number of examples, and no MoE stats
+        (`{}`). `order(first,
         then)` returns its arguments, `then` sequenced after `first` as a strategy needs."""
         image, caption, answer_logits = self._outputs(batch, apply_block, order)
         contrastive, _, _ = self._contrastive(image, caption)
         answer = optax.softmax_cross_entropy_with_integer_labels(answer_logits, batch["answer_id"])
-        return jnp.sum(contrastive + answer), jnp.asarray(image.shape[0], jnp.float32)
+        return jnp.sum(contrastive + answer), jnp.asarray(image.shape[0], jnp.float32), {}
 
     def evaluate(self, batch: Batch) -> dict[str, jax.Array]:
         """Image-to-text retrieval within the batch, contrastive loss, and answer correctness."""

@@ -119,6 +119,10 @@ class GPT2(Decoder):
         if c.n_kv_heads != c.n_heads:
             raise UserError(f"model.family=gpt2 has no grouped-query attention: set "
                             f"model.n_kv_heads={c.n_heads} (= model.n_heads)")
+        if c.moe.n_experts or c.qk_norm:
+            raise NotImplementedError("mixture-of-experts layers and qk_norm in model.family=gpt2; "
+                                      "use model.family=llama (or model.moe.n_experts=0 and "
+                                      "model.qk_norm=false)")
         self.config = c
         self.wte = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), 0.02)
         self.wpe = param(rngs, (c.max_seq_len, c.d_model), ("positions", "embed"), 0.01)

@@ -133,8 +133,8 @@ _grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 class RMSNorm(nnx.Module):
     """Root-mean-square layer norm, computed in float32."""
 
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+    def __init__(self, dim: int, eps: float, axis: str = "embed"):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(axis,))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.decoder import RESIDUAL, Attend, Decoder, attention_params
+from jaxscale.models.decoder import RESIDUAL, Attend, Decoder, Stats, attention_params, scan_blocks
 from jaxscale.models.decoder import flops_per_token as decoder_flops_per_token
 from jaxscale.models.layers import (
     ATTENTION,
@@ -31,6 +31,7 @@ from jaxscale.models.layers import (
     rope,
     stack_layers,
 )
+from jaxscale.models.moe import MoE, MoEConfig
 from jaxscale.sharding import constrain
 
 
@@ -51,6 +52,7 @@ class LlamaConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
     norm_eps: float = 1e-5
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (Qwen3, OLMoE-style)
     tie_embeddings: bool = False
     dtype: str = "float32"
     remat: str = "none"
@@ -59,6 +61,7 @@ class LlamaConfig:
     scan_layers: bool = True  # False: unroll the layer loop
     attention: str = "dot_product"  # or "einsum", "cudnn" (layers.causal_attention)
     max_documents: int = 8  # "cudnn": documents per packed row (its packed layout)
+    moe: MoEConfig = MoEConfig()  # n_experts > 0: mixture-of-experts layers (models/moe.py)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -80,6 +83,7 @@ class LlamaConfig:
             raise UserError(f"model.attention={self.attention!r}; use {', '.join(ATTENTION)}")
         if self.max_documents < 1:
             raise UserError(f"model.max_documents={self.max_documents} must be at least 1")
+        self.moe.check(self.n_layers)
 
     def rope(self) -> RopeScaling:
         """The RoPE frequency scaling of `rope_*`."""
@@ -89,7 +93,9 @@ class LlamaConfig:
     @classmethod
     def from_config(cls, model_cfg) -> LlamaConfig:
         """From the config's `model` section (an ml_collections ConfigDict or a dict)."""
-        return cls(**{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)})
+        fields = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name != "moe"}
+        moe = model_cfg.get("moe", MoEConfig())
+        return cls(**fields, moe=moe if isinstance(moe, MoEConfig) else MoEConfig(**moe))
 
 
 class Attention(nnx.Module):
@@ -101,6 +107,9 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), kv_axes, std)
         self.wo = param(rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"),
                         out_std)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps, "head_dim")
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps, "head_dim")
         self.c = c
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
@@ -115,6 +124,8 @@ class Attention(nnx.Module):
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+        if self.c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         scaling = self.c.rope()
         q, k = (rope(t, positions, self.c.rope_theta, scaling) for t in (q, k))
         if attend is None:
@@ -142,40 +153,105 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+    """Attention and an MLP, or with `moe` an MoE layer (then `__call__` returns the output and
+    the layer's stats)."""
+
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs, moe: bool = False):
         self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
         self.attn = Attention(c, rngs)
         self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.mlp = MLP(c, rngs)
+        if moe:
+            shared = MLP(dataclasses.replace(c, d_ff=c.moe.shared_d_ff), rngs) if (
+                c.moe.shared_d_ff) else None
+            self.mlp = MoE(c.d_model, c.moe, c.n_layers, rngs, shared)
+        else:
+            self.mlp = MLP(c, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 attend: Attend | None = None) -> jax.Array:
+                 attend: Attend | None = None) -> jax.Array | tuple[jax.Array, Stats]:
         x = constrain(x + self.attn(self.attn_norm(x), positions, mask, attend), RESIDUAL)
-        return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
+        if not isinstance(self.mlp, MoE):
+            return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
+        out, stats = self.mlp(self.mlp_norm(x))
+        return constrain(x + out, RESIDUAL), stats
 
 
-def stacked_blocks(c: LlamaConfig, rngs: nnx.Rngs) -> Block:
-    """`n_layers` blocks as one `Block` whose parameters carry a leading `layers` axis."""
-    return stack_layers(lambda r: Block(c, r), c.n_layers, rngs)
+class MoEGroup(nnx.Module):
+    """`every - 1` dense blocks, then an MoE block: the unit an MoE model with
+    `model.moe.every > 1` stacks."""
+
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        self.dense = stack_layers(lambda r: Block(c, r), c.moe.every - 1, rngs)
+        self.moe = Block(c, rngs, moe=True)
+        self.unroll = not c.scan_layers
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 attend: Attend | None = None) -> tuple[jax.Array, Stats]:
+        if attend is not None:
+            raise NotImplementedError("KV-cache decoding of an MoE model with model.moe.every > 1")
+        x = scan_blocks(self.dense, x, positions, mask, unroll=self.unroll)[0]
+        return self.moe(x, positions, mask)
+
+
+def stacked_blocks(c: LlamaConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The decoder's layers as one module whose parameters carry a leading `layers` axis:
+    `n_layers` blocks, or for an MoE model the layers after `first_dense`, in groups of `every`
+    ending in an MoE layer (one MoE block each when `every == 1`)."""
+    if not c.moe.n_experts:
+        return stack_layers(lambda r: Block(c, r), c.n_layers, rngs)
+    if c.moe.every == 1:
+        return stack_layers(lambda r: Block(c, r, moe=True), c.moe.moe_layers(c.n_layers), rngs)
+    return stack_layers(lambda r: MoEGroup(c, r), c.moe.moe_layers(c.n_layers), rngs)
+
+
+def first_blocks(c: LlamaConfig, rngs: nnx.Rngs) -> nnx.Module | None:
+    """An MoE model's first `first_dense` (dense) layers, stacked; None if there are none."""
+    n = c.moe.first_dense if c.moe.n_experts else 0
+    return stack_layers(lambda r: Block(c, r), n, rngs) if n else None
+
+
+def moe_config(c) -> MoEConfig:
+    """The MoE settings of a `LlamaConfig` or of the config's `model` section."""
+    m = c.get("moe", {}) if hasattr(c, "get") else c.moe
+    return m if isinstance(m, MoEConfig) else MoEConfig(**m)
 
 
 def layer_matmul_params(c: LlamaConfig) -> int:
-    """Matmul weights of one layer: q, k, v, o and SwiGLU's gate, up and down."""
+    """Matmul weights of one dense layer: q, k, v, o and SwiGLU's gate, up and down."""
     return attention_params(c) + 3 * c.d_model * c.d_ff
 
 
-def param_count(c: LlamaConfig) -> int:
+def moe_layer_params(c: LlamaConfig, active: bool = False) -> int:
+    """Matmul weights of one MoE layer: attention, the router, the shared experts and every
+    expert (with `active`, the `top_k` a token uses)."""
+    m = moe_config(c)
+    experts = m.top_k if active else m.n_experts
+    return (attention_params(c) + c.d_model * m.n_experts
+            + 3 * c.d_model * (m.shared_d_ff + experts * m.d_ff))
+
+
+def param_count(c: LlamaConfig, active: bool = False) -> int:
     """All parameters of the Llama that `c` (a `LlamaConfig` or the config's `model` section)
-    describes: embedding, the LM head unless tied, each layer's matmuls and two RMSNorm scales,
-    the final norm."""
+    describes: embedding, the LM head unless tied, each layer's matmuls and two RMSNorm scales
+    (four with `qk_norm`), the final norm. `active`: those one token uses (an MoE layer's `top_k` experts; the
+    router's balancing bias is state, not counted)."""
     tables = 1 if c.tie_embeddings else 2
-    layers = c.n_layers * (layer_matmul_params(c) + 2 * c.d_model)
+    m = moe_config(c)
+    moe_layers = m.moe_layers(c.n_layers)
+    norms = 2 * c.d_model + (2 * c.head_dim if c.qk_norm else 0)
+    layers = ((c.n_layers - moe_layers) * layer_matmul_params(c)
+              + moe_layers * moe_layer_params(c, active) + c.n_layers * norms)
     return tables * c.vocab_size * c.d_model + layers + c.d_model
 
 
 def flops_per_token(c: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token of the Llama that `c` describes (`decoder.flops_per_token`)."""
-    return decoder_flops_per_token(c, layer_matmul_params(c), seq_len)
+    """Training FLOPs per token of the Llama that `c` describes (`decoder.flops_per_token`), an
+    MoE layer counting the experts a token is routed to (active parameters)."""
+    moe_layers = moe_config(c).moe_layers(c.n_layers)
+    if not moe_layers:
+        return decoder_flops_per_token(c, layer_matmul_params(c), seq_len)
+    moe_extra = moe_layer_params(c, active=True) - layer_matmul_params(c)
+    return decoder_flops_per_token(c, layer_matmul_params(c), seq_len) + 6 * moe_layers * moe_extra
 
 
 class Llama(Decoder):
@@ -184,6 +260,7 @@ class Llama(Decoder):
     def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
         self.config = c
         self.embed = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), 0.02)
+        self.first_blocks = first_blocks(c, rngs)
         self.blocks = stacked_blocks(c, rngs)
         self.final_norm = RMSNorm(c.d_model, c.norm_eps)
         if not c.tie_embeddings:

@@ -61,28 +61,29 @@ def vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 
 class DataParallelLoss:
-    """`loss(params, batch) -> (loss_sum, count)`, the global sums, differentiable in `params`.
+    """`loss(params, batch) -> (loss_sum, count, stats)`, the global sums (MoE stats: see
+    `models.moe.add_losses`), differentiable in `params`.
 
     `local_loss(params, batch)` runs on each device's shard of the batch (split over the
-    data-parallel axes) with the parameters as `manual_specs` split them over `manual_axes`; its
-    sums are added over the data-parallel axes.
+    `batch_axes`: the data-parallel axes, and `expert` under expert parallelism) with the
+    parameters as `manual_specs` split them over `manual_axes`; its sums are added over the
+    `batch_axes`.
     """
 
     def __init__(self, local_loss: Callable, layout: Layout, manual_specs,
-                 manual_axes: tuple[str, ...]):
+                 manual_axes: tuple[str, ...], batch_axes: tuple[str, ...]):
         self.local_loss, self.layout = local_loss, layout
-        self.manual_specs, self.manual_axes = manual_specs, manual_axes
-        self.axes = tuple(a for a in manual_axes if a in AXES)
+        self.manual_specs, self.manual_axes, self.axes = manual_specs, manual_axes, batch_axes
 
     def __call__(self, params, batch):
         batch_specs = jax.tree.map(lambda _: PartitionSpec(self.axes or None), batch)
         return jax.shard_map(self._summed, mesh=self.layout.mesh,
                              in_specs=(self.manual_specs, batch_specs),
-                             out_specs=(PartitionSpec(), PartitionSpec()),
+                             out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec()),
                              axis_names=set(self.manual_axes))(params, batch)
 
     def _summed(self, params, batch):
-        loss_sum, count = self.local_loss(params, batch)
+        sums = self.local_loss(params, batch)
         if self.axes:  # one all-reduce, after the loss (the count alone would not wait for it)
-            loss_sum, count = jax.lax.psum((loss_sum, count), self.axes)
-        return loss_sum, count
+            sums = jax.lax.psum(sums, self.axes)
+        return sums

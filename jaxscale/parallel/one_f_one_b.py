@@ -51,7 +51,7 @@ def _differentiable(a) -> bool:
 
 
 class OneFOneB:
-    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count)` under 1F1B for a model
+    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count, {})` under 1F1B for a model
     with the pipeline interface of `models.decoder.Decoder`, whose stacks at `paths` are split
     into stages.
 
@@ -76,7 +76,7 @@ class OneFOneB:
         stage_fn = functools.partial(run_stage, graph, shapes(h), model_kwargs)
         head_fn = functools.partial(_head_loss, graph, shapes(w))
         loss_sum = _pipelined(stage_fn, head_fn, self.m, self.p)(w, h, x, ctx, aux)
-        return jax.lax.psum(loss_sum, AXIS), jnp.sum(batch["loss_mask"])
+        return jax.lax.psum(loss_sum, AXIS), jnp.sum(batch["loss_mask"]), {}
 
 
 def _pipelined(stage_fn: Callable, head_fn: Callable, m: int, p: int) -> Callable:

@@ -20,10 +20,18 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxscale.cpu import order_collectives
 from jaxscale.errors import UserError
 from jaxscale.models import DECODERS, loss_sums
-from jaxscale.parallel import data_parallel, pipeline, tensor_parallel, vocab_parallel, zero
+from jaxscale.parallel import (
+    data_parallel,
+    expert_parallel,
+    pipeline,
+    tensor_parallel,
+    vocab_parallel,
+    zero,
+)
 from jaxscale.sharding import UNSHARDED, Layout, merge_rules
 
-DEFAULT_RULES = merge_rules(UNSHARDED, data_parallel.RULES + zero.RULES + tensor_parallel.RULES)
+DEFAULT_RULES = merge_rules(UNSHARDED, data_parallel.RULES + zero.RULES + tensor_parallel.RULES
+                            + expert_parallel.RULES)
 
 
 def make_layout(config, mesh: Mesh) -> Layout:
@@ -66,22 +74,30 @@ def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: La
     stage = config.parallel.zero_stage
     if stage not in (0, 1, 2, 3):
         raise UserError(f"parallel.zero_stage={stage} is invalid; use 0, 1, 2 or 3")
+    if config.model.moe.n_experts and layout.mesh.shape["pipeline"] > 1:
+        raise NotImplementedError("pipeline parallelism of an MoE model (mesh.pipeline > 1 with "
+                                  "model.moe.n_experts > 0)")
     stages = layout.mesh.shape["pipeline"]
     check_batch(config, layout)
+    experts = _experts(config, layout)
     virtual = pipeline.virtual_stages(config, stages)
     paths = pipeline.pipelined(nnx.merge(graphdef, params), params, config, stages, virtual)
     param_specs = pipeline.virtualize(zero.specs(layout, params, stage, from_stage=2), virtual, paths)
     opt_specs = pipeline.virtualize(zero.specs(layout, opt_state, stage, from_stage=1), virtual, paths)
     model_loss = (pipeline.pipeline_loss(config.pipeline.schedule, config.pipeline.microbatches,
                                          stages, virtual, paths) if stages > 1 else loss_sums)
-    manual_axes = data_parallel.dp_axes(layout) + (("pipeline",) if stages > 1 else ())
+    if experts > 1:
+        model_loss = expert_parallel.ExpertParallelLoss(model_loss)
+    batch_axes = data_parallel.dp_axes(layout) + expert_parallel.batch_axes(layout)
+    manual_axes = batch_axes + (("pipeline",) if stages > 1 else ())
     loss = _sharded_loss(graphdef, params, config, layout, param_specs, model_loss, manual_axes,
-                         virtualized=paths if virtual > 1 else ())
+                         batch_axes, virtualized=paths if virtual > 1 else ())
     return Parallelized(loss, param_specs, opt_specs, layout.spec(("batch",)), virtual, paths)
 
 
 def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_loss: Callable,
-                  manual_axes: tuple[str, ...], virtualized: tuple[str, ...]) -> Callable:
+                  manual_axes: tuple[str, ...], batch_axes: tuple[str, ...],
+                  virtualized: tuple[str, ...]) -> Callable:
     """The loss run manual over `manual_axes`, or the model's own where there are none."""
     if not manual_axes:
         return lambda p, batch: model_loss(graphdef, p, batch)
@@ -93,7 +109,18 @@ def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_l
         regather=zero.regathers(layout, config.parallel.zero_stage), virtualized=virtualized,
         tables=vocab_parallel.vocab_tables(params) if decoder else {},
         order=order_collectives, towers=_takes(graphdef, params, "order"))
-    return data_parallel.DataParallelLoss(local, layout, manual, manual_axes)
+    return data_parallel.DataParallelLoss(local, layout, manual, manual_axes, batch_axes)
+
+
+def _experts(config, layout: Layout) -> int:
+    """How many ways the MoE layers' experts are split (1: a dense model or no `expert` axis),
+    with clear errors for splits that cannot work."""
+    n, experts = layout.mesh.shape["expert"], config.model.moe.n_experts
+    if n == 1 or not experts:
+        return 1
+    if experts % n:
+        raise UserError(f"model.moe.n_experts={experts} is not divisible by mesh.expert={n}")
+    return n
 
 
 def _takes(graphdef: nnx.GraphDef, params: nnx.State, keyword: str) -> bool:
@@ -105,12 +132,12 @@ def _takes(graphdef: nnx.GraphDef, params: nnx.State, keyword: str) -> bool:
 def check_batch(config, layout: Layout) -> None:
     """Clear errors, before anything compiles, for a batch the mesh cannot split."""
     batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
-    dp = layout.size(data_parallel.dp_axes(layout))
+    dp = layout.size(data_parallel.dp_axes(layout) + expert_parallel.batch_axes(layout))
     if accum < 1 or batch % accum:
         raise UserError(f"train.global_batch_size={batch} is not divisible by "
                         f"train.grad_accum_steps={accum}")
     if (batch // accum) % dp:
         raise UserError(f"micro-batch {batch // accum} (train.global_batch_size / "
                         f"grad_accum_steps) is not divisible by the data-parallel size {dp} "
-                        f"(data x fsdp); change the batch size or the mesh")
+                        f"(data x fsdp x expert); change the batch size or the mesh")
     pipeline.check_pipeline(config, layout.mesh.shape["pipeline"], batch // accum // dp)

@@ -82,7 +82,7 @@ def virtual_stages(config, stages: int) -> int:
 
 class _CircularLoss:
     """The model's loss with its pipelined layers run by a `CircularSchedule`; the same sums on
-    every stage (each computed the loss from the broadcast last-stage output)."""
+    every stage (each computed the loss from the broadcast last-stage output), and no MoE stats."""
 
     def __init__(self, schedule: CircularSchedule, paths: tuple[str, ...]):
         self.schedule, self.paths = schedule, paths
@@ -93,12 +93,13 @@ class _CircularLoss:
         graph, w, rest = nnx.split(model, in_stack(self.paths), ...)
         stage = functools.partial(run_stage, graph, shapes(rest), model_kwargs)
         loss_sum = model.pipeline_loss(self.schedule(stage, w, x, side), batch)
-        return jax.lax.pmean(loss_sum, AXIS), jax.lax.pmean(jnp.sum(batch["loss_mask"]), AXIS)
+        return (jax.lax.pmean(loss_sum, AXIS), jax.lax.pmean(jnp.sum(batch["loss_mask"]), AXIS),
+                {})
 
 
 def pipeline_loss(schedule: str, microbatches: int, stages: int, virtual: int,
                   paths: tuple[str, ...]) -> Callable:
-    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count)` under a schedule,
+    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count, {})` under a schedule,
     for a model with the pipeline interface of `models.decoder.Decoder` whose stacks at `paths`
     are split into stages.
 

@@ -124,14 +124,20 @@ def _keys(path) -> list[str]:
     return [str(k.key) for k in path if hasattr(k, "key")]
 
 
+def _stack_index(keys: list[str]) -> int | None:
+    """Where a stacked-blocks subtree (`blocks`, `first_blocks`, ...) starts in `keys`."""
+    return next((i for i, k in enumerate(keys) if k == "blocks" or k.endswith("_blocks")), None)
+
+
 def block_part(path) -> str:
     """The path inside its stacked-blocks subtree ("attn/wq"), or "" outside any."""
     keys = _keys(path)
-    return "/".join(keys[keys.index("blocks") + 1:]) if "blocks" in keys else ""
+    i = _stack_index(keys)
+    return "" if i is None else "/".join(keys[i + 1:])
 
 
 def _layer_specs(manual, virtualized: tuple[str, ...]) -> dict[frozenset, dict[str, PartitionSpec]]:
-    """One layer's specs for each stacked-blocks subtree (`blocks` anywhere in the tree), keyed by
+    """One layer's specs for each stacked-blocks subtree (`blocks`, `*_blocks`, anywhere), keyed by
     the set of its parameter names, which is how `RegatheredBlock` recognises a layer; stacks at
     the `virtualized` paths have two leading stacked dimensions (`pipeline.virtualize`)."""
     groups: dict[tuple, dict[str, PartitionSpec]] = {}
@@ -139,7 +145,7 @@ def _layer_specs(manual, virtualized: tuple[str, ...]) -> dict[frozenset, dict[s
             manual, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]:
         if name := block_part(path):
             keys = _keys(path)
-            groups.setdefault(tuple(keys[:keys.index("blocks")]), {})[name] = PartitionSpec(
+            groups.setdefault(tuple(keys[:_stack_index(keys) + 1]), {})[name] = PartitionSpec(
                 *spec[1 + under(path, virtualized):])
     out: dict[frozenset, dict[str, PartitionSpec]] = {}
     for layer in groups.values():

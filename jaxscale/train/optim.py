@@ -6,6 +6,9 @@ from collections.abc import Sequence
 
 import jax
 import optax
+from flax import nnx
+
+from jaxscale.models.moe import RouterBias
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -21,7 +24,8 @@ def make_optimizer(optim_cfg, total_steps: int, frozen: Sequence[str] = ()) -> t
     """The optimizer and its learning-rate schedule. Weight decay skips vectors (norm scales).
 
     Parameters under a top-level key in `frozen` (e.g. "vision") get no updates; clipping sees
-    only the trained ones. (They keep optimizer moments, which stay zero.)
+    only the trained ones. (They keep optimizer moments, which stay zero.) Variables that are
+    not parameters (`RouterBias`) get no updates.
     """
     schedule = make_schedule(optim_cfg, total_steps)
     tx = optax.chain(
@@ -37,4 +41,11 @@ def make_optimizer(optim_cfg, total_steps: int, frozen: Sequence[str] = ()) -> t
 
         zero = optax.masked(optax.set_to_zero(), is_frozen)
         tx = optax.chain(zero, tx, zero)
-    return tx, schedule
+    # state that is not trained (an MoE router's balancing bias) gets no update either
+    untrained = optax.masked(optax.set_to_zero(), _untrained)
+    return optax.chain(tx, untrained), schedule
+
+
+def _untrained(params):
+    return jax.tree.map(lambda v: isinstance(v, RouterBias), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxscale.models import moe
 from jaxscale.sharding import constrain
 
 Batch = dict[str, jax.Array]
@@ -24,11 +25,14 @@ class TrainState(struct.PyTreeNode):
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
-                    grad_shardings) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    grad_shardings, bias_rate: float = 0.0
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build `step(state, batch) -> (state, metrics)`, ready for `jax.jit`.
 
-    `loss_fn(params, batch) -> (loss_sum, count)` is the model's `loss_sums` as
-    `parallel.parallelize` lays it out on the mesh.
+    `loss_fn(params, batch) -> (loss_sum, count, stats)` is the model's `loss_sums` as
+    `parallel.parallelize` lays it out on the mesh. An MoE model's `stats` (summed over the
+    micro-batches) become metrics (`moe.summarize`), and with `bias_rate` its routers' balancing
+    biases move once per step by the step's expert load (`moe.balance_bias`).
 
     With accumulation the global batch is split into `grad_accum_steps` micro-batches of
     interleaved rows, so every micro-batch stays spread over all data-parallel devices; the
@@ -37,37 +41,43 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     A step whose loss or gradient norm is not finite applies no update and reports
     `nonfinite=1` in its metrics.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(_with_aux(loss_fn), has_aux=True)
 
     def pin(grads):
         return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
     def compute_grads(params, batch):
         if grad_accum_steps == 1:
-            (loss_sum, count), grads = grad_fn(params, batch)
-            return loss_sum, count, pin(grads)
+            (loss_sum, (count, stats)), grads = grad_fn(params, batch)
+            return loss_sum, count, stats, pin(grads)
 
         def split(x):  # [B, ...] -> [accum, B/accum, ...], micro-batch i = rows i, i+accum, ...
             x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
             return constrain(jnp.swapaxes(x, 0, 1), (None, "batch") + (None,) * (x.ndim - 2))
 
         def body(carry, micro):
-            loss_sum, count, grads = carry
-            (ls, c), g = grad_fn(params, micro)
-            return (loss_sum + ls, count + c, pin(jax.tree.map(jnp.add, grads, g))), None
+            loss_sum, count, stats, grads = carry
+            (ls, (c, s)), g = grad_fn(params, micro)
+            return (loss_sum + ls, count + c, jax.tree.map(jnp.add, stats, s),
+                    pin(jax.tree.map(jnp.add, grads, g))), None
 
+        micros = jax.tree.map(split, batch)
         zeros = pin(jax.tree.map(jnp.zeros_like, params))
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (loss_sum, count, grads), _ = jax.lax.scan(body, init, jax.tree.map(split, batch))
-        return loss_sum, count, grads
+        no_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                jax.eval_shape(loss_fn, params, jax.tree.map(lambda a: a[0], micros))[2])
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), no_stats, zeros)
+        (loss_sum, count, stats, grads), _ = jax.lax.scan(body, init, micros)
+        return loss_sum, count, stats, grads
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        loss_sum, count, grads = compute_grads(state.params, batch)
+        loss_sum, count, stats, grads = compute_grads(state.params, batch)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if bias_rate and stats:
+            params = moe.balance_bias(params, stats["load"], bias_rate)
         # a non-finite loss or gradient leaves parameters and optimizer state as they were (the
         # training loop decides whether the run stops); the step counter moves on with the data
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -75,6 +85,17 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                                          (params, opt_state), (state.params, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "tokens": count, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        if stats:
+            metrics.update(moe.summarize(stats))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
+
+
+def _with_aux(loss_fn: Callable) -> Callable:
+    """`loss_fn` as `jax.value_and_grad(has_aux=True)` takes it: `(loss_sum, (count, stats))`."""
+    def fn(params, batch):
+        loss_sum, count, stats = loss_fn(params, batch)
+        return loss_sum, (count, stats)
+
+    return fn

@@ -135,7 +135,7 @@ class Trainer:
     def loss(self, params, batch: Batch) -> jax.Array:
         """The mean loss of `batch` at `params` (the state's layout), without gradients."""
         with use_layout(self.layout):
-            loss_sum, count = jax.jit(self.loss_fn)(params, batch)
+            loss_sum, count, _ = jax.jit(self.loss_fn)(params, batch)
         return loss_sum / jnp.maximum(count, 1.0)
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
@@ -157,7 +157,7 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     par = parallelize(graphdef, params, jax.eval_shape(tx.init, params), layout, config)
     state_specs = TrainState(step=PartitionSpec(), params=par.param_specs, opt_state=par.opt_specs)
     step_fn = make_train_step(par.loss, tx, schedule, config.train.grad_accum_steps,
-                              layout.shardings(par.param_specs))
+                              layout.shardings(par.param_specs), config.model.moe.bias_rate)
     shardings = layout.shardings(state_specs)
     jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(par.batch_spec)),
                      out_shardings=(shardings, None), donate_argnums=0)
