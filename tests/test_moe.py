@@ -20,11 +20,15 @@ STEPS = 5
 
 
 def moe_config(**settings):
-    """`tiny_config` with 8 experts (top 2) in both layers; `settings` as `tiny_config`'s, and
-    `model.moe` keys."""
+    """`tiny_config` with 8 experts (top 2) in every layer; `settings` as `tiny_config`'s, and
+    `model.moe`, `pipeline` keys and `n_layers`."""
     moe = {k: settings.pop(k) for k in list(settings) if k in MoEConfig.__dataclass_fields__}
+    pipe = {k: settings.pop(k) for k in ("schedule", "virtual_stages") if k in settings}
+    n_layers = settings.pop("n_layers", 2)
     c = tiny_config(**settings)
+    c.model.n_layers = n_layers
     c.model.moe.update({"n_experts": 8, "top_k": 2, "d_ff": 32, **moe})
+    c.pipeline.update(pipe)
     return c
 
 
@@ -40,37 +44,56 @@ def run(config, devices, steps=STEPS):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    rows, trainer, _ = run(moe_config(), jax.devices()[:1])
-    return rows, trainer
+def references():
+    """One-device runs of the models the layouts use, keyed by their model settings."""
+    cache = {}
+
+    def get(model: dict):
+        key = tuple(sorted(model.items()))
+        if key not in cache:
+            rows, trainer, _ = run(moe_config(**model), jax.devices()[:1])
+            cache[key] = rows, trainer
+        return cache[key]
+
+    return get
 
 
-LAYOUTS = {
-    "ep8": dict(expert=8),
-    "ep4_dp2": dict(expert=4, data=2),
-    "ep2_fsdp2_tp2": dict(expert=2, fsdp=2, tensor=2),
-    "ep4_dp2_accum2_zero2": dict(expert=4, data=2, grad_accum_steps=2, zero_stage=2),
+BALANCED = dict(router="sigmoid", bias_rate=0.01)  # aux-loss-free balancing: the bias moves
+LAYOUTS = {  # (mesh and parallel settings, model settings)
+    "ep8": (dict(expert=8), {}),
+    "ep4_dp2": (dict(expert=4, data=2), {}),
+    "ep2_fsdp2_tp2": (dict(expert=2, fsdp=2, tensor=2), {}),
+    "ep4_dp2_accum2_zero2": (dict(expert=4, data=2, grad_accum_steps=2, zero_stage=2), BALANCED),
+    "ep2_pp2_dp2_1f1b": (dict(expert=2, pipeline=2, data=2, schedule="1f1b"), BALANCED),
+    "ep2_pp2_dp2_gpipe": (dict(expert=2, pipeline=2, data=2), {}),
+    "ep2_pp2_dp2_interleaved": (dict(expert=2, pipeline=2, data=2, schedule="interleaved",
+                                     virtual_stages=2), dict(n_layers=4, **BALANCED)),
 }
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_dropless_expert_parallel_matches_one_device(name, reference):
-    ref, ref_trainer = reference
-    rows, trainer, state = run(moe_config(**LAYOUTS[name]), devices_or_skip(8))
+def test_dropless_expert_parallel_matches_one_device(name, references):
+    layout, model = LAYOUTS[name]
+    ref, ref_trainer = references(model)
+    rows, trainer, state = run(moe_config(**layout, **model), devices_or_skip(8))
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.5  # learning
     for key in ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "expert_load_max_mean"):
         np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in ref], rtol=1e-5,
                                    err_msg=key)
     assert all(r["moe_dropped_fraction"] == 0 for r in rows)
     # each device holds and computes only its experts; tokens travel by all-to-all
-    experts = trainer.mesh.shape["expert"]
+    experts, stages = trainer.mesh.shape["expert"], trainer.mesh.shape["pipeline"]
     w = state.params["blocks"]["mlp"]["experts"]["w_gate"][...]
-    assert w.addressable_shards[0].data.shape[1] == 8 // experts
+    shard = w.addressable_shards[0].data  # [layers, experts, embed, mlp]
+    assert shard.shape[1] == 8 // experts  # fsdp, tensor and ZeRO-2 split the rest further
+    assert shard.nbytes * experts * stages * trainer.mesh.shape["fsdp"] * trainer.mesh.shape[
+        "tensor"] * (2 if "zero_stage" in layout else 1) == w.nbytes
     assert "all-to-all" in trainer.compile().as_text()
     assert "all-to-all" not in ref_trainer.compile().as_text()
 
 
 def test_capacity_mode_matches_one_device_under_expert_parallelism():
+    # capacity is per row, so which assignments are dropped does not depend on the layout
     ref = run(moe_config(dispatch="capacity", capacity_factor=1.0), jax.devices()[:1])[0]
     rows = run(moe_config(dispatch="capacity", capacity_factor=1.0, expert=4, data=2),
                devices_or_skip(8))[0]

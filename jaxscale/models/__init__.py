@@ -1,7 +1,7 @@
 """Models: Flax NNX modules whose parameters and activations name logical axes only.
 
 Every model has `loss_sums(batch, **kwargs) -> (loss_sum, weight, stats)` (`stats`: an MoE
-model's router statistics, `moe.add_losses`; `{}` otherwise); `build_model` makes the one a
+model's router statistics, `moe.router_losses`; `{}` otherwise); `build_model` makes the one a
 config's `model.family` names, and `flops_per_token` and `param_count` ask that family's module.
 """
 

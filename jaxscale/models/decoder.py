@@ -87,8 +87,9 @@ class Decoder(nnx.Module):
     stacked modules a pipeline splits into stages (each with a leading `layers` axis);
     `pipeline_input(batch)`, the residual stream entering them and the per-example inputs every
     stage uses (`side`); `pipeline_stage(x, side)`, the stacked layers the model holds (a stage's
-    share of them, under a pipeline) on `x`; `pipeline_loss(y, batch)`, the loss sum of the last
-    layer's output.
+    share of them, under a pipeline) on `x`, and their stats stacked by layer (`scan_blocks`);
+    `pipeline_loss(y, batch)`, the loss sum of the last layer's output; `stats_loss(stats)`,
+    what those stats add to the loss sum, and their summary.
     """
 
     PIPELINED = ("blocks",)
@@ -118,14 +119,14 @@ class Decoder(nnx.Module):
                   apply_block: Callable[..., jax.Array] = apply_block
                   ) -> tuple[jax.Array, jax.Array, Stats]:
         """Summed next-token cross-entropy over `loss_mask` (plus an MoE model's weighted router
-        losses, `moe.add_losses`), the mask's sum, and the MoE layers' stats (`{}` if none).
+        losses, `stats_loss`), the mask's sum, and the MoE layers' stats (`{}` if none).
         With `vocab`, a parallelism strategy hands the model its slice of the vocabulary tables
         and what the embedding and loss do across the slices (see `layers.VocabShards`)."""
         x, stats = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                                apply_block, vocab)
         loss_sum, count = self.output_loss(x, batch, vocab)
-        loss_sum, summary = moe.add_losses(loss_sum, stats, self.config.moe)
-        return loss_sum, count, summary
+        extra, summary = self.stats_loss(stats)
+        return loss_sum + extra, count, summary
 
     def output_loss(self, x: jax.Array, batch: dict[str, jax.Array],
                     vocab: VocabShards | None = None) -> tuple[jax.Array, jax.Array]:
@@ -166,8 +167,13 @@ class Decoder(nnx.Module):
         return self.run_first(x, side["positions"], side["mask"], apply_block), side
 
     def pipeline_stage(self, x: jax.Array, side: dict[str, jax.Array],
-                       apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
-        return self.run_blocks(x, side["positions"], side["mask"], apply_block)[0]
+                       apply_block: Callable[..., jax.Array] = apply_block) -> tuple[jax.Array, Stats]:
+        return self.run_blocks(x, side["positions"], side["mask"], apply_block)
+
+    def stats_loss(self, stats: Stats) -> tuple[jax.Array, Stats]:
+        """What the blocks' `stats` add to the loss sum (an MoE model's weighted router losses;
+        0 for none) and their summary (`moe.router_losses`)."""
+        return moe.router_losses(stats, self.config.moe)
 
     def pipeline_loss(self, y: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         return self.output_loss(y, batch)[0]

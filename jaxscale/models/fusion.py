@@ -128,17 +128,16 @@ class _TokenModel(nnx.Module):
         if it has MoE layers), their count, and the MoE stats (`Decoder.loss_sums`)."""
         logits, stats = self._logits(batch, apply_block)
         loss_sum, count = token_loss_sums(logits, batch["targets"], batch["loss_mask"])
-        loss_sum, summary = moe.add_losses(loss_sum, stats, self.llm.config.moe)
-        return loss_sum, count, summary
+        extra, summary = self.stats_loss(stats)
+        return loss_sum + extra, count, summary
 
     def _logits(self, batch: Batch, apply_block: Callable | None):
         x, side = self.pipeline_input(batch, apply_block)
-        y, stats = self.decode(x, side, apply_block)
+        y, stats = self.pipeline_stage(x, side, apply_block)
         return self.llm.head(_text(y, batch)), stats
 
-    def decode(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
-        """The decoder's layers on the fused sequence `x`, and their MoE stats."""
-        return self.pipeline_stage(x, side, apply_block), {}
+    def stats_loss(self, stats):
+        return moe.router_losses(stats, self.llm.config.moe)
 
     def pipeline_loss(self, y: jax.Array, batch: Batch) -> jax.Array:
         return token_loss_sums(self.llm.head(_text(y, batch)), batch["targets"], batch["loss_mask"])[0]
@@ -186,9 +185,6 @@ class EarlyFusion(_TokenModel):
 
     def pipeline_stage(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
         return self.llm.pipeline_stage(x, side, **_blocks_kwargs(apply_block))
-
-    def decode(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
-        return self.llm.run_blocks(x, side["positions"], side["mask"], **_blocks_kwargs(apply_block))
 
 
 class GatedCrossAttention(nnx.Module):
@@ -241,7 +237,7 @@ class CrossAttentionFusion(_TokenModel):
 
     def pipeline_stage(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
         """Groups of a cross-attention block and `every` decoder layers (a stage's share of the
-        groups, under a pipeline)."""
+        groups, under a pipeline), and no stats (its decoder has no MoE layers)."""
         run_layer = self.llm.block_fn(**_blocks_kwargs(apply_block))
         block_graph, blocks = nnx.split(self.llm.blocks)
         cross_graph, cross = nnx.split(self.cross)
@@ -254,7 +250,7 @@ class CrossAttentionFusion(_TokenModel):
             return scan_blocks(nnx.merge(block_graph, block_states), x, side["positions"],
                                side["mask"], run_layer, unroll)[0], None
 
-        return jax.lax.scan(group, x, (cross, groups), unroll=unroll)[0]
+        return jax.lax.scan(group, x, (cross, groups), unroll=unroll)[0], {}
 
 
 def _unordered(first, then):

@@ -18,7 +18,8 @@ Losses, per row (sequence), so that they do not depend on how the batch is split
 micro-batches or pipeline stages: the load-balancing loss `E / (k S) sum_e c_e P_e` (Switch /
 GShard form; c_e assignments to expert e in the row, P_e its mean router probability, 1 when
 balanced) and the router z-loss `mean_t logsumexp(logits_t)^2` (ST-MoE). Each MoE layer returns
-them with its load, as sums (`Stats`), for the model to weight by `aux_coef` and `z_coef`.
+them with its load, as sums (`Stats`), for the model to weight by `aux_coef` and `z_coef`
+(`router_losses`).
 """
 
 from __future__ import annotations
@@ -262,19 +263,19 @@ def balance_bias(params, load: jax.Array, rate: float):
     return jax.tree.map(move, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def add_losses(loss_sum: jax.Array, stats: Stats, c: MoEConfig) -> tuple[jax.Array, Stats]:
-    """`loss_sum` plus the router losses of `stats` (the MoE layers', stacked by layer) weighted
-    by `aux_coef` and `z_coef`, and the stats summed over layers (the load kept per layer), which
-    `summarize` turns into metrics; `(loss_sum, {})` for a dense model."""
+def router_losses(stats: Stats, c: MoEConfig) -> tuple[jax.Array, Stats]:
+    """The router losses of `stats` (MoE layers', stacked by layer) weighted by `aux_coef` and
+    `z_coef` (a loss sum, differentiable), and the stats summed over layers with the load kept
+    per layer, which `summarize` turns into metrics; `(0, {})` for a dense model."""
     if not stats:
-        return loss_sum, {}
-    loss_sum = loss_sum + c.aux_coef * jnp.sum(stats["aux"]) + c.z_coef * jnp.sum(stats["z"])
+        return jnp.zeros((), jnp.float32), {}
+    loss = c.aux_coef * jnp.sum(stats["aux"]) + c.z_coef * jnp.sum(stats["z"])
     summed = {k: jnp.sum(jax.lax.stop_gradient(v)) for k, v in stats.items() if k != "load"}
-    return loss_sum, {**summed, "load": stats["load"]}
+    return loss, {**summed, "load": jax.lax.stop_gradient(stats["load"])}
 
 
 def summarize(stats: Stats) -> dict[str, jax.Array]:
-    """Metrics from a step's `add_losses` stats (summed over devices and micro-batches): the
+    """Metrics from a step's `router_losses` stats (summed over devices and micro-batches): the
     balancing and z losses per layer and token, expert load max/mean (averaged over layers), and
     the fraction of assignments dropped."""
     load = stats["load"]

@@ -62,7 +62,7 @@ def vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 class DataParallelLoss:
     """`loss(params, batch) -> (loss_sum, count, stats)`, the global sums (MoE stats: see
-    `models.moe.add_losses`), differentiable in `params`.
+    `models.moe.router_losses`), differentiable in `params`.
 
     `local_loss(params, batch)` runs on each device's shard of the batch (split over the
     `batch_axes`: the data-parallel axes, and `expert` under expert parallelism) with the

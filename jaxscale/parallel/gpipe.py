@@ -13,6 +13,8 @@ activations move one stage on per tick with a `ppermute`.
 
 Collectives per step, for microbatches of `A` activation bytes: one `ppermute` of `A` per tick
 forward and its transpose backward, and one all-reduce of the `M` outputs (`M A`, float32).
+The stages' layer stats (an MoE model's router statistics) are summed over the ticks a stage
+works, which `pipeline.py` joins across stages.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ class CircularSchedule:
     def __init__(self, microbatches: int, stages: int, virtual: int = 1):
         self.m, self.p, self.v = microbatches, stages, virtual
 
-    def __call__(self, stage_fn: Callable, w, x: jax.Array, side) -> jax.Array:
+    def __call__(self, stage_fn: Callable, w, x: jax.Array, side):
+        """The last stage's outputs (on every stage), and this stage's layers' stats summed over
+        the microbatches (`[V, layers per chunk, ...]` with `virtual > 1`)."""
         m, p, v = self.m, self.p, self.v
         run = functools.partial(_run_chunk, stage_fn, v)
         if v > 1:  # slice the chunk's weights again in the backward instead of keeping them per tick
@@ -62,11 +66,16 @@ class CircularSchedule:
         sides = jax.tree.map(functools.partial(split_microbatches, m=m), side)
         tick = functools.partial(self._tick, run, w, xs, sides, jax.lax.axis_index(AXIS))
         init = (xs[0] * 0, xs * 0)  # zeros of the same type (varying over the manual axes)
-        (_, outputs), _ = jax.lax.scan(tick, init, jnp.arange(m * v + p - 1))
+        (_, outputs), (stats, chunks) = jax.lax.scan(tick, init, jnp.arange(m * v + p - 1))
         # the last stage's outputs to every stage; summed in float32 (XLA:CPU cannot all-reduce bf16)
         last = jax.lax.axis_index(AXIS) == p - 1
         outputs = jax.lax.psum(jnp.where(last, outputs, 0).astype(jnp.float32), AXIS)
-        return outputs.astype(x.dtype).reshape(x.shape)
+        if v == 1:
+            stats = jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
+        else:  # each tick's stats to its chunk
+            to_chunk = jax.nn.one_hot(chunks, v, dtype=jnp.float32).T  # [V, ticks]
+            stats = jax.tree.map(lambda a: jnp.tensordot(to_chunk, a, axes=1), stats)
+        return outputs.astype(x.dtype).reshape(x.shape), stats
 
     def _tick(self, run, w, xs, sides, stage, carry, t):
         m, p, v = self.m, self.p, self.v
@@ -75,8 +84,10 @@ class CircularSchedule:
         chunk = jnp.clip((u % (p * v)) // p, 0, v - 1)
         i = jnp.clip((u // (p * v)) * p + u % p, 0, m - 1)
         inp = jnp.where((stage == 0) & (chunk == 0), xs[i], held)
-        out = run(w, chunk, inp, jax.tree.map(lambda a: a[i], sides))
-        done = (stage == p - 1) & (chunk == v - 1) & (u >= 0) & (u < m * v)
+        out, stats = run(w, chunk, inp, jax.tree.map(lambda a: a[i], sides))
+        busy = (u >= 0) & (u < m * v)  # else the stage computes on a stand-in: its stats are dropped
+        done = (stage == p - 1) & (chunk == v - 1) & busy
         outputs = outputs.at[i].set(jnp.where(done, out, outputs[i]))
         ring = [(j, (j + 1) % p) for j in range(p)]
-        return (jax.lax.ppermute(out, AXIS, ring), outputs), None
+        stats = jax.tree.map(lambda a: jnp.where(busy, a, 0), stats)
+        return (jax.lax.ppermute(out, AXIS, ring), outputs), (stats, chunk)

@@ -28,7 +28,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxscale.parallel.stages import AXIS, in_stack, run_stage, shapes, split_microbatches
+from jaxscale.parallel.stages import (
+    AXIS,
+    gather_stats,
+    in_stack,
+    run_stage,
+    shapes,
+    split_microbatches,
+    zeros,
+)
 
 
 def _varying(x: jax.Array) -> frozenset[str]:
@@ -46,12 +54,17 @@ def _head_loss(graph: nnx.GraphDef, w_shapes, h, y: jax.Array, labels) -> jax.Ar
     return nnx.merge(graph, w_shapes, h).pipeline_loss(y, labels)
 
 
+def _stats_loss(graph: nnx.GraphDef, w_shapes, h_shapes, stats):
+    """What a stage's layer `stats` add to the loss sum, and their summary (`stats_loss`)."""
+    return nnx.merge(graph, w_shapes, h_shapes).stats_loss(stats)
+
+
 def _differentiable(a) -> bool:
     return a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
 
 
 class OneFOneB:
-    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count, {})` under 1F1B for a model
+    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count, stats)` under 1F1B for a model
     with the pipeline interface of `models.decoder.Decoder`, whose stacks at `paths` are split
     into stages.
 
@@ -75,23 +88,28 @@ class OneFOneB:
                {"targets": batch["targets"], "loss_mask": batch["loss_mask"]})
         stage_fn = functools.partial(run_stage, graph, shapes(h), model_kwargs)
         head_fn = functools.partial(_head_loss, graph, shapes(w))
-        loss_sum = _pipelined(stage_fn, head_fn, self.m, self.p)(w, h, x, ctx, aux)
-        return jax.lax.psum(loss_sum, AXIS), jnp.sum(batch["loss_mask"]), {}
+        stats_fn = functools.partial(_stats_loss, graph, shapes(w), shapes(h))
+        loss_sum, summary = _pipelined(stage_fn, head_fn, stats_fn, self.m, self.p)(w, h, x, ctx, aux)
+        return jax.lax.psum(loss_sum, AXIS), jnp.sum(batch["loss_mask"]), gather_stats(summary)
 
 
-def _pipelined(stage_fn: Callable, head_fn: Callable, m: int, p: int) -> Callable:
-    """`f(blocks, head_params, x, ctx, aux) -> loss_sum` (last stage; 0 elsewhere), gradients by
-    1F1B for the blocks, the head, the stage input `x` and the context `ctx`."""
+def _pipelined(stage_fn: Callable, head_fn: Callable, stats_fn: Callable, m: int, p: int) -> Callable:
+    """`f(blocks, head_params, x, ctx, aux) -> (loss_sum, summary)`: the loss sum of this stage
+    (the head's on the last stage, plus its layers' router losses) and its layers' stats summary,
+    with gradients by 1F1B for the blocks, the head, the stage input `x` and the context `ctx`."""
+
+    def ticks(w, h, x, ctx, aux, with_grads):
+        return _Ticks(stage_fn, head_fn, stats_fn, m, p, w, h, x, ctx, aux, with_grads=with_grads)
 
     @jax.custom_vjp
     def f(w, h, x, ctx, aux):  # not differentiated: the forward ticks only
-        return _Ticks(stage_fn, head_fn, m, p, w, h, x, ctx, aux, with_grads=False).run()[0]
+        return ticks(w, h, x, ctx, aux, False).run()[0]
 
     def fwd(w, h, x, ctx, aux):
-        return _Ticks(stage_fn, head_fn, m, p, w, h, x, ctx, aux, with_grads=True).run()
+        return ticks(w, h, x, ctx, aux, True).run()
 
     def bwd(grads, ct):
-        dw, dh, dx, dctx = jax.tree.map(functools.partial(_scaled, ct), grads)
+        dw, dh, dx, dctx = jax.tree.map(functools.partial(_scaled, ct[0]), grads)
         return dw, dh, dx, dctx, None
 
     f.defvjp(fwd, bwd)
@@ -114,11 +132,14 @@ class _Ticks:
     """One stage's run of the schedule on blocks `w`, head `h`, the stage input `x`, the context
     `ctx` and the inputs without gradients `aux = (side, labels)`.
 
-    `run()` returns `(loss_sum, (grad_blocks, grad_head, grad_x, grad_ctx))`: zero gradients and
-    only the `M + P - 1` forward ticks without `with_grads`."""
+    `run()` returns `((loss_sum, summary), (grad_blocks, grad_head, grad_x, grad_ctx))`: zero
+    gradients and only the `M + P - 1` forward ticks without `with_grads`. A stage's layers
+    return stats too (an MoE model's router statistics): `stats_fn` turns them into a loss sum,
+    added to the loss and differentiated in the stage's backward, and a summary, summed over the
+    forward ticks."""
 
-    def __init__(self, stage_fn, head_fn, m, p, w, h, x, ctx, aux, *, with_grads: bool):
-        self.stage_fn, self.head_fn, self.m, self.p = stage_fn, head_fn, m, p
+    def __init__(self, stage_fn, head_fn, stats_fn, m, p, w, h, x, ctx, aux, *, with_grads: bool):
+        self.stage_fn, self.head_fn, self.stats_fn, self.m, self.p = stage_fn, head_fn, stats_fn, m, p
         self.w, self.h, self.shape, self.with_grads = w, h, x.shape, with_grads
         split = functools.partial(split_microbatches, m=m)
         self.xs = split(x)
@@ -130,27 +151,34 @@ class _Ticks:
         self.zeros_h = jax.tree.map(_zero, h)
         self.zeros_ctx = jax.tree.map(_zero, _at(0, self.ctxs))
         self.zero_loss = jnp.sum(self.zeros_x, dtype=jnp.float32)
+        self.zero_stats = zeros(jax.eval_shape(self.forward, w, self.xs[0], self.zeros_ctx, 0)[1])
 
     def run(self):
         zeros_x = self.zeros_x
         init = (zeros_x, zeros_x, jnp.stack([zeros_x] * self.slots), self.zeros_w, self.zeros_h,
                 self.xs * 0, jax.tree.map(_zero, self.ctxs), self.zero_loss)
         ticks = self.m + 2 * self.p - 2 if self.with_grads else self.m + self.p - 1
-        (_, _, _, grad_w, grad_h, grad_x, grad_ctx, loss_sum), _ = jax.lax.scan(
+        (_, _, _, grad_w, grad_h, grad_x, grad_ctx, loss_sum), summaries = jax.lax.scan(
             self.tick, init, jnp.arange(ticks))
         grad_ctx = jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]), grad_ctx)
-        return loss_sum, (grad_w, grad_h, grad_x.reshape(self.shape), grad_ctx)
+        summary = jax.tree.map(lambda a: jnp.sum(a, axis=0), summaries)
+        return (loss_sum, summary), (grad_w, grad_h, grad_x.reshape(self.shape), grad_ctx)
 
     def forward(self, w, xin, ctx, i):
-        """The stage's layers on microbatch `i`'s input `xin` (and context `ctx`)."""
+        """The stage's layers on microbatch `i`'s input `xin` (and context `ctx`): the output
+        and the layers' stats."""
         return self.stage_fn(w, xin, {**_at(i, self.sides), **ctx})
 
     def backward(self, xin, i, ct):
-        """Stage backward of microbatch `i` from its stashed input: recompute, then transpose."""
-        return jax.vjp(functools.partial(self._forward_of, i), self.w, xin, _at(i, self.ctxs))[1](ct)
+        """Stage backward of microbatch `i` from its stashed input: recompute, then transpose
+        (the router losses with cotangent 1, as the loss sum's)."""
+        (_, extra), vjp = jax.vjp(functools.partial(self._forward_of, i), self.w, xin,
+                                  _at(i, self.ctxs))
+        return vjp((ct, extra * 0 + 1))
 
     def _forward_of(self, i, w, xin, ctx):
-        return self.forward(w, xin, ctx, i)
+        y, stats = self.forward(w, xin, ctx, i)
+        return y, self.stats_fn(stats)[0]
 
     def head(self, y, i):
         """The last stage's loss sum of microbatch `i`, with its head and input gradients."""
@@ -169,8 +197,9 @@ class _Ticks:
         fi, bi = jnp.clip(fi, 0, m - 1), jnp.clip(bi, 0, m - 1)
         last = stage == p - 1
         xin = jnp.where(stage == 0, self.xs[fi], recv_x)
-        y = jax.lax.cond(f_ok, lambda: self.forward(self.w, xin, _at(fi, self.ctxs), fi),
-                         lambda: zeros_x)
+        y, stats = jax.lax.cond(f_ok, lambda: self.forward(self.w, xin, _at(fi, self.ctxs), fi),
+                                lambda: (zeros_x, self.zero_stats))
+        extra, summary = self.stats_fn(stats)  # zeros for a tick without a forward
         lsum, dh, dy = jax.lax.cond(f_ok & last, lambda: self.head(y, fi),
                                     lambda: (self.zero_loss, self.zeros_h, zeros_x))
         dw, dx, dctx = self.zeros_w, zeros_x, self.zeros_ctx
@@ -185,5 +214,5 @@ class _Ticks:
         backward_ring = [((i + 1) % p, i) for i in range(p)]
         carry = (jax.lax.ppermute(y, AXIS, forward_ring), jax.lax.ppermute(dx, AXIS, backward_ring),
                  stash, jax.tree.map(jnp.add, grad_w, dw), jax.tree.map(jnp.add, grad_h, dh),
-                 grad_x, grad_ctx, loss_sum + lsum)
-        return carry, None
+                 grad_x, grad_ctx, loss_sum + lsum + extra)
+        return carry, summary

@@ -74,9 +74,6 @@ def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: La
     stage = config.parallel.zero_stage
     if stage not in (0, 1, 2, 3):
         raise UserError(f"parallel.zero_stage={stage} is invalid; use 0, 1, 2 or 3")
-    if config.model.moe.n_experts and layout.mesh.shape["pipeline"] > 1:
-        raise NotImplementedError("pipeline parallelism of an MoE model (mesh.pipeline > 1 with "
-                                  "model.moe.n_experts > 0)")
     stages = layout.mesh.shape["pipeline"]
     check_batch(config, layout)
     experts = _experts(config, layout)

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 from jaxscale.errors import UserError
 from jaxscale.parallel.gpipe import CircularSchedule
 from jaxscale.parallel.one_f_one_b import OneFOneB
-from jaxscale.parallel.stages import AXIS, in_stack, run_stage, shapes, under
+from jaxscale.parallel.stages import AXIS, gather_stats, in_stack, run_stage, shapes, under
 from jaxscale.sharding import Rules
 
 RULES: Rules = (("layers", AXIS),)
@@ -44,7 +44,7 @@ def check_pipeline(config, stages: int, local_batch: int) -> None:
     if stages == 1:
         return
     layers, v = config.model.n_layers, p.virtual_stages
-    if layers % (stages * v):
+    if layers % (stages * v) and not config.model.moe.n_experts:  # MoE stacks: `pipelined` checks
         raise UserError(f"model.n_layers={layers} is not divisible by mesh.pipeline={stages} x "
                         f"pipeline.virtual_stages={v}")
     if p.microbatches < 1 or local_batch % p.microbatches:
@@ -82,7 +82,8 @@ def virtual_stages(config, stages: int) -> int:
 
 class _CircularLoss:
     """The model's loss with its pipelined layers run by a `CircularSchedule`; the same sums on
-    every stage (each computed the loss from the broadcast last-stage output), and no MoE stats."""
+    every stage (each computed the loss from the broadcast last-stage output and added the
+    stages' router losses), and the stats of every stage's layers."""
 
     def __init__(self, schedule: CircularSchedule, paths: tuple[str, ...]):
         self.schedule, self.paths = schedule, paths
@@ -92,14 +93,16 @@ class _CircularLoss:
         x, side = model.pipeline_input(batch, **model_kwargs)
         graph, w, rest = nnx.split(model, in_stack(self.paths), ...)
         stage = functools.partial(run_stage, graph, shapes(rest), model_kwargs)
-        loss_sum = model.pipeline_loss(self.schedule(stage, w, x, side), batch)
-        return (jax.lax.pmean(loss_sum, AXIS), jax.lax.pmean(jnp.sum(batch["loss_mask"]), AXIS),
-                {})
+        y, stats = self.schedule(stage, w, x, side)
+        extra, summary = model.stats_loss(stats)  # this stage's layers'
+        loss_sum = jax.lax.pmean(model.pipeline_loss(y, batch), AXIS) + jax.lax.psum(extra, AXIS)
+        return (loss_sum, jax.lax.pmean(jnp.sum(batch["loss_mask"]), AXIS),
+                gather_stats(summary, layer_axis=1 if self.schedule.v > 1 else 0))
 
 
 def pipeline_loss(schedule: str, microbatches: int, stages: int, virtual: int,
                   paths: tuple[str, ...]) -> Callable:
-    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count, {})` under a schedule,
+    """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count, stats)` under a schedule,
     for a model with the pipeline interface of `models.decoder.Decoder` whose stacks at `paths`
     are split into stages.
 

@@ -7,6 +7,7 @@ import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 AXIS = "pipeline"
@@ -17,10 +18,37 @@ def split_microbatches(a: jax.Array | None, m: int) -> jax.Array | None:
     return None if a is None else a.reshape(m, a.shape[0] // m, *a.shape[1:])
 
 
-def run_stage(graph: nnx.GraphDef, rest, model_kwargs: dict, w, x: jax.Array, side) -> jax.Array:
+def run_stage(graph: nnx.GraphDef, rest, model_kwargs: dict, w, x: jax.Array, side):
     """The model's `pipeline_stage` with the stage's layers `w` (the other parameters: `rest`,
-    as shapes; a stage uses none of them)."""
+    as shapes; a stage uses none of them): the output and the layers' stats."""
     return nnx.merge(graph, w, rest).pipeline_stage(x, side, **model_kwargs)
+
+
+def zeros(shapes_tree):
+    """Zeros of the `jax.eval_shape` results in `shapes_tree`, varying over the manual axes
+    theirs vary over (what a `lax.cond` branch or scan carry standing in for them must be)."""
+    def one(s):
+        z = jnp.zeros(s.shape, s.dtype)
+        axes = tuple(sorted(s.manual_axis_type.varying))
+        return jax.lax.pcast(z, axes, to="varying") if axes else z
+
+    return jax.tree.map(one, shapes_tree)
+
+
+def gather_stats(summary, layer_axis: int = 0):
+    """A stage's stats summary (`Decoder.stats_loss`) for the whole model: scalar sums added over
+    the stages, per-layer arrays joined along `layer_axis` in stage order (the stages' layers)."""
+    def one(a):
+        if a.ndim == 0:
+            return jax.lax.psum(a, AXIS)
+        # placed in a [stages, ...] array and summed: the same on every stage (an all-gather's
+        # result still varies over the axis)
+        n = jax.lax.axis_size(AXIS)
+        placed = jnp.zeros((n, *a.shape), a.dtype).at[jax.lax.axis_index(AXIS)].set(a)
+        joined = jnp.moveaxis(jax.lax.psum(placed, AXIS), 0, layer_axis)
+        return joined.reshape(*a.shape[:layer_axis], -1, *a.shape[layer_axis + 1:])
+
+    return jax.tree.map(one, summary)
 
 
 def shapes(tree):
