@@ -123,8 +123,9 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
                       axis_name: str):
     """`jax.lax.ragged_all_to_all` with one chunk per device of `axis_name` (offsets and sizes of
     the axis's length). Lowered for CPU, whose XLA has no ragged all-to-all, each chunk travels
-    padded to the operand's length in one `all_to_all`: the same result, the operand's length
-    times the axis size in bytes. Lowered for any other platform it is the ragged collective."""
+    padded to the longest it can be (the operand's or the output's length, the shorter) in one
+    `all_to_all`: the same result, that length times the axis size in bytes. Lowered for any
+    other platform it is the ragged collective."""
     import jax
 
     def ragged(*args):
@@ -140,9 +141,9 @@ def _padded_all_to_all(axis_name, operand, output, input_offsets, send_sizes, ou
     import jax
     import jax.numpy as jnp
 
-    m = operand.shape[0]
+    m = min(operand.shape[0], output.shape[0])  # no chunk is longer than what receives it
     row = jnp.arange(m)
-    chunks = jnp.take(operand, jnp.minimum(input_offsets[:, None] + row, m - 1), axis=0)
+    chunks = jnp.take(operand, jnp.minimum(input_offsets[:, None] + row, operand.shape[0] - 1), axis=0)
     chunks = jnp.where((row < send_sizes[:, None]).reshape(*chunks.shape[:2], *(1,) * (operand.ndim - 1)),
                        chunks, jnp.zeros((), operand.dtype))
     got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # [sources, m, ...]
