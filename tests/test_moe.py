@@ -94,6 +94,16 @@ def test_dropless_expert_parallel_matches_one_device(name, references):
     assert "all-to-all" not in ref_trainer.compile().as_text()
 
 
+def test_accelerators_get_the_ragged_all_to_all_and_the_cpu_its_padded_form():
+    """XLA:CPU has no ragged all-to-all (`jaxscale.cpu.ragged_all_to_all` pads it there); a step
+    lowered for GPUs or TPUs exchanges only the rows that travel."""
+    config = moe_config(expert=8)
+    trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(8)))
+    ragged = {p: trainer.lower(p).as_text().count("ragged_all_to_all") for p in ("cpu", "cuda", "tpu")}
+    # dispatch and return, forward and backward (each once, in the layer loop's bodies)
+    assert ragged["cpu"] == 0 and ragged["cuda"] == ragged["tpu"] == 4
+
+
 def test_capacity_mode_matches_one_device_under_expert_parallelism():
     # capacity is per row, so which assignments are dropped does not depend on the layout
     ref = run(moe_config(dispatch="capacity", capacity_factor=1.0), jax.devices()[:1])[0]
