@@ -184,12 +184,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def gather_batch(x: jax.Array) -> tuple[jax.Array, jax.Array | int]:
     """The whole global batch of `x` and the index of this shard's first row in it.
 
-    Inside a region manual over the data-parallel axes (`data`, `fsdp`: the batch's), `x` is this
-    device's rows: they are all-gathered in the order the batch was split. Elsewhere `x` is whole.
+    Inside a region manual over the batch's axes (`data`, `fsdp`, `expert`), `x` is this device's
+    rows: they are all-gathered in the order the batch was split. Elsewhere `x` is whole.
     For losses that couple examples (contrastive), so they match one device's.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else tuple(a for a in ("data", "fsdp")
+    axes = () if mesh.empty else tuple(a for a in ("data", "fsdp", "expert")
                                         if a in mesh.manual_axes and mesh.shape[a] > 1)
     if not axes:
         return x, 0

@@ -307,3 +307,27 @@ def test_checkpoint_resumes_exactly_and_restores_onto_other_expert_layouts(tmp_p
     data.set_state(data_state)
     _, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
     np.testing.assert_allclose(float(out["loss"]), straight[2], rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, layout", [
+    ("early_fusion", dict(expert=4, data=2)),
+    ("cross_attention", dict(expert=2, pipeline=2, data=2)),
+    ("clip", dict(expert=2, fsdp=2, tensor=2)),
+])
+def test_multimodal_decoders_take_moe_layers(family, layout):
+    """Each fusion family's decoder (CLIP's text encoder) with MoE layers trains alike on one
+    device and with its experts split (cross-attention also pipelined, under 1F1B)."""
+    from test_multimodal import mm_config
+    from test_multimodal import train as train_steps
+
+    def config(**mesh):
+        c = mm_config(family, **mesh)
+        c.model.moe.update(n_experts=4, top_k=2, d_ff=64)
+        c.pipeline.update(schedule="1f1b", microbatches=2)
+        return c
+
+    _, _, one = train_steps(config(), jax.devices()[:1], 3)
+    trainer, _, split = train_steps(config(**layout), devices_or_skip(8), 3)
+    np.testing.assert_allclose(split, one, rtol=1e-5)
+    assert one[-1] < one[0]
+    assert "all-to-all" in trainer.compile().as_text()

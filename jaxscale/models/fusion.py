@@ -62,9 +62,9 @@ def build(family: str, model_cfg, rngs: nnx.Rngs) -> nnx.Module:
     """The multimodal model of `model.family`."""
     llm, vision, f = LlamaConfig.from_config(model_cfg), vision_config(model_cfg), model_cfg.fusion
     freeze = tuple(g.strip() for g in f.freeze.split(",") if g.strip())
-    if llm.moe.n_experts and family != "early_fusion":
-        raise NotImplementedError(f"mixture-of-experts layers in model.family={family!r} (early_fusion "
-                                  f"has them); set model.moe.n_experts=0")
+    if family == "cross_attention" and llm.moe.n_experts and (llm.moe.first_dense or llm.moe.every > 1):
+        raise NotImplementedError("model.moe.first_dense or model.moe.every > 1 in "
+                                  "model.family='cross_attention' (an MoE layer in every layer works)")
     if family == "early_fusion":
         return EarlyFusion(llm, vision, rngs, freeze=freeze)
     if family == "cross_attention":
@@ -237,7 +237,7 @@ class CrossAttentionFusion(_TokenModel):
 
     def pipeline_stage(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
         """Groups of a cross-attention block and `every` decoder layers (a stage's share of the
-        groups, under a pipeline), and no stats (its decoder has no MoE layers)."""
+        groups, under a pipeline), and the decoder layers' stats."""
         run_layer = self.llm.block_fn(**_blocks_kwargs(apply_block))
         block_graph, blocks = nnx.split(self.llm.blocks)
         cross_graph, cross = nnx.split(self.cross)
@@ -248,9 +248,10 @@ class CrossAttentionFusion(_TokenModel):
             cross_state, block_states = states
             x = nnx.merge(cross_graph, cross_state)(x, side["visual"])
             return scan_blocks(nnx.merge(block_graph, block_states), x, side["positions"],
-                               side["mask"], run_layer, unroll)[0], None
+                               side["mask"], run_layer, unroll)
 
-        return jax.lax.scan(group, x, (cross, groups), unroll=unroll)[0], {}
+        y, stats = jax.lax.scan(group, x, (cross, groups), unroll=unroll)
+        return y, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats)  # by decoder layer
 
 
 def _unordered(first, then):
@@ -282,13 +283,14 @@ class CLIP(nnx.Module):
     def embed_text(self, tokens: jax.Array, last: jax.Array,
                    apply_block: Callable | None = None) -> jax.Array:
         """Unit-norm text embeddings from the causal encoder's state at index `last` [batch]."""
-        return self._text_features(self.text.embed_tokens(tokens), last, apply_block)
+        return self._text_features(self.text.embed_tokens(tokens), last, apply_block)[0]
 
-    def _text_features(self, x: jax.Array, last: jax.Array, apply_block) -> jax.Array:
+    def _text_features(self, x: jax.Array, last: jax.Array, apply_block):
+        """Text embeddings and the text encoder's layer stats."""
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        x = self.text.run(x, positions, None, **_blocks_kwargs(apply_block))[0]
+        x, stats = self.text.run(x, positions, None, **_blocks_kwargs(apply_block))
         x = self.text.final_norm(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
-        return _unit(x.astype(jnp.float32) @ self.text_proj[...])
+        return _unit(x.astype(jnp.float32) @ self.text_proj[...]), stats
 
     def _outputs(self, batch: Batch, apply_block=None, order: Callable = _unordered):
         image = self.embed_images(batch["images"], apply_block)
@@ -298,12 +300,12 @@ class CLIP(nnx.Module):
         # The towers are independent: `order` (from the parallelism strategy) may run the text
         # tower after the image tower, and the contrastive loss's gathers after both.
         image, x = order(image, x)
-        text = self._text_features(x, jnp.concatenate([caption_last, batch["answer_start"]]),
-                                   apply_block)
+        text, stats = self._text_features(x, jnp.concatenate([caption_last, batch["answer_start"]]),
+                                          apply_block)
         text, image = order(text, image)
         caption, question = jnp.split(text, 2)
         answer_logits = image @ self.image_answer[...] + question @ self.text_answer[...]
-        return image, caption, answer_logits
+        return image, caption, answer_logits, stats
 
     def _contrastive(self, image: jax.Array, caption: jax.Array):
         """Per-example symmetric InfoNCE against the whole global batch, and the logits rows."""
@@ -319,17 +321,18 @@ class CLIP(nnx.Module):
 
     def loss_sums(self, batch: Batch, apply_block: Callable | None = None,
                   order: Callable = _unordered):
-        """The summed contrastive and answer losses, the number of examples, and no MoE stats
-        (`{}`). `order(first,
+        """The summed contrastive and answer losses (plus the text encoder's weighted router losses
+        if it has MoE layers), the number of examples, and the MoE stats. `order(first,
         then)` returns its arguments, `then` sequenced after `first` as a strategy needs."""
-        image, caption, answer_logits = self._outputs(batch, apply_block, order)
+        image, caption, answer_logits, stats = self._outputs(batch, apply_block, order)
         contrastive, _, _ = self._contrastive(image, caption)
         answer = optax.softmax_cross_entropy_with_integer_labels(answer_logits, batch["answer_id"])
-        return jnp.sum(contrastive + answer), jnp.asarray(image.shape[0], jnp.float32), {}
+        extra, summary = moe.router_losses(stats, self.text.config.moe)
+        return jnp.sum(contrastive + answer) + extra, jnp.asarray(image.shape[0], jnp.float32), summary
 
     def evaluate(self, batch: Batch) -> dict[str, jax.Array]:
         """Image-to-text retrieval within the batch, contrastive loss, and answer correctness."""
-        image, caption, answer_logits = self._outputs(batch)
+        image, caption, answer_logits, _ = self._outputs(batch)
         contrastive, image_to_text, rows = self._contrastive(image, caption)
         return {"retrieved": jnp.argmax(image_to_text, -1) == rows,
                 "contrastive_loss": contrastive,
