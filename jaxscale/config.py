@@ -104,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel = ml_collections.ConfigDict()
     c.parallel.zero_stage = 0  # extra sharding over the `data` axis: 1 opt state, 2 +grads, 3 +params
     c.parallel.sequence_parallel = False  # shard the residual stream's sequence over `tensor`
+    c.parallel.expert_buffer = 0.0  # > 0: expert parallelism receives at most this x a device's
+    # routed rows (overflow dropped and counted); 0: room for all the axis could send (dropless)
     c.parallel.rules = ()  # ((logical, mesh_axes), ...) overriding the default rules
 
     c.pipeline = ml_collections.ConfigDict()  # used when mesh.pipeline > 1
@@ -202,6 +204,7 @@ BOUNDS = {
     "distributed.init_timeout_s": "> 0",
     "distributed.heartbeat_timeout_s": "> 0",
     "infer.group_size": ">= 0",
+    "parallel.expert_buffer": ">= 0",
     "infer.sink_tokens": ">= 0",
 }
 _COMPARE = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}

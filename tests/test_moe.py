@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from conftest import devices_or_skip, tiny_config
 from flax import nnx
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.data import build_data, make_global_batch
@@ -15,6 +17,7 @@ from jaxscale.errors import UserError
 from jaxscale.mesh import mesh_from_config
 from jaxscale.models import abstract_model, build_model, flops_per_token, param_count
 from jaxscale.models.moe import MoE, MoEConfig, RouterBias
+from jaxscale.parallel.expert_parallel import ExpertShards
 from jaxscale.train.loop import train
 from jaxscale.train.trainer import build_trainer
 
@@ -102,6 +105,32 @@ def test_accelerators_get_the_ragged_all_to_all_and_the_cpu_its_padded_form():
     ragged = {p: trainer.lower(p).as_text().count("ragged_all_to_all") for p in ("cpu", "cuda", "tpu")}
     # dispatch and return, forward and backward (each once, in the layer loop's bodies)
     assert ragged["cpu"] == 0 and ragged["cuda"] == ragged["tpu"] == 4
+
+
+def test_a_capped_exchange_drops_what_overflows_in_source_order():
+    """Two devices, one expert each, four rows each and room for four (`buffer_factor=1`).
+    Device 0 sends one row to expert 0 and three to expert 1; device 1 sends four to expert 1,
+    which takes device 0's three, then one of its own: three of device 1's rows are dropped."""
+    mesh = jax.make_mesh((2,), ("expert",), axis_types=(AxisType.Auto,), devices=devices_or_skip(2))
+    rows = jnp.arange(1.0, 9.0)[:, None]
+    sizes = jnp.array([1, 3, 0, 4], jnp.int32)  # per device: rows for expert 0, for expert 1
+
+    def exchange(rows, sizes):
+        out, dropped = ExpertShards(buffer_factor=1.0).ragged(rows, sizes, lambda r, _: r * 10)
+        return out, dropped[None]
+
+    out, dropped = jax.jit(jax.shard_map(exchange, mesh=mesh, in_specs=(P("expert"), P("expert")),
+                                         out_specs=(P("expert"), P("expert"))))(rows, sizes)
+    np.testing.assert_array_equal(out[:, 0], [10, 20, 30, 40, 50, 0, 0, 0])
+    np.testing.assert_array_equal(dropped, [0, 3])
+
+
+def test_capped_expert_parallel_drops_and_counts_or_matches_dropless():
+    ref = run(moe_config(), jax.devices()[:1], steps=2)[0]
+    roomy = run(moe_config(expert=8, expert_buffer=8.0), devices_or_skip(8), steps=2)[0]
+    tight = run(moe_config(expert=8, expert_buffer=1.0), devices_or_skip(8), steps=2)[0]
+    np.testing.assert_allclose([r["loss"] for r in roomy], [r["loss"] for r in ref], rtol=1e-5)
+    assert roomy[0]["moe_dropped_fraction"] == 0 < tight[0]["moe_dropped_fraction"] < 0.5
 
 
 def test_capacity_mode_matches_one_device_under_expert_parallelism():

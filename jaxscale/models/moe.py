@@ -110,9 +110,10 @@ class ExpertShards(Protocol):
     collectives). Both take and return this device's rows; `apply` runs this device's experts."""
 
     def ragged(self, rows: jax.Array, sizes: jax.Array,
-               apply: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+               apply: Callable[[jax.Array, jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
         """`rows` [M, embed] sorted by expert, `sizes` [experts] rows per expert; `apply(rows,
-        sizes)` on rows sorted by this device's experts and their sizes."""
+        sizes)` on rows sorted by this device's experts and their sizes. Returns the rows'
+        outputs (zeros for rows dropped on the way) and how many were dropped."""
         ...
 
     def buffers(self, slots: jax.Array, apply: Callable[[jax.Array], jax.Array]) -> jax.Array:
@@ -165,7 +166,7 @@ class LocalExperts:
     """Every expert on this device (no expert parallelism)."""
 
     def ragged(self, rows, sizes, apply):
-        return apply(rows, sizes)
+        return apply(rows, sizes), jnp.zeros((), jnp.int32)
 
     def buffers(self, slots, apply):
         return apply(slots)
@@ -207,7 +208,7 @@ class MoE(nnx.Module):
         ids, weights, probs, lse = self.route(x)
         shards = _SHARDS.get() or LocalExperts()
         if c.dispatch == "dropless":
-            out, dropped = self._dropless(x.reshape(b * s, d), ids.reshape(b * s, -1), shards), 0.0
+            out, dropped = self._dropless(x.reshape(b * s, d), ids.reshape(b * s, -1), shards)
         else:
             out, dropped = self._capacity(x, ids, shards)
         out = jnp.einsum("bskd,bsk->bsd", out.reshape(b, s, c.top_k, d), weights.astype(x.dtype))
@@ -217,18 +218,20 @@ class MoE(nnx.Module):
         row_counts = jnp.sum(jax.lax.stop_gradient(counts), axis=1)  # [b, e]
         aux = c.n_experts / c.top_k * jnp.sum(row_counts * jnp.mean(probs, axis=1))
         stats = {"aux": aux, "z": jnp.sum(jnp.square(lse)), "load": jnp.sum(row_counts, axis=0),
-                 "dropped": jnp.asarray(dropped, jnp.float32),
+                 "dropped": jnp.asarray(dropped, jnp.float32),  # by capacity or a capped exchange
                  "tokens": jnp.asarray(b * s, jnp.float32)}
         return constrain(out, ("batch", "seq", "embed")), stats
 
-    def _dropless(self, x: jax.Array, ids: jax.Array, shards: ExpertShards) -> jax.Array:
-        """x [N, embed], ids [N, k] -> each assignment's expert output [N * k, embed]."""
+    def _dropless(self, x: jax.Array, ids: jax.Array,
+                  shards: ExpertShards) -> tuple[jax.Array, jax.Array]:
+        """x [N, embed], ids [N, k] -> each assignment's expert output [N * k, embed], and the
+        number dropped (by a capped expert-parallel exchange; none otherwise)."""
         flat = ids.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         rows = jnp.take(x, order // ids.shape[1], axis=0)
         sizes = jnp.bincount(flat, length=self.c.n_experts).astype(jnp.int32)
-        out = shards.ragged(rows, sizes, self.experts.ragged)
-        return jnp.zeros_like(out).at[order].set(out, unique_indices=True)
+        out, dropped = shards.ragged(rows, sizes, self.experts.ragged)
+        return jnp.zeros_like(out).at[order].set(out, unique_indices=True), dropped
 
     def _capacity(self, x: jax.Array, ids: jax.Array,
                   shards: ExpertShards) -> tuple[jax.Array, jax.Array]:

@@ -13,7 +13,9 @@ models through `moe.expert_shards`) writes the exchange out:
 - dropless: the assignments, sorted by expert, go to the devices of their experts with a ragged
   all-to-all (`jaxscale.cpu.ragged_all_to_all`: padded on XLA:CPU, which has none), after an
   all-to-all of the per-expert counts; each device sorts what it received by its own experts,
-  runs its grouped matmuls, and the outputs return by the reverse ragged all-to-all.
+  runs its grouped matmuls, and the outputs return by the reverse ragged all-to-all. The
+  receiving buffer holds everything the axis could send a device (X times its own rows), unless
+  `parallel.expert_buffer` caps it (then what overflows is dropped and counted).
 - capacity: the static [experts, slots, embed] buffers are exchanged with `all_to_all`.
 The backward pass is the transpose of the same exchanges.
 
@@ -26,6 +28,7 @@ included).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -55,21 +58,39 @@ def _starts(sizes: jax.Array) -> jax.Array:
     return jnp.cumsum(sizes) - sizes
 
 
+def _admitted(sizes: jax.Array, room: int) -> jax.Array:
+    """`sizes` [...] cut, in order, to the first `room` rows they hold together."""
+    flat = sizes.reshape(-1)
+    return jnp.clip(room - _starts(flat), 0, flat).reshape(sizes.shape)
+
+
 class ExpertShards:
-    """`moe.ExpertShards` over the `expert` axis (inside a `shard_map` manual over it)."""
+    """`moe.ExpertShards` over the `expert` axis (inside a `shard_map` manual over it).
+
+    A device receives its experts' rows into a buffer of `buffer_factor` times the rows it
+    sends (0: as many as the whole axis could send it, so nothing is ever dropped); when more
+    arrive, the sources' rows are taken in order of source, then expert, and the rest are
+    dropped: they come back as zeros and are counted.
+    """
+
+    def __init__(self, buffer_factor: float = 0.0):
+        self.buffer_factor = buffer_factor
 
     def ragged(self, rows: jax.Array, sizes: jax.Array,
-               apply: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+               apply: Callable[[jax.Array, jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
         n = jax.lax.axis_size(AXIS)
+        capacity = n * rows.shape[0]  # everything every device holds could come here
+        if self.buffer_factor:
+            capacity = min(capacity, math.ceil(self.buffer_factor * rows.shape[0]))
         counts = sizes.reshape(n, -1)  # [device, its experts]: what goes where
         local = counts.shape[1]
-        send = jnp.sum(counts, axis=1)
-        received = jax.lax.all_to_all(counts, AXIS, 0, 0, tiled=True)  # [source, my experts]
-        recv = jnp.sum(received, axis=1)
+        received = _admitted(jax.lax.all_to_all(counts, AXIS, 0, 0, tiled=True), capacity)
+        recv = jnp.sum(received, axis=1)  # [source]: the rows taken from each
+        send = jax.lax.all_to_all(recv, AXIS, 0, 0, tiled=True)  # the first rows of each chunk
+        dropped = jnp.sum(counts) - jnp.sum(send)
         # where each source's rows land here, and where mine land on each device
-        recv_starts, send_starts = _starts(recv), _starts(send)
+        recv_starts, send_starts = _starts(recv), _starts(jnp.sum(counts, axis=1))
         dest = jax.lax.all_to_all(recv_starts, AXIS, 0, 0, tiled=True)
-        capacity = n * rows.shape[0]  # everything every device holds could come here
         got = _exchange(rows, capacity, send_starts, send, dest, recv)
         # by source, then expert; sort by expert (rows past the received ones last)
         expert = jnp.repeat(jnp.tile(jnp.arange(local), n), received.reshape(-1),
@@ -79,7 +100,7 @@ class ExpertShards:
         out = apply(jnp.take(got, order, axis=0), jnp.sum(received, axis=0))
         out = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
         back = jax.lax.all_to_all(send_starts, AXIS, 0, 0, tiled=True)  # my rows' places there
-        return _exchange(out, rows.shape[0], recv_starts, recv, back, send)
+        return _exchange(out, rows.shape[0], recv_starts, recv, back, send), dropped
 
     def buffers(self, slots: jax.Array, apply: Callable[[jax.Array], jax.Array]) -> jax.Array:
         mine = jax.lax.all_to_all(slots, AXIS, 0, 1, tiled=True)  # [my experts, n * slots, d]
@@ -90,9 +111,9 @@ class ExpertParallelLoss:
     """`model_loss(graphdef, params, batch, **kwargs)` with the MoE layers' experts split over
     `expert` (`ExpertShards`)."""
 
-    def __init__(self, model_loss: Callable):
-        self.model_loss = model_loss
+    def __init__(self, model_loss: Callable, buffer_factor: float = 0.0):
+        self.model_loss, self.buffer_factor = model_loss, buffer_factor
 
     def __call__(self, graphdef, params, batch, **kwargs):
-        with moe.expert_shards(ExpertShards()):
+        with moe.expert_shards(ExpertShards(self.buffer_factor)):
             return self.model_loss(graphdef, params, batch, **kwargs)

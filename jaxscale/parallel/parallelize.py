@@ -84,7 +84,7 @@ def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: La
     model_loss = (pipeline.pipeline_loss(config.pipeline.schedule, config.pipeline.microbatches,
                                          stages, virtual, paths) if stages > 1 else loss_sums)
     if experts > 1:
-        model_loss = expert_parallel.ExpertParallelLoss(model_loss)
+        model_loss = expert_parallel.ExpertParallelLoss(model_loss, config.parallel.expert_buffer)
     batch_axes = data_parallel.dp_axes(layout) + expert_parallel.batch_axes(layout)
     manual_axes = batch_axes + (("pipeline",) if stages > 1 else ())
     loss = _sharded_loss(graphdef, params, config, layout, param_specs, model_loss, manual_axes,
