@@ -89,8 +89,8 @@ def test_dropless_expert_parallel_matches_one_device(name, references):
     # each device holds and computes only its experts; tokens travel by all-to-all
     experts, stages = trainer.mesh.shape["expert"], trainer.mesh.shape["pipeline"]
     w = state.params["blocks"]["mlp"]["experts"]["w_gate"][...]
-    shard = w.addressable_shards[0].data  # [layers, experts, embed, mlp]
-    assert shard.shape[1] == 8 // experts  # fsdp, tensor and ZeRO-2 split the rest further
+    shard = w.addressable_shards[0].data  # [(chunks,) layers, experts, embed, mlp]
+    assert shard.shape[-3] == 8 // experts  # fsdp, tensor and ZeRO-2 split the rest further
     assert shard.nbytes * experts * stages * trainer.mesh.shape["fsdp"] * trainer.mesh.shape[
         "tensor"] * (2 if "zero_stage" in layout else 1) == w.nbytes
     assert "all-to-all" in trainer.compile().as_text()
