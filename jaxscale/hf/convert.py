@@ -3,12 +3,15 @@
 Import reads `config.json` into the `model` config section and streams each safetensors tensor
 into its parameter's sharding on the config's mesh: every device reads only its own shard from
 the memory-mapped file, so no device (and no host buffer) ever holds the whole model. Export
-writes `config.json` and safetensors shards one layer at a time. Names and layouts per family
-are in `mapping.py`.
+writes `config.json` and safetensors shards one layer at a time. Names and layouts per
+architecture are in `mapping.py`. An MoE router's balancing bias (`RouterBias`) is state no HF
+checkpoint has: import sets it to zeros, export leaves it out (and refuses a nonzero one, which
+would route differently).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -19,6 +22,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import base_config, validate
@@ -26,6 +30,7 @@ from jaxscale.errors import UserError
 from jaxscale.hf import mapping, safetensors
 from jaxscale.hf.mapping import Tensor
 from jaxscale.mesh import mesh_from_config
+from jaxscale.models.moe import RouterBias
 
 log = logging.getLogger("jaxscale")
 TOKENIZER = "tokenizer.json"
@@ -36,15 +41,26 @@ def _path(keys) -> str:
     return ".".join(str(k.key) for k in keys if hasattr(k, "key"))
 
 
-def _param_shapes(model_cfg) -> tuple[object, dict[str, tuple[int, ...]]]:
-    from jaxscale.models import abstract_model
+def _variables(state) -> dict[str, nnx.Variable]:
+    """The variables of an `nnx.State` by path."""
+    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return {_path(p): v for p, v in leaves[0]}
 
-    shapes = abstract_model(model_cfg)[1]
-    return shapes, {_path(p): s.shape for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+def _specs(m, variables: dict[str, nnx.Variable]) -> tuple[dict[str, Tensor], set[str]]:
+    """The HF tensor of every parameter of the model section `m` (whose `variables` these are),
+    and the paths of its router biases, which no HF tensor holds."""
+    specs = mapping.tensors(m)
+    biases = {p for p, v in variables.items() if isinstance(v, RouterBias)}
+    params = set(variables) - biases
+    if set(specs) != params:  # the mapping tables and the models must agree
+        raise AssertionError(f"mapping/model mismatch: {sorted(set(specs) ^ params)}")
+    return specs, biases
 
 
 def _hf_shape(t: Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the safetensors tensor that holds a parameter of one layer's `shape`."""
+    """The shape of the safetensors tensor that holds a parameter's slice of `shape` (the shape
+    past its stacked axes)."""
     n = t.part[1]
     if len(shape) == t.split:
         return (math.prod(shape) * n,)
@@ -60,8 +76,8 @@ def _span(dims: tuple[int, ...], slices: tuple[slice, ...]) -> tuple[int, int, t
 
 
 def read_block(a: np.ndarray, t: Tensor, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
-    """`index` of one layer's parameter (of `shape`) from its HF tensor `a`, reading only the
-    rows and columns that `index` covers."""
+    """`index` of a parameter's slice of `shape` (one layer's, or one expert's) from its HF
+    tensor `a`, reading only the rows and columns that `index` covers."""
     k, n = t.part
     r0, r1, rshape = _span(shape[:t.split], index[:t.split])
     if len(shape) == t.split:
@@ -81,7 +97,8 @@ def read_block(a: np.ndarray, t: Tensor, shape: tuple[int, ...], index: tuple[sl
 
 
 def hf_tensor(p: np.ndarray, t: Tensor) -> np.ndarray:
-    """One layer's parameter `p` in the HF layout of `t` (before joining `part`s)."""
+    """A parameter's slice `p` (one layer's, or one expert's) in the HF layout of `t` (before
+    joining `part`s)."""
     if p.ndim == t.split:
         return p.reshape(-1)
     m = p.reshape(math.prod(p.shape[:t.split]), -1)
@@ -113,19 +130,13 @@ def import_config(model_dir: str, config: ml_collections.ConfigDict | None = Non
     return config
 
 
-def _layers(path: str, shape: tuple[int, ...]) -> int | None:
-    return shape[0] if path.startswith("blocks.") else None
-
-
 def _check_tensors(files: safetensors.Tensors, specs: dict[str, Tensor],
                    shapes: dict[str, tuple[int, ...]], model_dir: str, family: str) -> None:
     """Every tensor present with the shape the config implies; nothing unaccounted for."""
     wanted: dict[str, tuple[int, ...]] = {}
     for path, t in specs.items():
-        n_layers = _layers(path, shapes[path])
-        layer_shape = shapes[path][1:] if n_layers else shapes[path]
-        for i in range(n_layers or 1):
-            wanted[t.name.format(i=i)] = _hf_shape(t, layer_shape)
+        for index in np.ndindex(shapes[path][:t.stacked]):
+            wanted[t.at(index)] = _hf_shape(t, shapes[path][t.stacked:])
     for name, shape in wanted.items():
         if name not in files:
             raise UserError(f"tensor {name} is missing from {model_dir} (config.json describes "
@@ -154,26 +165,28 @@ def load_hf_params(model_dir: str, config: ml_collections.ConfigDict, layout) ->
     """The parameters of the HF model in `model_dir`, as arrays sharded by `layout` (an
     `nnx.State` in the tree of `config.model`'s model)."""
     from jaxscale.infer.quantize import param_shardings
+    from jaxscale.models import abstract_model
 
     files = _normalised(safetensors.Tensors(model_dir))
     m = config.model
-    specs = mapping.tensors(m.family, m.tie_embeddings)
-    shapes_tree, shapes = _param_shapes(m)
-    if set(specs) != set(shapes):  # the mapping tables and the models must agree
-        raise AssertionError(f"mapping/model mismatch: {sorted(set(specs) ^ set(shapes))}")
+    shapes_tree = abstract_model(m)[1]
+    variables = _variables(shapes_tree)
+    specs, biases = _specs(m, variables)
+    shapes = {p: v.shape for p, v in variables.items()}
     _check_tensors(files, specs, shapes, model_dir, m.family)
     shardings = param_shardings(layout, shapes_tree)
 
     def build(keys, sds, sharding):
         path = _path(keys)
-        t, shape = specs[path], sds.shape
+        if path in biases:
+            return jax.device_put(np.zeros(sds.shape, sds.dtype), sharding)
+        t, shape, n = specs[path], sds.shape, specs[path].stacked
 
-        def fetch(index):
-            if _layers(path, shape) is None:
-                return read_block(files.get(t.name), t, shape, index).astype(np.float32)
-            layers = range(*index[0].indices(shape[0]))
-            return np.stack([read_block(files.get(t.name.format(i=i)), t, shape[1:], index[1:])
-                             for i in layers]).astype(np.float32)
+        def fetch(index):  # one tensor per index of the stacked axes this shard covers
+            stacked = [range(*s.indices(d)) for s, d in zip(index[:n], shape[:n], strict=True)]
+            blocks = [read_block(files.get(t.at(i)), t, shape[n:], index[n:])
+                      for i in itertools.product(*stacked)]
+            return np.stack(blocks).reshape(*map(len, stacked), *blocks[0].shape).astype(np.float32)
 
         return jax.make_array_from_callback(shape, sharding, fetch)
 
@@ -200,8 +213,9 @@ def import_hf(model_dir: str, out: str, config: ml_collections.ConfigDict | None
         config.data.tokenizer = str(Path(out, TOKENIZER).resolve())
     with Checkpointer(out, keep=0, async_save=False) as ckpt:
         ckpt.save(0, {"params": params}, {}, config.to_json())
-    log.info("imported %s (%s, %s parameters) into %s", model_dir, config.model.family,
-             f"{sum(x.size for x in jax.tree.leaves(params)):,}", out)
+    count = sum(v.get_value().size for v in _variables(params).values() if not isinstance(v, RouterBias))
+    log.info("imported %s (%s, %s parameters) into %s", model_dir, config.model.family, f"{count:,}",
+             out)
     return out
 
 
@@ -224,23 +238,25 @@ def _merge(node: ml_collections.ConfigDict, saved: dict) -> None:
             node[key] = tuple(map(tuple, value)) if isinstance(node[key], tuple) else value
 
 
-def _layer_tensors(params: dict, specs: dict[str, Tensor], shapes: dict, dtype: np.dtype
+def _layer_tensors(params: dict, specs: dict[str, Tensor], dtype: np.dtype
                    ) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, array) for every tensor, one layer at a time, parts joined."""
-    n_layers = max((s[0] for p, s in shapes.items() if _layers(p, s)), default=0)
-    groups: list[dict[str, list[tuple[int, str]]]] = [{} for _ in range(n_layers + 1)]
+    """(HF name, array) for every tensor, one HF layer at a time (a parameter's slice of it
+    copied to the host once, for all its experts), parts joined."""
+    layers: dict[int, dict[str, list[tuple[str, tuple[int, ...]]]]] = {}
     for path, t in specs.items():
-        layer_of = (lambda i: i + 1) if _layers(path, shapes[path]) else None
-        for i in range(n_layers if layer_of else 1):
-            name = t.name.format(i=i)
-            groups[layer_of(i) if layer_of else 0].setdefault(name, []).append((i, path))
-    for group in groups:
-        for name, items in group.items():
+        for index in np.ndindex(params[path].shape[:t.stacked]):
+            layer = t.layer(index)
+            layers.setdefault(-1 if layer is None else layer, {}).setdefault(
+                t.at(index), []).append((path, index))
+    held: tuple[tuple[str, tuple[int, ...]] | None, np.ndarray | None] = (None, None)
+    for layer in sorted(layers):
+        for name, items in layers[layer].items():
             parts = []
-            for i, path in sorted(items, key=lambda x: specs[x[1]].part[0]):
-                t = specs[path]
-                value = params[path][i] if _layers(path, shapes[path]) else params[path]
-                parts.append(hf_tensor(np.asarray(jax.device_get(value)), t))
+            for path, index in sorted(items, key=lambda x: specs[x[0]].part[0]):
+                t, n = specs[path], len(specs[path].strides)
+                if held[0] != (path, index[:n]):  # a parameter's experts come one after another
+                    held = (path, index[:n]), np.asarray(jax.device_get(params[path][index[:n]]))
+                parts.append(hf_tensor(held[1][index[n:]], t))
             yield name, np.concatenate(parts, axis=-1).astype(dtype)
 
 
@@ -262,7 +278,6 @@ def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
         raise UserError(f"--out {out} is a file, not a directory; pass a new directory")
     config = checkpoint_config(checkpoint_dir)
     m = config.model
-    specs = mapping.tensors(m.family, m.tie_embeddings)
     eos = None
     if config.data.tokenizer != "byte" and Path(config.data.tokenizer).is_file():
         eos = load_tokenizer(config.data.tokenizer).eos_id
@@ -276,9 +291,14 @@ def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
         config.mesh = ml_collections.ConfigDict(mesh)
         devices = None
     layout = make_layout(config, mesh_from_config(config.mesh, devices))
-    params = load_params(m, layout, checkpoint_dir, step)
-    params = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    shapes = {p: v.shape for p, v in params.items()}
+    variables = _variables(load_params(m, layout, checkpoint_dir, step))
+    specs, biases = _specs(m, variables)
+    for path in sorted(biases):
+        if np.any(np.asarray(jax.device_get(variables[path].get_value()))):
+            raise UserError(f"{path} (the router's balancing bias, model.moe.bias_rate="
+                            f"{m.moe.bias_rate}) is nonzero: {hf_cfg['architectures'][0]} has no "
+                            f"router bias, so the export would route tokens differently")
+    params = {p: variables[p].get_value() for p in specs}
     np_dtype = np.dtype(safetensors.DTYPES[{"float32": "F32", "bfloat16": "BF16",
                                             "float16": "F16"}[dtype]])
     try:
@@ -299,7 +319,7 @@ def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
         shards.append([])
         size = 0
 
-    for name, a in _layer_tensors(params, specs, shapes, np_dtype):
+    for name, a in _layer_tensors(params, specs, np_dtype):
         if size and size + a.nbytes > max_shard_bytes:
             flush()
         shards[-1].append((name, a))
