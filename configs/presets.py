@@ -20,17 +20,21 @@ LLAMA3 = {
 }
 
 
-# Mixture-of-experts shapes: (`model` fields, `model.moe` fields).
+# Mixture-of-experts shapes: (`model` fields, `model.moe` fields). `aux_coef` is the release's
+# balancing strength (HF `router_aux_loss_coef`, on one loss pooled over the layers, about top_k
+# at balance) for jaxscale's loss per layer (about 1 each): coef x top_k / n_layers.
 MOE = {
     # Mixtral-8x7B: 46,702,792,704 parameters, 12,879,925,248 active per token
     "mixtral_8x7b": (dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                           head_dim=128, d_ff=14336, max_seq_len=32768, rope_theta=1e6),
-                     dict(n_experts=8, top_k=2, d_ff=14336, router="softmax", aux_coef=0.02)),
+                     dict(n_experts=8, top_k=2, d_ff=14336, router="softmax",
+                          aux_coef=0.02 * 2 / 32)),
     # Qwen3-30B-A3B: 30,532,122,624 parameters, 3,353,032,704 active per token
     "qwen3_30b_a3b": (dict(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
                            head_dim=128, d_ff=6144, max_seq_len=40960, rope_theta=1e6,
                            norm_eps=1e-6, qk_norm=True),
-                      dict(n_experts=128, top_k=8, d_ff=768, router="softmax", aux_coef=0.001)),
+                      dict(n_experts=128, top_k=8, d_ff=768, router="softmax",
+                           aux_coef=0.001 * 8 / 48)),
 }
 
 

@@ -36,10 +36,12 @@ USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...]
   eval     perplexity of a checkpoint on held-out text (infer.eval_source)
   inspect  the steps, sizes, parameter tree and config of a checkpoint directory; reads every
            array back to find damaged steps (by default when the steps hold under 1 GiB)
-  import-hf  a local Hugging Face Llama or GPT-2 (config.json, *.safetensors, tokenizer.json) as
+  import-hf  a local Hugging Face Llama, GPT-2, Mixtral or Qwen3-MoE (config.json, *.safetensors,
+           tokenizer.json) as
            a jaxscale checkpoint, streamed into the mesh's shardings; fine-tune it with
            --config configs/hf.py:CHECKPOINT_DIR (docs/huggingface.md)
-  export-hf  a jaxscale llama or gpt2 checkpoint as a Hugging Face model directory
+  export-hf  a jaxscale llama (MoE: Mixtral or Qwen3-MoE) or gpt2 checkpoint as a Hugging Face
+           model directory
   launch   `launch local` runs `jaxscale train` as N processes of one job on this machine (K CPU
            devices each, gloo collectives): the multi-host code paths without a cluster
 

@@ -1,4 +1,5 @@
-"""Hugging Face interop: Llama and GPT-2 checkpoints (config.json + safetensors) in and out.
+"""Hugging Face interop: Llama, GPT-2, Mixtral and Qwen3-MoE checkpoints (config.json +
+safetensors) in and out.
 
 `import_hf(model_dir, out)` writes a jaxscale checkpoint that `checkpoint.init_params_from`,
 `jaxscale generate` and `jaxscale eval` read; `export_hf(checkpoint_dir, out)` writes a directory

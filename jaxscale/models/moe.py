@@ -18,8 +18,10 @@ Losses, per row (sequence), so that they do not depend on how the batch is split
 micro-batches or pipeline stages: the load-balancing loss `E / (k S) sum_e c_e P_e` (Switch /
 GShard form; c_e assignments to expert e in the row, P_e its mean router probability, 1 when
 balanced) and the router z-loss `mean_t logsumexp(logits_t)^2` (ST-MoE). Each MoE layer returns
-them with its load, as sums (`Stats`), for the model to weight by `aux_coef` and `z_coef`
-(`router_losses`).
+them with its load as sums over its tokens (`Stats`: a row's balancing loss counted once per
+token, so that a sum over tokens divided by their number is the mean over rows), for the model to
+weight by `aux_coef` and `z_coef` (`router_losses`). Each MoE layer adds its own: the total is the
+sum over layers (Switch, Megatron), not one loss pooled over them (Hugging Face's Mixtral).
 """
 
 from __future__ import annotations
