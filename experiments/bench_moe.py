@@ -93,7 +93,8 @@ def model_rows(steps: int) -> list[dict]:
         tput = metrics.throughput_metrics(tokens, seconds, fpt, 1, peak)
         rows.append({"model": name, "params": param_count(config.model),
                      "active": param_count(config.model, active=True), "step_ms": seconds * 1e3,
-                     "dropped": out.get("moe_dropped_fraction", 0.0), **tput})
+                     "dropped": out.get("moe_dropped_fraction", 0.0),
+                     "spread": out.get("expert_load_max_mean", 1.0), **tput})
         print(f"{name:>18}: {seconds * 1e3:8.1f} ms/step {tput['tokens_per_s']:9.0f} tok/s", flush=True)
     return rows
 
@@ -112,7 +113,7 @@ def analytic(config, mesh) -> tuple[float, float]:
         slots = m.moe.n_experts * local_rows // config.data.seq_len * capacity
         volume = 4 * layers * slots * per_row
         return volume, volume
-    counts = (m.moe.n_experts + 4 * x) * 4  # per layer, forward: counts [x, E/x], 4 offsets [x] (int32)
+    counts = (m.moe.n_experts + 5 * x) * 4  # per layer, forward: counts [x, E/x], 5 of [x] (int32)
     padded = 4 * layers * x * assignments * per_row + layers * counts  # each chunk padded to all rows
     ragged = 4 * layers * (x - 1) / x * assignments * per_row  # the rows that leave the device
     return padded, ragged
@@ -147,14 +148,17 @@ def report(models: list[dict], layouts: list[dict], skipped: list[str], steps: i
              f"global batch {c.train.global_batch_size}, float32; MoE: {EXPERTS} experts of d_ff "
              f"{EXPERT_FF}, top {TOP_K}, softmax router, in every layer.", "",
              "## MoE against dense (one device)", "",
-             "| model | parameters | active / token | ms/step | tokens/s | MFU (active) | dropped |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | parameters | active / token | ms/step | tokens/s | MFU (active) | "
+             "load max/mean | dropped |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in models:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['active']:,} | {r['step_ms']:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['dropped']:.1%} |")
+                     f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['spread']:.2f} | "
+                     f"{r['dropped']:.1%} |")
     dense, dropless = models[0], models[1]
     ratio = dropless["tokens_per_s"] / dense["tokens_per_s"]
-    lines += ["", f"MoE dropless / dense tokens/s: **{ratio:.2f}** (same run)."]
+    lines += ["", f"MoE dropless / dense tokens/s: **{ratio:.2f}** (same run). Load max/mean and "
+              f"dropped are the last timed step's ({WARMUP_STEPS + steps} steps from initialisation, "
+              "routing still unbalanced: capacity dispatch drops what overflows the busiest experts)."]
     if jax.devices()[0].platform == "cpu":
         lines += ["", "On XLA:CPU `jax.lax.ragged_dot` is computed as a dense matmul against every "
                   f"expert (masked), so a dropless MoE layer does about {EXPERTS // TOP_K}x its "
