@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.sequence_parallel = False  # shard the residual stream's sequence over `tensor`
     c.parallel.expert_buffer = 0.0  # > 0: expert parallelism receives at most this x a device's
     # routed rows (overflow dropped and counted); 0: room for all the axis could send (dropless)
+    c.parallel.context_attention = "ring"  # under mesh.context > 1: ring, all_gather or all_to_all
     c.parallel.rules = ()  # ((logical, mesh_axes), ...) overriding the default rules
 
     c.pipeline = ml_collections.ConfigDict()  # used when mesh.pipeline > 1

@@ -18,7 +18,6 @@ from jaxscale.errors import UserError
 
 # Outermost first: `tensor` is innermost so its collectives stay on the fastest links (NVLink, ICI).
 AXES = ("pipeline", "data", "fsdp", "expert", "context", "tensor")
-_NOT_YET = {"context": "context (ring attention)"}
 
 
 def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -56,10 +55,6 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_axis_sizes(sizes, len(devices))
-    for axis, what in _NOT_YET.items():
-        if sizes[axis] > 1:
-            raise NotImplementedError(f"{what} parallelism (mesh axis '{axis}') is not implemented "
-                                      f"yet; set mesh.{axis}=1")
     types = (AxisType.Auto,) * len(AXES)
     dcn = {a: int(n) for a, n in (dcn or {}).items() if int(n) != 1}
     if dcn:

@@ -194,10 +194,10 @@ def test_bfloat16_logits_are_rounded_once_and_the_loss_stays_close():
         make(logits_dtype="float16")
 
 
-def attention_out_and_grads(kind, mask, q, k, v) -> list[jax.Array]:
+def attention_out_and_grads(kind, segments, q, k, v) -> list[jax.Array]:
     """Float32 output and q, k, v gradients of `causal_attention` under a nonlinear loss."""
     def loss(q, k, v):
-        out = causal_attention(q, k, v, mask, kind).astype(jnp.float32)
+        out = causal_attention(q, k, v, segments, kind).astype(jnp.float32)
         return jnp.sum(out * jnp.cos(out)), out
     (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
     return [t.astype(jnp.float32) for t in (out, *grads)]
@@ -209,8 +209,7 @@ def test_einsum_attention_equals_dot_product_attention(kv_heads):
     q = jax.random.normal(k[0], (2, 16, 4, 8))
     kv = [jax.random.normal(key, (2, 16, kv_heads, 8)) for key in k[1:3]]
     segments = jnp.array([[0] * 10 + [1] * 6, [0] * 16])
-    mask = (segments[:, :, None] == segments[:, None, :])[:, None]
-    for m in (None, mask):  # outputs and the hand-written backward's gradients
+    for m in (None, segments):  # outputs and the hand-written backward's gradients
         got, want = (attention_out_and_grads(kind, m, q, *kv) for kind in ("einsum", "dot_product"))
         assert len(got) == 4
         for a, b in zip(got, want, strict=True):
@@ -218,15 +217,14 @@ def test_einsum_attention_equals_dot_product_attention(kv_heads):
 
 
 def test_documents_of_a_packed_row_in_cudnns_layout():
-    """Lengths and start offsets of each row's documents (-1 past the last), from the mask; with
-    fewer slots than documents the last slot takes the rest."""
+    """Lengths and start offsets of each row's documents (-1 past the last), from the segment
+    ids; with fewer slots than documents the last slot takes the rest."""
     segments = jnp.array([[1] * 3 + [2] * 4 + [3], [1] * 8, [1] * 5 + [0] * 3])
-    mask = (segments[:, :, None] == segments[:, None, :])[:, None]
-    lengths, offsets = documents(mask, 4)
+    lengths, offsets = documents(segments, 4)
     np.testing.assert_array_equal(lengths, [[3, 4, 1, -1], [8, -1, -1, -1], [5, 3, -1, -1]])
     np.testing.assert_array_equal(offsets, [[0, 3, 7, -1, -1], [0, -1, -1, -1, -1],
                                             [0, 5, -1, -1, -1]])
-    lengths, offsets = documents(mask, 2)
+    lengths, offsets = documents(segments, 2)
     np.testing.assert_array_equal(lengths, [[3, 5], [8, -1], [5, 3]])
     np.testing.assert_array_equal(offsets, [[0, 3, -1], [0, -1, -1], [0, 5, -1]])
 
@@ -238,16 +236,15 @@ def test_cudnn_attention_matches_xla_on_a_gpu_and_is_refused_elsewhere():
     q = jax.random.normal(k[0], (2, 128, 8, 64), jnp.bfloat16)
     kv = [jax.random.normal(key, (2, 128, 2, 64), jnp.bfloat16) for key in k[1:3]]
     segments = jnp.array([[0] * 50 + [1] * 30 + [2] * 48, [0] * 128])  # packed layout on Hopper
-    mask = (segments[:, :, None] == segments[:, None, :])[:, None]
     if jax.default_backend() != "gpu":
         with pytest.raises(UserError, match="needs an NVIDIA GPU.*use dot_product"):
-            causal_attention(q, *kv, mask, "cudnn")
+            causal_attention(q, *kv, segments, "cudnn")
         return
 
     def rel_err(a, b):
         return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
-    for m in (None, mask):
+    for m in (None, segments):
         want = attention_out_and_grads("dot_product", m, *(t.astype(jnp.float32) for t in (q, *kv)))
         got = attention_out_and_grads("cudnn", m, q, *kv)
         bf16 = attention_out_and_grads("dot_product", m, q, *kv)  # XLA's own bfloat16 round-off

@@ -2,7 +2,7 @@
 
 The fusion models build on it (`embed_tokens`, `blocks`: one module whose parameters carry a
 leading `layers` axis, `block_fn`, `head`) and the pipeline schedules on its pipeline interface
-(`Decoder`), with `scan_blocks` running a stack and `attention_mask` the packed-document mask;
+(`Decoder`), with `scan_blocks` running a stack;
 `flops_per_token` is the FLOP count every decoder family's own builds on.
 """
 
@@ -21,6 +21,7 @@ from jaxscale.models.layers import (
     chunked_xent_sums,
     dense,
     remat_policy,
+    split_sequence,
     token_loss_sums,
 )
 from jaxscale.sharding import constrain
@@ -49,11 +50,11 @@ def flops_per_token(c: LlamaConfig, layer_matmul_params: int, seq_len: int) -> f
     return float(6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len)
 
 
-def apply_block(block: nnx.Module, x: jax.Array, positions: jax.Array, mask: jax.Array):
-    return block(x, positions, mask)
+def apply_block(block: nnx.Module, x: jax.Array, positions: jax.Array, segments: jax.Array | None):
+    return block(x, positions, segments)
 
 
-def scan_blocks(blocks: nnx.Module, x: jax.Array, positions: jax.Array, mask: jax.Array,
+def scan_blocks(blocks: nnx.Module, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
                 apply_block: Callable[..., jax.Array] = apply_block,
                 unroll: bool = False) -> tuple[jax.Array, Stats]:
     """Run the stacked blocks in order with `jax.lax.scan` (one compiled layer, any depth), or
@@ -64,17 +65,10 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, positions: jax.Array, mask: ja
     graph, stacked = nnx.split(blocks)
 
     def layer(x, state):
-        out = apply_block(nnx.merge(graph, state), x, positions, mask)
+        out = apply_block(nnx.merge(graph, state), x, positions, segments)
         return out if isinstance(out, tuple) else (out, {})
 
     return jax.lax.scan(layer, x, stacked, unroll=unroll)
-
-
-def attention_mask(segment_ids: jax.Array | None) -> jax.Array | None:
-    """For packed rows, attend only within the same document ([batch, 1, seq, seq]); None if unpacked."""
-    if segment_ids is None:
-        return None
-    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
 class Decoder(nnx.Module):
@@ -100,7 +94,7 @@ class Decoder(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
                  apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
-        """Logits for `tokens`. `apply_block(block, x, positions, mask)` runs one layer (data
+        """Logits for `tokens`. `apply_block(block, x, positions, segments)` runs one layer (data
         parallelism replaces it to gather the layer's parameters just in time)."""
         return self.head(self.hidden(tokens, positions, segment_ids, apply_block)[0])
 
@@ -112,8 +106,9 @@ class Decoder(nnx.Module):
         `run`; for `vocab`, `loss_sums`)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self.run(self.embed_tokens(tokens, positions, vocab), positions,
-                        attention_mask(segment_ids), apply_block)
+        tokens, positions, segments = map(split_sequence, (tokens, positions, segment_ids))
+        return self.run(self.embed_tokens(tokens, positions, vocab), positions, segments,
+                        apply_block)
 
     def loss_sums(self, batch: dict[str, jax.Array], vocab: VocabShards | None = None,
                   apply_block: Callable[..., jax.Array] = apply_block
@@ -132,43 +127,45 @@ class Decoder(nnx.Module):
                     vocab: VocabShards | None = None) -> tuple[jax.Array, jax.Array]:
         """The cross-entropy sum and weight from the last block's output `x`. With `loss_chunk`
         (or `vocab`) the logits are never materialised (`chunked_xent_sums`)."""
+        targets = (split_sequence(batch["targets"]), split_sequence(batch["loss_mask"]))
         if self.config.loss_chunk or vocab is not None:
             return chunked_xent_sums(self.final(x), self.output_table().astype(x.dtype),
-                                     batch["targets"], batch["loss_mask"],
+                                     *targets,
                                      self.config.loss_chunk or x.size // x.shape[-1], vocab,
                                      self.config.logits_dtype)
-        return token_loss_sums(self.head(x), batch["targets"], batch["loss_mask"])
+        return token_loss_sums(self.head(x), *targets)
 
-    def run(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+    def run(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
             apply_block: Callable[..., jax.Array] = apply_block) -> tuple[jax.Array, Stats]:
         """The blocks on a residual stream `x` [batch, seq, embed] (token or other embeddings),
         `first_blocks` first; the output and the stats of `blocks` (`scan_blocks`)."""
-        return self.run_blocks(self.run_first(x, positions, mask, apply_block), positions, mask,
-                               apply_block)
+        x = self.run_first(x, positions, segments, apply_block)
+        return self.run_blocks(x, positions, segments, apply_block)
 
-    def run_blocks(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+    def run_blocks(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
                    apply_block: Callable[..., jax.Array] = apply_block) -> tuple[jax.Array, Stats]:
         """`blocks` alone (a pipeline's stages), with their stats."""
-        return scan_blocks(self.blocks, x, positions, mask, self.block_fn(apply_block),
+        return scan_blocks(self.blocks, x, positions, segments, self.block_fn(apply_block),
                            unroll=not self.config.scan_layers)
 
-    def run_first(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+    def run_first(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
                   apply_block: Callable[..., jax.Array] = apply_block) -> jax.Array:
         """`first_blocks` on `x` (which a pipeline runs before its stages), or `x`."""
         if self.first_blocks is None:
             return x
-        return scan_blocks(self.first_blocks, x, positions, mask, self.block_fn(apply_block),
+        return scan_blocks(self.first_blocks, x, positions, segments, self.block_fn(apply_block),
                            unroll=not self.config.scan_layers)[0]
 
     def pipeline_input(self, batch: dict[str, jax.Array],
                        apply_block: Callable[..., jax.Array] = apply_block):
-        side = {"positions": batch["positions"], "mask": attention_mask(batch["segment_ids"])}
-        x = self.embed_tokens(batch["inputs"], batch["positions"])
-        return self.run_first(x, side["positions"], side["mask"], apply_block), side
+        side = {"positions": split_sequence(batch["positions"]),
+                "segments": split_sequence(batch["segment_ids"])}
+        x = self.embed_tokens(split_sequence(batch["inputs"]), side["positions"])
+        return self.run_first(x, side["positions"], side["segments"], apply_block), side
 
     def pipeline_stage(self, x: jax.Array, side: dict[str, jax.Array],
                        apply_block: Callable[..., jax.Array] = apply_block) -> tuple[jax.Array, Stats]:
-        return self.run_blocks(x, side["positions"], side["mask"], apply_block)
+        return self.run_blocks(x, side["positions"], side["segments"], apply_block)
 
     def stats_loss(self, stats: Stats) -> tuple[jax.Array, Stats]:
         """What the blocks' `stats` add to the loss sum (an MoE model's weighted router losses;

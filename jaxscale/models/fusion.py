@@ -28,8 +28,15 @@ from flax import nnx
 
 from jaxscale.errors import UserError
 from jaxscale.models import moe
-from jaxscale.models.decoder import attention_mask, scan_blocks
-from jaxscale.models.layers import RMSNorm, param, stack_layers, token_loss_sums
+from jaxscale.models.decoder import scan_blocks
+from jaxscale.models.layers import (
+    RMSNorm,
+    param,
+    sequence_parts,
+    split_sequence,
+    stack_layers,
+    token_loss_sums,
+)
 from jaxscale.models.llama import Llama, LlamaConfig, flops_per_token
 from jaxscale.models.vit import (
     MLP,
@@ -126,21 +133,34 @@ class _TokenModel(nnx.Module):
     def loss_sums(self, batch: Batch, apply_block: Callable | None = None):
         """The answer tokens' summed cross-entropy (plus the decoder's weighted router losses
         if it has MoE layers), their count, and the MoE stats (`Decoder.loss_sums`)."""
-        logits, stats = self._logits(batch, apply_block)
-        loss_sum, count = token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+        x, side = self.pipeline_input(batch, apply_block)
+        y, stats = self.pipeline_stage(x, side, apply_block)
+        loss_sum, count = self._text_loss(y, batch)
         extra, summary = self.stats_loss(stats)
         return loss_sum + extra, count, summary
 
     def _logits(self, batch: Batch, apply_block: Callable | None):
         x, side = self.pipeline_input(batch, apply_block)
         y, stats = self.pipeline_stage(x, side, apply_block)
-        return self.llm.head(_text(y, batch)), stats
+        return self.llm.head(y[:, y.shape[1] - batch["targets"].shape[1]:]), stats
+
+    def _text_loss(self, y: jax.Array, labels: Batch) -> tuple[jax.Array, jax.Array]:
+        """The cross-entropy sum and weight of the decoder's outputs `y` at the text positions
+        (after any image prefix). Where each row is split across devices (context
+        parallelism), `y` is this device's part of the row, image positions weighted 0."""
+        targets, mask = labels["targets"], labels["loss_mask"]
+        prefix = y.shape[1] * sequence_parts() - targets.shape[1]
+        if sequence_parts() == 1:
+            return token_loss_sums(self.llm.head(y[:, prefix:]), targets, mask)
+        pad = ((0, 0), (prefix, 0))
+        return token_loss_sums(self.llm.head(y), split_sequence(jnp.pad(targets, pad)),
+                               split_sequence(jnp.pad(mask, pad)))
 
     def stats_loss(self, stats):
         return moe.router_losses(stats, self.llm.config.moe)
 
     def pipeline_loss(self, y: jax.Array, batch: Batch) -> jax.Array:
-        return token_loss_sums(self.llm.head(_text(y, batch)), batch["targets"], batch["loss_mask"])[0]
+        return self._text_loss(y, batch)[0]
 
     def evaluate(self, batch: Batch) -> dict[str, jax.Array]:
         """Per example: is every answer token right, and the answer's mean token loss."""
@@ -153,11 +173,6 @@ class _TokenModel(nnx.Module):
     def _visual(self, images: jax.Array, apply_block) -> jax.Array:
         tokens = self.vision(images, **_blocks_kwargs(apply_block))
         return jax.lax.stop_gradient(tokens) if "vision" in self.freeze else tokens
-
-
-def _text(y: jax.Array, batch: Batch) -> jax.Array:
-    """The text positions of the decoder's output (after any image prefix)."""
-    return y[:, y.shape[1] - batch["targets"].shape[1]:]
 
 
 class EarlyFusion(_TokenModel):
@@ -176,12 +191,14 @@ class EarlyFusion(_TokenModel):
         image = self.projector(self._visual(batch["images"], apply_block).astype(dt))
         text = self.llm.embed_tokens(batch["inputs"])
         (b, n, _), s = image.shape, text.shape[1]
-        x = constrain(jnp.concatenate([image, text], axis=1), ("batch", "res_seq", "embed"))
-        positions = jnp.broadcast_to(jnp.arange(n + s), (b, n + s))
+        x = split_sequence(jnp.concatenate([image, text], axis=1))
+        x = constrain(x, ("batch", "res_seq", "embed"))
         segments = jnp.concatenate([jnp.ones((b, n), batch["segment_ids"].dtype),
                                     batch["segment_ids"]], axis=1)
-        side = {"positions": positions, "mask": attention_mask(segments)}
-        return self.llm.run_first(x, positions, side["mask"], **_blocks_kwargs(apply_block)), side
+        side = {"positions": split_sequence(jnp.broadcast_to(jnp.arange(n + s), (b, n + s))),
+                "segments": split_sequence(segments)}
+        return self.llm.run_first(x, side["positions"], side["segments"],
+                                  **_blocks_kwargs(apply_block)), side
 
     def pipeline_stage(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
         return self.llm.pipeline_stage(x, side, **_blocks_kwargs(apply_block))
@@ -231,9 +248,9 @@ class CrossAttentionFusion(_TokenModel):
         dt = jnp.dtype(self.llm.config.dtype)
         visual = self._visual(batch["images"], apply_block)
         visual = self.projector(self.resampler(visual).astype(dt))
-        return self.llm.embed_tokens(batch["inputs"]), {
-            "positions": batch["positions"], "mask": attention_mask(batch["segment_ids"]),
-            "visual": visual}
+        return self.llm.embed_tokens(split_sequence(batch["inputs"])), {
+            "positions": split_sequence(batch["positions"]),
+            "segments": split_sequence(batch["segment_ids"]), "visual": visual}
 
     def pipeline_stage(self, x: jax.Array, side: Batch, apply_block: Callable | None = None):
         """Groups of a cross-attention block and `every` decoder layers (a stage's share of the
@@ -248,7 +265,7 @@ class CrossAttentionFusion(_TokenModel):
             cross_state, block_states = states
             x = nnx.merge(cross_graph, cross_state)(x, side["visual"])
             return scan_blocks(nnx.merge(block_graph, block_states), x, side["positions"],
-                               side["mask"], run_layer, unroll)
+                               side["segments"], run_layer, unroll)
 
         y, stats = jax.lax.scan(group, x, (cross, groups), unroll=unroll)
         return y, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats)  # by decoder layer

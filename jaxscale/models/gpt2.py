@@ -48,14 +48,14 @@ class Attention(nnx.Module):
         self.bo = _bias((c.d_model,), ("embed",))
         self.kind, self.max_documents = c.attention, c.max_documents
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None, attend: Attend | None) -> jax.Array:
+    def __call__(self, x: jax.Array, segments: jax.Array | None, attend: Attend | None) -> jax.Array:
         dt = x.dtype
         q, k, v = (constrain(dense(x, w[...].astype(dt)) + b[...].astype(dt),
                              ("batch", "seq", "heads", "head_dim"))
                    for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         if attend is None:
-            out = causal_attention(q, k, v, mask, self.kind, self.max_documents)
+            out = causal_attention(q, k, v, segments, self.kind, self.max_documents)
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
@@ -85,10 +85,10 @@ class Block(nnx.Module):
         self.ln2 = LayerNorm(c.d_model, c.norm_eps)
         self.mlp = MLP(c, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+    def __call__(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
                  attend: Attend | None = None) -> jax.Array:
         """One layer; `positions` are unused (they enter through the position embedding)."""
-        x = constrain(x + self.attn(self.ln1(x), mask, attend), RESIDUAL)
+        x = constrain(x + self.attn(self.ln1(x), segments, attend), RESIDUAL)
         return constrain(x + self.mlp(self.ln2(x)), RESIDUAL)
 
 

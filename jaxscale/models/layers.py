@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import jax
@@ -39,11 +41,73 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1,
 ATTENTION = ("dot_product", "einsum", "cudnn")
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+class SequenceShards(Protocol):
+    """A row's sequence held in parts across devices (context parallelism): what a parallelism
+    strategy hands the models (`jaxscale.parallel.context_parallel.SequenceShards`, which holds
+    the collectives) through `sequence_shards`. The models call `split` where a full-length
+    sequence meets the layers, and attention and per-row means go through it."""
+
+    def split(self, x: jax.Array) -> jax.Array:
+        """This device's part of a full sequence `x` [batch, seq, ...]."""
+        ...
+
+    def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
+                  kind: str) -> jax.Array:
+        """`causal_attention` of this device's q, k, v parts over the whole row."""
+        ...
+
+    def row_mean(self, x: jax.Array) -> jax.Array:
+        """The mean over a row's tokens of this device's part `x` [batch, seq, ...]."""
+        ...
+
+
+_SEQUENCE: contextvars.ContextVar[SequenceShards | None] = contextvars.ContextVar(
+    "sequence_shards", default=None)
+
+
+@contextlib.contextmanager
+def sequence_shards(shards: SequenceShards | None) -> Iterator[None]:
+    """Within this block (while tracing), sequences are split as `shards` says."""
+    token = _SEQUENCE.set(shards)
+    try:
+        yield
+    finally:
+        _SEQUENCE.reset(token)
+
+
+def split_sequence(x: jax.Array | None) -> jax.Array | None:
+    """This device's part of the full sequence `x` [batch, seq, ...] (all of it unless a
+    strategy splits sequences; None stays None)."""
+    shards = _SEQUENCE.get()
+    return x if shards is None or x is None else shards.split(x)
+
+
+def sequence_parts() -> int:
+    """How many parts each row's sequence is split into (1: held whole)."""
+    shards = _SEQUENCE.get()
+    return 1 if shards is None else shards.parts
+
+
+def row_mean(x: jax.Array) -> jax.Array:
+    """The mean of `x` [batch, seq, ...] over each row's tokens, wherever they are held."""
+    shards = _SEQUENCE.get()
+    return jnp.mean(x, axis=1) if shards is None else shards.row_mean(x)
+
+
+def document_mask(segments: jax.Array | None) -> jax.Array | None:
+    """[batch, 1, seq, seq]: True where query and key are in the same document (`segments`
+    [batch, seq]: each token's document); None for unpacked rows."""
+    if segments is None:
+        return None
+    return (segments[:, :, None] == segments[:, None, :])[:, None]
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
                      kind: str = "dot_product", max_documents: int = 8) -> jax.Array:
     """Causal attention of q [batch, seq, heads, head_dim] over k, v [batch, seq, kv_heads,
-    head_dim], also limited by `mask` [batch, 1, seq, seq] where given (`attention_mask`: each
-    token sees its own document's, contiguous in the row).
+    head_dim]; with `segments` [batch, seq] (each token's document in a packed row, contiguous)
+    each token sees only its own document's. Under context parallelism (`sequence_shards`) the
+    arrays are this device's parts and the strategy's attention sees the whole row.
 
     "dot_product" is `jax.nn.dot_product_attention` as XLA writes it; "cudnn" is the same call
     run as cuDNN's fused (flash) attention, for NVIDIA GPUs in bfloat16, which on Hopper and
@@ -53,6 +117,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     groups of a KV head stacked as rows), a float32 softmax and a hand-written backward, which
     XLA:CPU runs about twice as fast (docs/throughput.md).
     """
+    shards = _SEQUENCE.get()
+    if shards is not None:
+        return shards.attention(q, k, v, segments, kind)
+    return full_attention(q, k, v, segments, kind, max_documents)
+
+
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
+                   kind: str = "dot_product", max_documents: int = 8) -> jax.Array:
+    """`causal_attention` of whole rows held on this device."""
+    mask = document_mask(segments)
     if kind == "cudnn":
         if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
             raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU and model.dtype=bfloat16 "
@@ -60,27 +134,34 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
         if mask is None or float(getattr(jax.devices()[0], "compute_capability", 0)) < 9.0:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                                 implementation="cudnn")
-        return _cudnn_documents_attention(q, k, v, *documents(mask, max_documents))
+        return _cudnn_documents_attention(q, k, v, *documents(segments, max_documents))
     if kind == "dot_product":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    t, s = q.shape[1], k.shape[1]
+    allowed = jnp.tril(jnp.ones((t, s), bool))
+    return grouped_attention(q, k, v, allowed if mask is None else allowed & mask)
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Softmax attention of q [batch, t, heads, head_dim] over k, v [batch, s, kv_heads,
+    head_dim] where `allowed` ([t, s] or [batch, 1, t, s]) with heads-major batched matmuls
+    (`_grouped_attention`), in any order of the tokens."""
     b, t, h, d = q.shape
-    kv_heads, s = k.shape[2], k.shape[1]
+    kv_heads = k.shape[2]
     g = h // kv_heads
     qt = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
-    allowed = jnp.tril(jnp.ones((t, s), bool))
-    if mask is not None:
-        allowed = allowed & mask[:, :, None]
+    if allowed.ndim == 4:
+        allowed = allowed[:, :, None]
     out = _grouped_attention(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed)
     return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def documents(mask: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array]:
-    """The documents of each row of a same-document `mask` [batch, 1, seq, seq] in cuDNN's packed
-    layout: lengths [batch, max_documents] and start offsets [batch, max_documents + 1], -1 where
-    a row has fewer. A row's documents after its `max_documents`-th count as part of that one."""
-    b, t = mask.shape[0], mask.shape[-1]
-    same_as_previous = jnp.diagonal(mask[:, 0], offset=-1, axis1=1, axis2=2)  # [b, t - 1]
-    starts = jnp.concatenate([jnp.ones((b, 1), bool), ~same_as_previous], axis=1)
+def documents(segments: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array]:
+    """The documents of each row of `segments` [batch, seq] in cuDNN's packed layout: lengths
+    [batch, max_documents] and start offsets [batch, max_documents + 1], -1 where a row has
+    fewer. A row's documents after its `max_documents`-th count as part of that one."""
+    b, t = segments.shape
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
     index = jnp.minimum(jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1, max_documents - 1)
     member = index[:, :, None] == jnp.arange(max_documents, dtype=jnp.int32)  # [b, t, docs]
     lengths = jnp.sum(member, axis=1, dtype=jnp.int32)

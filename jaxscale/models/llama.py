@@ -112,10 +112,10 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps, "head_dim")
         self.c = c
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
                  attend: Attend | None = None) -> jax.Array:
         """Self-attention of `x`; `attend(q, k, v)`, given rotated q, k and v [batch, seq, heads,
-        head_dim], replaces causal attention over these tokens (and `mask`)."""
+        head_dim], replaces causal attention over these tokens (and their `segments`)."""
         dt = x.dtype
         q = dense(x, self.wq[...].astype(dt))
         k = dense(x, self.wk[...].astype(dt))
@@ -129,7 +129,7 @@ class Attention(nnx.Module):
         scaling = self.c.rope()
         q, k = (rope(t, positions, self.c.rope_theta, scaling) for t in (q, k))
         if attend is None:
-            out = causal_attention(q, k, v, mask, self.c.attention, self.c.max_documents)
+            out = causal_attention(q, k, v, segments, self.c.attention, self.c.max_documents)
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
@@ -167,9 +167,9 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(c, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
                  attend: Attend | None = None) -> jax.Array | tuple[jax.Array, Stats]:
-        x = constrain(x + self.attn(self.attn_norm(x), positions, mask, attend), RESIDUAL)
+        x = constrain(x + self.attn(self.attn_norm(x), positions, segments, attend), RESIDUAL)
         if not isinstance(self.mlp, MoE):
             return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
         out, stats = self.mlp(self.mlp_norm(x))
@@ -185,12 +185,12 @@ class MoEGroup(nnx.Module):
         self.moe = Block(c, rngs, moe=True)
         self.unroll = not c.scan_layers
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
                  attend: Attend | None = None) -> tuple[jax.Array, Stats]:
         if attend is not None:
             raise NotImplementedError("KV-cache decoding of an MoE model with model.moe.every > 1")
-        x = scan_blocks(self.dense, x, positions, mask, unroll=self.unroll)[0]
-        return self.moe(x, positions, mask)
+        x = scan_blocks(self.dense, x, positions, segments, unroll=self.unroll)[0]
+        return self.moe(x, positions, segments)
 
 
 def stacked_blocks(c: LlamaConfig, rngs: nnx.Rngs) -> nnx.Module:

@@ -39,7 +39,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.layers import dense, param
+from jaxscale.models.layers import dense, param, row_mean
 from jaxscale.sharding import constrain
 
 ROUTERS = ("softmax", "sigmoid")
@@ -218,7 +218,7 @@ class MoE(nnx.Module):
             out = out + self.shared(x)
         counts = jnp.sum(jax.nn.one_hot(ids, c.n_experts, dtype=jnp.float32), axis=2)  # [b, s, e]
         row_counts = jnp.sum(jax.lax.stop_gradient(counts), axis=1)  # [b, e]
-        aux = c.n_experts / c.top_k * jnp.sum(row_counts * jnp.mean(probs, axis=1))
+        aux = c.n_experts / c.top_k * jnp.sum(row_counts * row_mean(probs))
         stats = {"aux": aux, "z": jnp.sum(jnp.square(lse)), "load": jnp.sum(row_counts, axis=0),
                  "dropped": jnp.asarray(dropped, jnp.float32),  # by capacity or a capped exchange
                  "tokens": jnp.asarray(b * s, jnp.float32)}

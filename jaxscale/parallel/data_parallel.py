@@ -67,13 +67,15 @@ class DataParallelLoss:
     `local_loss(params, batch)` runs on each device's shard of the batch (split over the
     `batch_axes`: the data-parallel axes, and `expert` under expert parallelism) with the
     parameters as `manual_specs` split them over `manual_axes`; its sums are added over the
-    `batch_axes`.
+    `batch_axes` and the `token_axes` (`context`, over which the model splits each row's tokens).
     """
 
     def __init__(self, local_loss: Callable, layout: Layout, manual_specs,
-                 manual_axes: tuple[str, ...], batch_axes: tuple[str, ...]):
+                 manual_axes: tuple[str, ...], batch_axes: tuple[str, ...],
+                 token_axes: tuple[str, ...] = ()):
         self.local_loss, self.layout = local_loss, layout
         self.manual_specs, self.manual_axes, self.axes = manual_specs, manual_axes, batch_axes
+        self.summed = batch_axes + token_axes
 
     def __call__(self, params, batch):
         batch_specs = jax.tree.map(lambda _: PartitionSpec(self.axes or None), batch)
@@ -84,6 +86,6 @@ class DataParallelLoss:
 
     def _summed(self, params, batch):
         sums = self.local_loss(params, batch)
-        if self.axes:  # one all-reduce, after the loss (the count alone would not wait for it)
-            sums = jax.lax.psum(sums, self.axes)
+        if self.summed:  # one all-reduce, after the loss (the count alone would not wait for it)
+            sums = jax.lax.psum(sums, self.summed)
         return sums

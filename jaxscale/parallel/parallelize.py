@@ -2,9 +2,10 @@
 
 The one place where the strategies of this package are put together, from the config and the
 mesh alone (like torchtitan's `parallelize_llama`): the logical-axis rules of data parallelism,
-ZeRO/FSDP, tensor (+ sequence) and pipeline parallelism (`make_layout`), the layouts of the
-parameters and optimizer state (`zero.specs`), and the loss run manual over the data-parallel
-and pipeline axes with the gathers ZeRO/FSDP need and the schedule pipelining needs.
+ZeRO/FSDP, tensor (+ sequence), expert and pipeline parallelism (`make_layout`), the layouts of
+the parameters and optimizer state (`zero.specs`), and the loss run manual over the
+data-parallel, expert, context and pipeline axes with the gathers ZeRO/FSDP need, the schedule
+pipelining needs and the exchanges of expert and context parallelism.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jaxscale.cpu import order_collectives
 from jaxscale.errors import UserError
 from jaxscale.models import DECODERS, loss_sums
 from jaxscale.parallel import (
+    context_parallel,
     data_parallel,
     expert_parallel,
     pipeline,
@@ -85,16 +87,20 @@ def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: La
                                          stages, virtual, paths) if stages > 1 else loss_sums)
     if experts > 1:
         model_loss = expert_parallel.ExpertParallelLoss(model_loss, config.parallel.expert_buffer)
+    if (parts := context_parallel.check(config, layout)) > 1:
+        model_loss = context_parallel.ContextParallelLoss(model_loss,
+                                                          config.parallel.context_attention, parts)
     batch_axes = data_parallel.dp_axes(layout) + expert_parallel.batch_axes(layout)
-    manual_axes = batch_axes + (("pipeline",) if stages > 1 else ())
+    token_axes = context_parallel.token_axes(layout)
+    manual_axes = batch_axes + token_axes + (("pipeline",) if stages > 1 else ())
     loss = _sharded_loss(graphdef, params, config, layout, param_specs, model_loss, manual_axes,
-                         batch_axes, virtualized=paths if virtual > 1 else ())
+                         batch_axes, token_axes, virtualized=paths if virtual > 1 else ())
     return Parallelized(loss, param_specs, opt_specs, layout.spec(("batch",)), virtual, paths)
 
 
 def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_loss: Callable,
                   manual_axes: tuple[str, ...], batch_axes: tuple[str, ...],
-                  virtualized: tuple[str, ...]) -> Callable:
+                  token_axes: tuple[str, ...], virtualized: tuple[str, ...]) -> Callable:
     """The loss run manual over `manual_axes`, or the model's own where there are none."""
     if not manual_axes:
         return lambda p, batch: model_loss(graphdef, p, batch)
@@ -106,7 +112,8 @@ def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_l
         regather=zero.regathers(layout, config.parallel.zero_stage), virtualized=virtualized,
         tables=vocab_parallel.vocab_tables(params) if decoder else {},
         order=order_collectives, towers=_takes(graphdef, params, "order"))
-    return data_parallel.DataParallelLoss(local, layout, manual, manual_axes, batch_axes)
+    return data_parallel.DataParallelLoss(local, layout, manual, manual_axes, batch_axes,
+                                          token_axes)
 
 
 def _experts(config, layout: Layout) -> int:

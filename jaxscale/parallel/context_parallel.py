@@ -1,0 +1,341 @@
+"""Context parallelism over the `context` mesh axis: each row's sequence split across devices.
+
+What it shards: the sequence of every activation inside the model (the residual stream, q, k,
+v, the MLP's) over `context`; parameters are unaffected (replicated over `context`, their
+gradients summed over it like data parallelism's). Each row is cut into 2C chunks and device c
+holds chunks c and 2C-1-c (the zig-zag layout): under the causal mask every device then has the
+same attention work. RoPE positions and document ids are those of the unsplit row, so packed
+documents of any lengths keep apart.
+
+Formulation: the loss runs in the `shard_map` manual over the batch's axes (`data_parallel.py`),
+manual over `context` too, with the batch whole along the sequence; the models cut their
+sequences where they form them (`layers.split_sequence`: after an early-fusion model joins image
+and text tokens, say) and attend through `SequenceShards` (handed to them through
+`layers.sequence_shards`), which writes the exchange out, `parallel.context_attention` choosing:
+- `ring`: K/V (with their document ids) travel around the axis with `ppermute` while each device
+  accumulates an online softmax over the blocks it has seen; the backward pass is a second ring
+  that carries the blocks' K/V gradients home. Of each block only the causally needed half is
+  computed (zig-zag: earlier chunks whole, later ones not at all). No device holds the whole
+  K/V or any [seq, seq] array.
+- `all_gather`: K/V gathered over the axis (cheap with grouped-query attention; Llama 3), each
+  device's queries attend over them; the backward reduce-scatters their gradients.
+- `all_to_all` (Ulysses, DeepSpeed): q, k, v go from sequence-split to head-split and back
+  (heads divisible by C; K/V heads repeated up to a multiple of C), and each device runs the
+  model's own attention (`model.attention`, cuDNN's included) over whole rows of its heads.
+
+Collectives per attention layer and step (`collective_bytes`), for a device's K (or V) of A
+bytes (tokens/C x kv_heads x head_dim x dtype bytes) and Q of Q bytes: `ring`, 2(C-1)
+collective-permutes of A forward; backward, 2(C-1) of A (K/V again) and 2(C-1) + 2 of the
+float32 K/V gradients; `all_gather`, all-gathers of K and V (C x A each) forward and
+reduce-scatters of their gradients backward; `all_to_all`, all-to-alls of q, k, v and the
+output forward and of their gradients backward (each moving (C-1)/C of Q or of A, K/V heads
+repeated). The document ids (int32, one per token) travel once per step for all layers (twice
+around the ring).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscale.errors import UserError
+from jaxscale.models import layers
+from jaxscale.sharding import Layout
+
+AXIS = "context"
+KINDS = ("ring", "all_gather", "all_to_all")
+_NEG = -1e30  # the score of a masked pair (finite: a fully masked block stays finite)
+
+
+def token_axes(layout: Layout) -> tuple[str, ...]:
+    """`context` when the mesh splits sequences: the loss's token sums are added over it."""
+    return (AXIS,) if layout.mesh.shape[AXIS] > 1 else ()
+
+
+def order(length: int, parts: int) -> np.ndarray:
+    """The zig-zag layout: the positions of a row of `length` tokens in the order the devices
+    hold them (device c: chunks c and 2 parts - 1 - c of 2 parts chunks)."""
+    chunks = np.arange(length).reshape(2 * parts, -1)
+    return np.concatenate([np.concatenate([chunks[c], chunks[2 * parts - 1 - c]])
+                           for c in range(parts)])
+
+
+def collective_bytes(kind: str, model, seq_len: int, rows: int,
+                     parts: int) -> dict[str, tuple[int, int]]:
+    """The attention exchanges of one step, as `jaxscale.hlo.collective_stats` counts them
+    (`{op: (count, bytes)}`, bytes of the results), for `rows` rows per device of `seq_len`
+    tokens split into `parts` and the decoder `model` (its config section)."""
+    t, layers, item = seq_len // parts, model.n_layers, jnp.dtype(model.dtype).itemsize
+    a = rows * t * model.n_kv_heads * model.head_dim * item  # this device's K (or V)
+    ids = rows * t * 4  # its document ids
+    if kind == "ring":
+        grads = a * 4 // item  # float32
+        hops = parts - 1
+        return {"collective-permute": (layers * (6 * hops + 2) + 2 * hops,
+                                       layers * (4 * hops * a + (2 * hops + 2) * grads)
+                                       + 2 * hops * ids)}
+    if kind == "all_gather":
+        return {"all-gather": (2 * layers + 1, 2 * layers * parts * a + parts * ids),
+                "reduce-scatter": (2 * layers, 2 * layers * a)}
+    q = rows * t * model.n_heads * model.head_dim * item
+    kv = a * parts // math.gcd(model.n_kv_heads, parts)  # heads repeated up to a multiple of C
+    return {"all-to-all": (8 * layers, layers * (4 * q + 4 * kv)), "all-gather": (1, parts * ids)}
+
+
+def _local_positions(index: jax.Array, parts: int, local: int) -> jax.Array:
+    """The row positions of device `index`'s `local` tokens."""
+    half = local // 2
+    first = index * half + jnp.arange(half)
+    return jnp.concatenate([first, (2 * parts - 1 - index) * half + jnp.arange(half)])
+
+
+class SequenceShards:
+    """`layers.SequenceShards` over the `context` axis (inside a `shard_map` manual over it),
+    attending as `kind` (one of `KINDS`) says."""
+
+    def __init__(self, kind: str, parts: int):
+        self.kind, self.parts = kind, parts
+
+    def split(self, x: jax.Array) -> jax.Array:
+        n, length = jax.lax.axis_size(AXIS), x.shape[1]
+        if length % (2 * n):
+            raise UserError(f"sequence length {length} is not divisible by 2 x mesh.context={n} "
+                            f"(context parallelism's zig-zag chunks); change data.seq_len or the mesh")
+        c = jax.lax.axis_index(AXIS)
+        chunks = x.reshape(x.shape[0], 2 * n, length // (2 * n), *x.shape[2:])
+        mine = jnp.take(chunks, jnp.stack([c, 2 * n - 1 - c]), axis=1)
+        return mine.reshape(x.shape[0], length // n, *x.shape[2:])
+
+    def row_mean(self, x: jax.Array) -> jax.Array:
+        return jax.lax.psum(jnp.sum(x, axis=1), AXIS) / (x.shape[1] * jax.lax.axis_size(AXIS))
+
+    def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
+                  kind: str) -> jax.Array:
+        if segments is None:
+            segments = jnp.zeros(q.shape[:2], jnp.int32)
+        if self.kind == "ring":
+            return ring_attention(q, k, v, segments)
+        if self.kind == "all_gather":
+            return _all_gather_attention(q, k, v, segments)
+        return _all_to_all_attention(q, k, v, segments, kind)
+
+
+def _all_gather_attention(q, k, v, segments):
+    n, t = jax.lax.axis_size(AXIS), q.shape[1]
+    keys, values, key_segments = (jax.lax.all_gather(a, AXIS, axis=1, tiled=True)
+                                  for a in (k, v, segments))
+    mine = _local_positions(jax.lax.axis_index(AXIS), n, t)
+    allowed = (mine[:, None] >= jnp.asarray(order(t * n, n))[None, :])[None, None]
+    allowed = allowed & (segments[:, :, None] == key_segments[:, None, :])[:, None]
+    return layers.grouped_attention(q, keys, values, allowed)
+
+
+def _all_to_all_attention(q, k, v, segments, kind):
+    n, (t, h) = jax.lax.axis_size(AXIS), q.shape[1:3]
+    if h % n:
+        raise UserError(f"parallel.context_attention='all_to_all' needs the heads ({h}) divisible "
+                        f"by mesh.context={n}; use ring or all_gather")
+    repeat = n // math.gcd(k.shape[2], n)  # K/V heads up to a multiple of n (GQA groups kept)
+    k, v = (jnp.repeat(a, repeat, axis=2) for a in (k, v))
+    place = order(t * n, n)
+    unsplit = np.argsort(place)
+
+    def to_heads(a):  # [b, t, heads, d] -> whole rows of heads / n, in row order
+        a = jax.lax.all_to_all(a, AXIS, 2, 1, tiled=True)
+        return jnp.take(a, unsplit, axis=1)
+
+    row_segments = jnp.take(jax.lax.all_gather(segments, AXIS, axis=1, tiled=True), unsplit, axis=1)
+    out = layers.full_attention(*(to_heads(a) for a in (q, k, v)), row_segments, kind)
+    return jax.lax.all_to_all(jnp.take(out, place, axis=1), AXIS, 1, 2, tiled=True)
+
+
+def _scores(q, k, allowed):
+    """q [b, tq, kv, g, d], k [b, tk, kv, d] -> float32 scores [b, kv, g, tq, tk], masked."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(allowed[:, None, None], s * q.shape[-1] ** -0.5, _NEG)
+
+
+def _block(q, k, v, allowed):
+    """Attention of q over one K/V block: output [b, tq, kv, g, d] normalised within the block
+    and its log-sum-exp [b, kv, g, tq] (float32)."""
+    s = _scores(q, k, allowed)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    total = jnp.sum(p, axis=-1)
+    o = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o / _rows(total), m[..., 0] + jnp.log(total)
+
+
+def _rows(x):
+    """[b, kv, g, tq] -> [b, tq, kv, g, 1] (to scale outputs)."""
+    return jnp.transpose(x, (0, 3, 1, 2))[..., None]
+
+
+def _merge(o, lse, o_b, lse_b):
+    new = jnp.logaddexp(lse, lse_b)
+    return o * _rows(jnp.exp(lse - new)) + o_b * _rows(jnp.exp(lse_b - new)), new
+
+
+def _block_grads(q, k, v, allowed, d_out, lse, delta):
+    """The gradients of q, k, v of one block's share of the attention (softmax over all blocks,
+    whose log-sum-exp is `lse`; `delta` = rowsum(d_out * out))."""
+    scale = q.shape[-1] ** -0.5
+    p = jnp.exp(_scores(q, k, allowed) - lse[..., None])
+    dp = jnp.einsum("bqkgd,bskd->bkgqs", d_out, v, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    dv = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(d_out.dtype), d_out,
+                    preferred_element_type=jnp.float32)
+    return dq, dk, dv
+
+
+class _Ring:
+    """The ring's geometry on this device: its chunks' positions and which half of each visiting
+    block it needs. Step s holds the K/V of device (c - s) mod n ((c + s) mod n in the backward
+    pass): an earlier device's first chunk is before both of this device's chunks and its second
+    after both (all queries x the first half of the block); a later device's chunks are both
+    after this device's first chunk and before its second (the second half of the queries x the
+    whole block)."""
+
+    def __init__(self, t: int):
+        self.n, self.c, self.t, self.h = jax.lax.axis_size(AXIS), jax.lax.axis_index(AXIS), t, t // 2
+        self.positions = _local_positions(self.c, self.n, t)
+
+    def source(self, step: int, back: bool = False) -> jax.Array:
+        return (self.c + step if back else self.c - step) % self.n
+
+    def pass_on(self, *xs, back: bool = False):
+        """`xs` to the next device (the previous one with `back`: the backward ring runs the
+        other way, so XLA cannot merge it with the forward's, which would keep every block
+        received alive until the backward pass: all of K/V on every device)."""
+        perm = [(i, (i - 1 if back else i + 1) % self.n) for i in range(self.n)]
+        return tuple(jax.lax.ppermute(x, AXIS, perm) for x in xs)
+
+    def own_allowed(self, segments):
+        causal = self.positions[:, None] >= self.positions[None, :]
+        return causal[None] & (segments[:, :, None] == segments[:, None, :])
+
+
+def _same(seg_q, seg_k):
+    return seg_q[:, :, None] == seg_k[:, None, :]
+
+
+@jax.custom_vjp
+def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
+    """Causal attention of this device's q [b, t, heads, d] over the whole row's K/V (this
+    device's k, v [b, t, kv_heads, d] and the others' around the ring), within documents
+    (`segments` [b, t]), in the zig-zag layout; see the module docstring."""
+    return _ring_fwd(q, k, v, segments)[0]
+
+
+def _ring_fwd(q, k, v, segments):
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    ring = _Ring(t)
+    o, lse = _block(qg, k, v, ring.own_allowed(segments))
+    seg_k = segments
+    for step in range(1, ring.n):
+        k, v, seg_k = ring.pass_on(k, v, seg_k)
+        earlier = ring.source(step) < ring.c
+        o_b, lse_b = jax.lax.cond(earlier, functools.partial(_earlier_block, half=ring.h),
+                                  functools.partial(_later_block, half=ring.h),
+                                  qg, k, v, segments, seg_k)
+        o, lse = _merge(o, lse, o_b, lse_b)
+    return o.astype(q.dtype).reshape(b, t, h, d), lse
+
+
+def _earlier_block(qg, k, v, seg_q, seg_k, half):
+    return _block(qg, k[:, :half], v[:, :half], _same(seg_q, seg_k[:, :half]))
+
+
+def _later_block(qg, k, v, seg_q, seg_k, half):
+    o, lse = _block(qg[:, half:], k, v, _same(seg_q[:, half:], seg_k))
+    o = jnp.concatenate([jnp.zeros_like(o), o], axis=1)
+    return o, jnp.concatenate([jnp.full_like(lse, _NEG), lse], axis=-1)
+
+
+def _ring_fwd_rule(q, k, v, segments):
+    out, lse = _ring_fwd(q, k, v, segments)
+    return out, (q, k, v, segments, out, lse)
+
+
+def _ring_bwd(res, d_out):
+    q, k, v, segments, out, lse = res
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    shape = (b, t, kv, h // kv, d)
+    qg, dog = q.reshape(shape), d_out.reshape(shape)
+    delta = jnp.transpose(jnp.sum(dog.astype(jnp.float32) * out.reshape(shape), axis=-1), (0, 2, 3, 1))
+    ring = _Ring(t)
+    dq, dk, dv = _block_grads(qg, k, v, ring.own_allowed(segments), dog, lse, delta)
+    seg_k = segments
+    for step in range(1, ring.n):
+        k, v, seg_k, dk, dv = ring.pass_on(k, v, seg_k, dk, dv, back=True)
+        earlier = ring.source(step, back=True) < ring.c
+        dq_b, dk_b, dv_b = jax.lax.cond(earlier, functools.partial(_earlier_grads, half=ring.h),
+                                        functools.partial(_later_grads, half=ring.h),
+                                        qg, k, v, segments, seg_k, dog, lse, delta)
+        dq, dk, dv = dq + dq_b, dk + dk_b, dv + dv_b
+    if ring.n > 1:  # the K/V gradients return to their devices
+        dk, dv = ring.pass_on(dk, dv, back=True)
+    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None)
+
+
+def _earlier_grads(qg, k, v, seg_q, seg_k, d_out, lse, delta, half):
+    dq, dk, dv = _block_grads(qg, k[:, :half], v[:, :half], _same(seg_q, seg_k[:, :half]),
+                              d_out, lse, delta)
+    return dq, _pad_rows(dk, half, 0), _pad_rows(dv, half, 0)
+
+
+def _later_grads(qg, k, v, seg_q, seg_k, d_out, lse, delta, half):
+    dq, dk, dv = _block_grads(qg[:, half:], k, v, _same(seg_q[:, half:], seg_k),
+                              d_out[:, half:], lse[..., half:], delta[..., half:])
+    return _pad_rows(dq, half, 1), dk, dv
+
+
+def _pad_rows(x, n, before):
+    """`x` [b, rows, ...] with `n` zero rows added after it (`before=0`) or before it."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (n, 0) if before else (0, n)
+    return jnp.pad(x, pad)
+
+
+ring_attention.defvjp(_ring_fwd_rule, _ring_bwd)
+
+
+class ContextParallelLoss:
+    """`model_loss(graphdef, params, batch, **kwargs)` with each row's sequence split over
+    `context` (`SequenceShards`)."""
+
+    def __init__(self, model_loss: Callable, kind: str, parts: int):
+        self.model_loss, self.kind, self.parts = model_loss, kind, parts
+
+    def __call__(self, graphdef, params, batch, **kwargs):
+        with layers.sequence_shards(SequenceShards(self.kind, self.parts)):
+            return self.model_loss(graphdef, params, batch, **kwargs)
+
+
+def check(config, layout: Layout) -> int:
+    """How many ways sequences are split (1: no `context` axis), with clear errors for what
+    cannot work."""
+    n, kind = layout.mesh.shape[AXIS], config.parallel.context_attention
+    if kind not in KINDS:
+        raise UserError(f"parallel.context_attention={kind!r}; use {', '.join(KINDS)}")
+    if n == 1:
+        return 1
+    model = config.model
+    if model.family == "clip":
+        raise NotImplementedError("context parallelism for the clip family (its captions are "
+                                  "short); set mesh.context=1")
+    if model.get("moe") and model.moe.n_experts and model.moe.dispatch == "capacity":
+        raise NotImplementedError("model.moe.dispatch='capacity' under context parallelism (a "
+                                  "row's capacity spans devices); use dispatch='dropless'")
+    return n
+
