@@ -9,6 +9,7 @@ attends over the cache.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from flax import nnx
 
 from jaxscale.infer.cache import CacheConfig, KVCache
 from jaxscale.models.decoder import Decoder
+from jaxscale.models.layers import causal_attention
 
 
 def forward(model: Decoder, tokens: jax.Array, positions: jax.Array,
@@ -29,6 +31,8 @@ def forward(model: Decoder, tokens: jax.Array, positions: jax.Array,
 
         def attend(q, k, v):
             kv["k"], kv["v"] = k, v
+            if mask is None:  # the model's attention (a strategy's, for split sequences)
+                return causal_attention(q, k, v, None)
             return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
 
         x = _output(nnx.merge(graph, state)(x, positions, None, attend=attend))
@@ -45,12 +49,13 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def prefill(model: Decoder, config: CacheConfig, tokens: jax.Array,
-            lengths: jax.Array) -> tuple[KVCache, jax.Array]:
+def prefill(model: Decoder, config: CacheConfig, tokens: jax.Array, lengths: jax.Array,
+            run: Callable = forward) -> tuple[KVCache, jax.Array]:
     """The cache after the right-padded prompts `tokens` [batch, seq] of `lengths` tokens, and the
-    logits [batch, vocab] that follow each prompt's last token."""
+    logits [batch, vocab] that follow each prompt's last token. `run`: `forward` as a
+    parallelism strategy runs it (context parallelism's whole-row forward)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x, ks, vs = forward(model, tokens, positions, config.prefill_mask(tokens.shape[1]))
+    x, ks, vs = run(model, tokens, positions, config.prefill_mask(tokens.shape[1]))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     return KVCache.from_prompt(config, ks, vs, lengths), model.head(last)[:, 0]
 

@@ -23,13 +23,13 @@ from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import validate
 from jaxscale.errors import UserError
 from jaxscale.infer.cache import AXES, CACHE_RULES, CacheConfig, KVCache, abstract_cache, cache_bytes
-from jaxscale.infer.decode import decode_step, prefill, teacher_forced_logits
+from jaxscale.infer.decode import decode_step, forward, prefill, teacher_forced_logits
 from jaxscale.infer.quantize import fit_spec, param_shardings, quantize_params, weight_bytes
 from jaxscale.infer.sampling import SamplingParams, sample
 from jaxscale.mesh import mesh_from_config
 from jaxscale.models import DECODERS, abstract_model
 from jaxscale.models.layers import token_loss_sums
-from jaxscale.parallel import make_layout
+from jaxscale.parallel import context_parallel, make_layout
 from jaxscale.sharding import Layout, merge_rules, use_layout
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so few lengths are compiled
@@ -115,7 +115,7 @@ class Generator:
     """
 
     def __init__(self, model_cfg, params: nnx.State, layout: Layout, cache: CacheConfig,
-                 weights: str = "float32", group_size: int = 128):
+                 weights: str = "float32", group_size: int = 128, context_attention: str = "ring"):
         if model_cfg.get("family", "llama") not in DECODERS:
             raise UserError(f"generation runs the decoder families ({', '.join(DECODERS)}), not "
                             f"model.family={model_cfg.family!r}")
@@ -134,7 +134,7 @@ class Generator:
                 params = jax.jit(quantize, out_shardings=shardings)(params)
         self.params = params
         self._param_shardings = param_shardings(layout, params)
-        self.weights = weights
+        self.weights, self.context_attention = weights, context_attention
         self._compiled: dict = {}
 
     @classmethod
@@ -151,7 +151,7 @@ class Generator:
                 raise UserError("give the parameters or a checkpoint directory")
             params = load_params(config.model, layout, checkpoint)
         return cls(config.model, params, layout, cache, config.infer.weights,
-                   config.infer.group_size)
+                   config.infer.group_size, config.parallel.context_attention)
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -222,8 +222,11 @@ class Generator:
             return self._compiled[batch, width, n_stop]
         graphdef, config = self.graphdef, self.cache_config
 
+        run = forward if self.layout.mesh.shape["context"] == 1 else context_parallel.WholeRowForward(
+            forward, self.layout.mesh, self.context_attention)
+
         def prefill_fn(params, tokens, lengths, stop, key, sampling):
-            cache, logits = prefill(nnx.merge(graphdef, params), config, tokens, lengths)
+            cache, logits = prefill(nnx.merge(graphdef, params), config, tokens, lengths, run)
             token = sample(logits, key, sampling)
             return cache, token, jnp.isin(token, stop)
 

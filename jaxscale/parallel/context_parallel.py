@@ -42,6 +42,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxscale.errors import UserError
 from jaxscale.models import layers
@@ -322,6 +323,36 @@ class ContextParallelLoss:
             return self.model_loss(graphdef, params, batch, **kwargs)
 
 
+class WholeRowForward:
+    """`forward(model, tokens, positions, mask) -> (x, ks, vs)` (a prefill's: the last block's
+    output [batch, seq, embed] and every layer's K/V [layers, batch, seq, ...]) run with each
+    row's sequence split over `context`, attending as `kind`; the outputs are gathered back into
+    whole rows in row order (what a KV cache holds)."""
+
+    def __init__(self, forward: Callable, mesh, kind: str):
+        self.forward, self.mesh, self.kind = forward, mesh, kind
+
+    def __call__(self, model, tokens: jax.Array, positions: jax.Array, mask: jax.Array | None):
+        if mask is not None:
+            raise NotImplementedError("the prefill of a sliding-window KV cache under context "
+                                      "parallelism; set infer.window=0 or mesh.context=1")
+        graph, state = nnx.split(model)
+        parts = self.mesh.shape[AXIS]
+        shards = SequenceShards(self.kind, parts)
+        unsplit = np.argsort(order(tokens.shape[1], parts))
+
+        def local(state, tokens, positions):
+            with layers.sequence_shards(shards):
+                return self.forward(nnx.merge(graph, state), shards.split(tokens),
+                                    shards.split(positions), None)
+
+        by_device = jax.shard_map(local, mesh=self.mesh, in_specs=jax.P(), axis_names={AXIS},
+                                  out_specs=(jax.P(None, AXIS), jax.P(None, None, AXIS),
+                                             jax.P(None, None, AXIS)))(state, tokens, positions)
+        return tuple(jnp.take(a, unsplit, axis=axis) for a, axis in zip(by_device, (1, 2, 2),
+                                                                         strict=True))
+
+
 def check(config, layout: Layout) -> int:
     """How many ways sequences are split (1: no `context` axis), with clear errors for what
     cannot work."""
@@ -334,6 +365,11 @@ def check(config, layout: Layout) -> int:
     if model.family == "clip":
         raise NotImplementedError("context parallelism for the clip family (its captions are "
                                   "short); set mesh.context=1")
+    if kind == "ring" and layout.mesh.shape["pipeline"] > 1 and config.pipeline.schedule == "1f1b":
+        raise NotImplementedError(
+            "parallel.context_attention='ring' under pipeline.schedule='1f1b' (its stages run in "
+            "branches some devices skip, which a ring's collective-permutes cannot span on every "
+            "backend); use schedule gpipe or interleaved, or context_attention all_gather")
     if model.get("moe") and model.moe.n_experts and model.moe.dispatch == "capacity":
         raise NotImplementedError("model.moe.dispatch='capacity' under context parallelism (a "
                                   "row's capacity spans devices); use dispatch='dropless'")

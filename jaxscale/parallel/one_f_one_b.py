@@ -32,6 +32,7 @@ from jaxscale.parallel.stages import (
     AXIS,
     gather_stats,
     in_stack,
+    loss_weight,
     run_stage,
     shapes,
     split_microbatches,
@@ -90,7 +91,7 @@ class OneFOneB:
         head_fn = functools.partial(_head_loss, graph, shapes(w))
         stats_fn = functools.partial(_stats_loss, graph, shapes(w), shapes(h))
         loss_sum, summary = _pipelined(stage_fn, head_fn, stats_fn, self.m, self.p)(w, h, x, ctx, aux)
-        return jax.lax.psum(loss_sum, AXIS), jnp.sum(batch["loss_mask"]), gather_stats(summary)
+        return jax.lax.psum(loss_sum, AXIS), loss_weight(batch["loss_mask"]), gather_stats(summary)
 
 
 def _pipelined(stage_fn: Callable, head_fn: Callable, stats_fn: Callable, m: int, p: int) -> Callable:

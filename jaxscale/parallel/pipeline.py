@@ -19,14 +19,21 @@ import functools
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
 from jaxscale.parallel.gpipe import CircularSchedule
 from jaxscale.parallel.one_f_one_b import OneFOneB
-from jaxscale.parallel.stages import AXIS, gather_stats, in_stack, run_stage, shapes, under
+from jaxscale.parallel.stages import (
+    AXIS,
+    gather_stats,
+    in_stack,
+    loss_weight,
+    run_stage,
+    shapes,
+    under,
+)
 from jaxscale.sharding import Rules
 
 RULES: Rules = (("layers", AXIS),)
@@ -96,7 +103,7 @@ class _CircularLoss:
         y, stats = self.schedule(stage, w, x, side)
         extra, summary = model.stats_loss(stats)  # this stage's layers'
         loss_sum = jax.lax.pmean(model.pipeline_loss(y, batch), AXIS) + jax.lax.psum(extra, AXIS)
-        return (loss_sum, jax.lax.pmean(jnp.sum(batch["loss_mask"]), AXIS),
+        return (loss_sum, jax.lax.pmean(loss_weight(batch["loss_mask"]), AXIS),
                 gather_stats(summary, layer_axis=1 if self.schedule.v > 1 else 0))
 
 

@@ -10,7 +10,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxscale.models.layers import sequence_parts
+from jaxscale.parallel import context_parallel
+
 AXIS = "pipeline"
+
+
+def loss_weight(mask: jax.Array) -> jax.Array:
+    """The sum of the batch's `mask`, counted once across the devices a row's tokens are split
+    over (context parallelism: on the first of them, 0 on the others), so that the data-parallel
+    sum counts it once."""
+    total = jnp.sum(mask)
+    if sequence_parts() == 1:
+        return total
+    return jnp.where(jax.lax.axis_index(context_parallel.AXIS) == 0, total, 0.0)
 
 
 def split_microbatches(a: jax.Array | None, m: int) -> jax.Array | None:
