@@ -272,3 +272,14 @@ def test_step_lowers_for_gpus_and_tpus(kind, op, documents):
     trainer = build_trainer(c, mesh_from_config(c.mesh, devices_or_skip(8)))
     for platform in ("cuda", "tpu"):
         assert f"stablehlo.{op}" in trainer.lower(platform).as_text()
+
+
+def test_ring_takes_queries_in_tiles(documents, reference, monkeypatch):
+    """The ring's blocks computed a few queries at a time (`QUERY_TILE`, 512 by default; 2 here,
+    so every block is tiled) give one device's losses and gradients."""
+    monkeypatch.setattr(context_parallel, "QUERY_TILE", 2)
+    want_grads, want_losses, _ = reference
+    grads, losses, _ = run(cp_config(documents, context=4, data=2), devices_or_skip(8))
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert np.linalg.norm(np.asarray(got) - np.asarray(want)) / np.linalg.norm(want) < 1e-4

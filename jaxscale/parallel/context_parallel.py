@@ -51,6 +51,7 @@ from jaxscale.sharding import Layout
 AXIS = "context"
 KINDS = ("ring", "all_gather", "all_to_all")
 _NEG = -1e30  # the score of a masked pair (finite: a fully masked block stays finite)
+QUERY_TILE = 512  # the ring computes a block's scores this many queries at a time
 
 
 def token_axes(layout: Layout) -> tuple[str, ...]:
@@ -161,9 +162,35 @@ def _scores(q, k, allowed):
     return jnp.where(allowed[:, None, None], s * q.shape[-1] ** -0.5, _NEG)
 
 
+def _tiles(x: jax.Array, n: int, axis: int) -> jax.Array:
+    """`x` with its `axis` cut into `n` tiles, the tiles first."""
+    shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _untile(x: jax.Array, axis: int) -> jax.Array:
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def _query_tiles(tq: int) -> int:
+    """How many tiles of `QUERY_TILE` queries a block's `tq` queries are taken in."""
+    return tq // QUERY_TILE if tq > QUERY_TILE and tq % QUERY_TILE == 0 else 1
+
+
 def _block(q, k, v, allowed):
     """Attention of q over one K/V block: output [b, tq, kv, g, d] normalised within the block
-    and its log-sum-exp [b, kv, g, tq] (float32)."""
+    and its log-sum-exp [b, kv, g, tq] (float32); `QUERY_TILE` queries at a time, so a block's
+    scores exist one tile at a time."""
+    n = _query_tiles(q.shape[1])
+    if n == 1:
+        return _block_tile(q, k, v, allowed)
+    o, lse = jax.lax.map(lambda a: _block_tile(a[0], k, v, a[1]),
+                         (_tiles(q, n, 1), _tiles(allowed, n, 1)))
+    return _untile(o, 1), _untile(lse, 3)
+
+
+def _block_tile(q, k, v, allowed):
     s = _scores(q, k, allowed)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
@@ -184,7 +211,23 @@ def _merge(o, lse, o_b, lse_b):
 
 def _block_grads(q, k, v, allowed, d_out, lse, delta):
     """The gradients of q, k, v of one block's share of the attention (softmax over all blocks,
-    whose log-sum-exp is `lse`; `delta` = rowsum(d_out * out))."""
+    whose log-sum-exp is `lse`; `delta` = rowsum(d_out * out)), a query tile at a time."""
+    n = _query_tiles(q.shape[1])
+    if n == 1:
+        return _grads_tile(q, k, v, allowed, d_out, lse, delta)
+
+    def tile(carry, a):
+        dq, dk, dv = _grads_tile(a[0], k, v, a[1], a[2], a[3], a[4])
+        return (carry[0] + dk, carry[1] + dv), dq
+
+    zeros = (k * 0).astype(jnp.float32), (v * 0).astype(jnp.float32)
+    (dk, dv), dq = jax.lax.scan(tile, zeros, (_tiles(q, n, 1), _tiles(allowed, n, 1),
+                                              _tiles(d_out, n, 1), _tiles(lse, n, 3),
+                                              _tiles(delta, n, 3)))
+    return _untile(dq, 1), dk, dv
+
+
+def _grads_tile(q, k, v, allowed, d_out, lse, delta):
     scale = q.shape[-1] ** -0.5
     p = jnp.exp(_scores(q, k, allowed) - lse[..., None])
     dp = jnp.einsum("bqkgd,bskd->bkgqs", d_out, v, preferred_element_type=jnp.float32)
