@@ -75,6 +75,7 @@ LAYOUTS = {
     "cp8": dict(context=8),
     "cp4_dp2": dict(context=4, data=2),
     "cp2_fsdp2_tp2": dict(context=2, fsdp=2, tensor=2),
+    "cp2_tp2_sp_dp2": dict(context=2, tensor=2, data=2, sequence_parallel=True),
     "cp2_pp2_dp2_gpipe": dict(context=2, pipeline=2, data=2),
     "cp2_pp2_dp2_1f1b": dict(context=2, pipeline=2, data=2, schedule="1f1b"),
 }

@@ -30,12 +30,6 @@ def test_bad_mesh_sizes_say_what_is_wrong(sizes, message):
         resolve_axis_sizes(sizes, 8)
 
 
-def test_unimplemented_axes_raise_not_implemented():
-    devices = devices_or_skip(2)
-    with pytest.raises(NotImplementedError, match="context"):
-        make_mesh({"context": 2, "data": 1}, devices)
-
-
 def test_mesh_shape_and_axis_order():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices_or_skip(8))
     assert mesh.axis_names == ("pipeline", "data", "fsdp", "expert", "context", "tensor")
