@@ -78,9 +78,12 @@ def collective_bytes(kind: str, model, seq_len: int, rows: int,
     if kind == "ring":
         grads = a * 4 // item  # float32
         hops = parts - 1
-        return {"collective-permute": (layers * (6 * hops + 2) + 2 * hops,
-                                       layers * (4 * hops * a + (2 * hops + 2) * grads)
-                                       + 2 * hops * ids)}
+        # the backward ring re-sends K, V and the ids; with two devices its permutation is the
+        # forward's, and XLA merges those re-sends with the forward's sends of the same arrays
+        resends = hops if parts > 2 else 0
+        return {"collective-permute": (layers * (4 * hops + 2 * resends + 2) + hops + resends,
+                                       layers * (2 * (hops + resends) * a + (2 * hops + 2) * grads)
+                                       + (hops + resends) * ids)}
     if kind == "all_gather":
         return {"all-gather": (2 * layers + 1, 2 * layers * parts * a + parts * ids),
                 "reduce-scatter": (2 * layers, 2 * layers * a)}
@@ -173,16 +176,21 @@ def _untile(x: jax.Array, axis: int) -> jax.Array:
     return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
-def _query_tiles(tq: int) -> int:
-    """How many tiles of `QUERY_TILE` queries a block's `tq` queries are taken in."""
-    return tq // QUERY_TILE if tq > QUERY_TILE and tq % QUERY_TILE == 0 else 1
+def query_tiles(tq: int) -> int:
+    """How many equal tiles a block's `tq` queries are taken in: the fewest of at most
+    `QUERY_TILE` queries each, or the block whole where every such tile would be under a quarter
+    of `QUERY_TILE` (`tq` with no divisor in between)."""
+    if tq <= QUERY_TILE:
+        return 1
+    fewest, most = -(-tq // QUERY_TILE), tq // max(1, QUERY_TILE // 4)
+    return next((n for n in range(fewest, most + 1) if tq % n == 0), 1)
 
 
 def _block(q, k, v, allowed):
     """Attention of q over one K/V block: output [b, tq, kv, g, d] normalised within the block
     and its log-sum-exp [b, kv, g, tq] (float32); `QUERY_TILE` queries at a time, so a block's
     scores exist one tile at a time."""
-    n = _query_tiles(q.shape[1])
+    n = query_tiles(q.shape[1])
     if n == 1:
         return _block_tile(q, k, v, allowed)
     o, lse = jax.lax.map(lambda a: _block_tile(a[0], k, v, a[1]),
@@ -212,7 +220,7 @@ def _merge(o, lse, o_b, lse_b):
 def _block_grads(q, k, v, allowed, d_out, lse, delta):
     """The gradients of q, k, v of one block's share of the attention (softmax over all blocks,
     whose log-sum-exp is `lse`; `delta` = rowsum(d_out * out)), a query tile at a time."""
-    n = _query_tiles(q.shape[1])
+    n = query_tiles(q.shape[1])
     if n == 1:
         return _grads_tile(q, k, v, allowed, d_out, lse, delta)
 
@@ -408,13 +416,13 @@ def check(config, layout: Layout) -> int:
     if model.family == "clip":
         raise NotImplementedError("context parallelism for the clip family (its captions are "
                                   "short); set mesh.context=1")
-    if kind == "ring" and layout.mesh.shape["pipeline"] > 1 and config.pipeline.schedule == "1f1b":
-        raise NotImplementedError(
-            "parallel.context_attention='ring' under pipeline.schedule='1f1b' (its stages run in "
-            "branches some devices skip, which a ring's collective-permutes cannot span on every "
-            "backend); use schedule gpipe or interleaved, or context_attention all_gather")
     if model.get("moe") and model.moe.n_experts and model.moe.dispatch == "capacity":
         raise NotImplementedError("model.moe.dispatch='capacity' under context parallelism (a "
                                   "row's capacity spans devices); use dispatch='dropless'")
     return n
 
+
+def spans_stages(config, layout: Layout) -> bool:
+    """Whether attention holds collectives that are one operation across every pipeline stage's
+    devices (the ring's collective-permutes), which a 1F1B schedule must run in lockstep."""
+    return layout.mesh.shape[AXIS] > 1 and config.parallel.context_attention == "ring"

@@ -8,7 +8,11 @@ microbatches, in a ring of `min(M, 2P - 1)` slots whatever `M` is, and recompute
 forward in its backward (stage-level rematerialisation): activation memory is bounded by P, where
 GPipe keeps every layer's activations for all `M` microbatches, at the cost of one more forward.
 Forward, head and backward are each a `lax.cond`, so a stage with nothing to do in a tick skips that
-work and the step costs about `(M + P - 1)(2F + B)`.
+work and the step costs about `(M + P - 1)(2F + B)`. With `lockstep`, every device runs a tick's
+forward (backward) when any stage has one and keeps the result only where its own stage does: a
+stage whose layers hold a collective that is one operation across every stage's devices (the
+ring attention's collective-permutes) needs all of them to run it. The ticks take as long (in
+each, the last stage has the most work), but the stages compute in their bubbles.
 
 Gradients are computed inside the schedule, so the pipelined part is one `jax.custom_vjp`
 function whose forward returns the loss and keeps the gradients, and whose backward scales them by
@@ -72,8 +76,8 @@ class OneFOneB:
     Runs where `pipeline` is manual; returns the same sums on every stage.
     """
 
-    def __init__(self, microbatches: int, stages: int, paths: tuple[str, ...]):
-        self.m, self.p, self.paths = microbatches, stages, paths
+    def __init__(self, microbatches: int, stages: int, paths: tuple[str, ...], lockstep: bool = False):
+        self.m, self.p, self.paths, self.lockstep = microbatches, stages, paths, lockstep
 
     def __call__(self, graphdef: nnx.GraphDef, params: nnx.State, batch, **model_kwargs):
         model = nnx.merge(graphdef, params)
@@ -90,17 +94,20 @@ class OneFOneB:
         stage_fn = functools.partial(run_stage, graph, shapes(h), model_kwargs)
         head_fn = functools.partial(_head_loss, graph, shapes(w))
         stats_fn = functools.partial(_stats_loss, graph, shapes(w), shapes(h))
-        loss_sum, summary = _pipelined(stage_fn, head_fn, stats_fn, self.m, self.p)(w, h, x, ctx, aux)
+        loss_sum, summary = _pipelined(stage_fn, head_fn, stats_fn, self.m, self.p,
+                                       self.lockstep)(w, h, x, ctx, aux)
         return jax.lax.psum(loss_sum, AXIS), loss_weight(batch["loss_mask"]), gather_stats(summary)
 
 
-def _pipelined(stage_fn: Callable, head_fn: Callable, stats_fn: Callable, m: int, p: int) -> Callable:
+def _pipelined(stage_fn: Callable, head_fn: Callable, stats_fn: Callable, m: int, p: int,
+               lockstep: bool) -> Callable:
     """`f(blocks, head_params, x, ctx, aux) -> (loss_sum, summary)`: the loss sum of this stage
     (the head's on the last stage, plus its layers' router losses) and its layers' stats summary,
     with gradients by 1F1B for the blocks, the head, the stage input `x` and the context `ctx`."""
 
     def ticks(w, h, x, ctx, aux, with_grads):
-        return _Ticks(stage_fn, head_fn, stats_fn, m, p, w, h, x, ctx, aux, with_grads=with_grads)
+        return _Ticks(stage_fn, head_fn, stats_fn, m, p, w, h, x, ctx, aux, with_grads=with_grads,
+                      lockstep=lockstep)
 
     @jax.custom_vjp
     def f(w, h, x, ctx, aux):  # not differentiated: the forward ticks only
@@ -139,8 +146,10 @@ class _Ticks:
     added to the loss and differentiated in the stage's backward, and a summary, summed over the
     forward ticks."""
 
-    def __init__(self, stage_fn, head_fn, stats_fn, m, p, w, h, x, ctx, aux, *, with_grads: bool):
+    def __init__(self, stage_fn, head_fn, stats_fn, m, p, w, h, x, ctx, aux, *, with_grads: bool,
+                 lockstep: bool):
         self.stage_fn, self.head_fn, self.stats_fn, self.m, self.p = stage_fn, head_fn, stats_fn, m, p
+        self.lockstep = lockstep
         self.w, self.h, self.shape, self.with_grads = w, h, x.shape, with_grads
         split = functools.partial(split_microbatches, m=m)
         self.xs = split(x)
@@ -189,17 +198,32 @@ class _Ticks:
         lsum, vjp = jax.vjp(loss, self.h, y)
         return (lsum, *vjp(lsum * 0 + 1))
 
+    def _kept(self, ok, tree):
+        """A lockstep tick's `tree` where `ok`, zeros elsewhere (on a stage that had no work)."""
+        if not self.lockstep:
+            return tree
+        return jax.tree.map(lambda a: jnp.where(ok, a, jnp.zeros_like(a)), tree)
+
+    def _due(self, i):
+        """Whether microbatch index `i` is one of the `M`."""
+        return (i >= 0) & (i < self.m)
+
     def tick(self, carry, t):
         """Stage `s` at tick `t`: forward of microbatch `t - s`, backward of `t - (2P - 2 - s)`."""
         p, m, stage, zeros_x = self.p, self.m, self.stage, self.zeros_x
         recv_x, recv_ct, stash, grad_w, grad_h, grad_x, grad_ctx, loss_sum = carry
         fi, bi = t - stage, t - (2 * p - 2 - stage)
-        f_ok, b_ok = (fi >= 0) & (fi < m), (bi >= 0) & (bi < m)
+        f_ok, b_ok = self._due(fi), self._due(bi)
+        f_run, b_run = f_ok, b_ok
+        if self.lockstep:  # whenever any stage runs them
+            every = jnp.arange(p)
+            f_run, b_run = self._due(t - every).any(), self._due(t - (2 * p - 2 - every)).any()
         fi, bi = jnp.clip(fi, 0, m - 1), jnp.clip(bi, 0, m - 1)
         last = stage == p - 1
         xin = jnp.where(stage == 0, self.xs[fi], recv_x)
-        y, stats = jax.lax.cond(f_ok, lambda: self.forward(self.w, xin, _at(fi, self.ctxs), fi),
-                                lambda: (zeros_x, self.zero_stats))
+        y, stats = self._kept(f_ok, jax.lax.cond(
+            f_run, lambda: self.forward(self.w, xin, _at(fi, self.ctxs), fi),
+            lambda: (zeros_x, self.zero_stats)))
         extra, summary = self.stats_fn(stats)  # zeros for a tick without a forward
         lsum, dh, dy = jax.lax.cond(f_ok & last, lambda: self.head(y, fi),
                                     lambda: (self.zero_loss, self.zeros_h, zeros_x))
@@ -207,8 +231,9 @@ class _Ticks:
         if self.with_grads:
             stash = stash.at[fi % self.slots].set(jnp.where(f_ok, xin, stash[fi % self.slots]))
             ct = jnp.where(last, dy, recv_ct)
-            dw, dx, dctx = jax.lax.cond(b_ok, lambda: self.backward(stash[bi % self.slots], bi, ct),
-                                        lambda: (self.zeros_w, zeros_x, self.zeros_ctx))
+            dw, dx, dctx = self._kept(b_ok, jax.lax.cond(
+                b_run, lambda: self.backward(stash[bi % self.slots], bi, ct),
+                lambda: (self.zeros_w, zeros_x, self.zeros_ctx)))
         grad_x = grad_x.at[bi].set(jnp.where(b_ok & (stage == 0), dx, grad_x[bi]))
         grad_ctx = jax.tree.map(lambda g, d: g.at[bi].add(d), grad_ctx, dctx)
         forward_ring = [(i, (i + 1) % p) for i in range(p)]

@@ -84,7 +84,9 @@ def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: La
     param_specs = pipeline.virtualize(zero.specs(layout, params, stage, from_stage=2), virtual, paths)
     opt_specs = pipeline.virtualize(zero.specs(layout, opt_state, stage, from_stage=1), virtual, paths)
     model_loss = (pipeline.pipeline_loss(config.pipeline.schedule, config.pipeline.microbatches,
-                                         stages, virtual, paths) if stages > 1 else loss_sums)
+                                         stages, virtual, paths,
+                                         lockstep=context_parallel.spans_stages(config, layout))
+                  if stages > 1 else loss_sums)
     if experts > 1:
         model_loss = expert_parallel.ExpertParallelLoss(model_loss, config.parallel.expert_buffer)
     if (parts := context_parallel.check(config, layout)) > 1:

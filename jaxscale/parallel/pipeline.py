@@ -108,15 +108,15 @@ class _CircularLoss:
 
 
 def pipeline_loss(schedule: str, microbatches: int, stages: int, virtual: int,
-                  paths: tuple[str, ...]) -> Callable:
+                  paths: tuple[str, ...], lockstep: bool = False) -> Callable:
     """`loss(graphdef, params, batch, **model_kwargs) -> (loss_sum, count, stats)` under a schedule,
     for a model with the pipeline interface of `models.decoder.Decoder` whose stacks at `paths`
-    are split into stages.
+    are split into stages; `lockstep`: 1F1B's stages run each tick's work together (`OneFOneB`).
 
     Runs where `pipeline` is manual; returns the same sums on every stage.
     """
     if schedule == "1f1b":
-        return OneFOneB(microbatches, stages, paths)
+        return OneFOneB(microbatches, stages, paths, lockstep)
     return _CircularLoss(CircularSchedule(microbatches, stages, virtual if schedule == "interleaved"
                                           else 1), paths)
 
