@@ -130,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1
     c.train.log_every = 20
     c.train.max_nonfinite_steps = 0  # steps with a NaN/inf loss or gradient to skip before stopping
+    c.train.offload = ""  # state kept in host memory between steps: "optimizer", "params" or both
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.dir = ""  # default: <run_dir>/checkpoints; any path Orbax/tensorstore supports

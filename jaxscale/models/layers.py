@@ -406,12 +406,16 @@ def remat_policy(name: str) -> Callable | None:
         return policies.nothing_saveable
     if name == "save_dots":
         return policies.checkpoint_dots_with_no_batch_dims
-    if name.startswith("save:"):
-        names = [n.strip() for n in name[5:].split(",") if n.strip()]
-        if names:
-            return policies.save_only_these_names(*names)
-    raise UserError(f"model.remat={name!r} is not a policy; use none, full, save_dots or "
-                     f"save:<name>,<name>")
+    kind, _, listed = name.partition(":")
+    names = [n.strip() for n in listed.split(",") if n.strip()]
+    if kind == "save" and names:
+        return policies.save_only_these_names(*names)
+    if kind == "offload" and names:  # kept in host memory between the forward and the backward
+        return policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=names,
+            offload_src="device", offload_dst="pinned_host")
+    raise UserError(f"model.remat={name!r} is not a policy; use none, full, save_dots, "
+                     f"save:<name>,<name> or offload:<name>,<name>")
 
 
 def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs,

@@ -23,6 +23,7 @@ from jaxscale.models.fusion import FREEZE_GROUPS
 from jaxscale.parallel import make_layout, parallelize
 from jaxscale.parallel.pipeline import virtualize
 from jaxscale.sharding import Layout, use_layout
+from jaxscale.train import offload
 from jaxscale.train.optim import make_optimizer
 from jaxscale.train.step import Batch, TrainState, make_train_step
 
@@ -40,6 +41,7 @@ class Trainer:
     batch_spec: PartitionSpec
     virtual_stages: int = 1
     pipelined: tuple[str, ...] = ()  # the paths of the stacks split into pipeline stages
+    offload: tuple[str, ...] = ()  # the state parts kept in host memory (`train.offload`)
     loss_fn: Callable = dataclasses.field(repr=False, default=None)
     _step: Callable = dataclasses.field(repr=False, default=None)
     _compiled: object = dataclasses.field(repr=False, default=None)
@@ -51,7 +53,10 @@ class Trainer:
 
     @property
     def state_shardings(self) -> TrainState:
-        return self.layout.shardings(self.state_specs)
+        return self._shardings(self.state_specs)
+
+    def _shardings(self, specs: TrainState) -> TrainState:
+        return offload.placed(self.layout.shardings(specs), self.offload)
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -84,7 +89,7 @@ class Trainer:
         specs = virtualize(self.state_specs, self.virtual_stages, self.pipelined, inverse=True) if (
             canonical) else (
             self.state_specs)
-        shardings = jax.tree.leaves(self.layout.shardings(specs))
+        shardings = jax.tree.leaves(self._shardings(specs))
         return treedef.unflatten([jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
                                   for s, sh in zip(leaves, shardings, strict=True)])
 
@@ -158,11 +163,15 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     state_specs = TrainState(step=PartitionSpec(), params=par.param_specs, opt_state=par.opt_specs)
     step_fn = make_train_step(par.loss, tx, schedule, config.train.grad_accum_steps,
                               layout.shardings(par.param_specs), config.model.moe.bias_rate)
+    on_host = offload.parts(config, mesh.devices.flat)
     shardings = layout.shardings(state_specs)
+    if on_host:
+        step_fn = offload.fetched(step_fn, shardings)
+        shardings = offload.placed(shardings, on_host)
     jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(par.batch_spec)),
                      out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(config, layout, graphdef, tx, schedule, state_specs, par.batch_spec,
-                   par.virtual_stages, par.pipelined, par.loss, jitted)
+                   par.virtual_stages, par.pipelined, on_host, par.loss, jitted)
 
 
 def frozen_groups(model_cfg) -> tuple[str, ...]:
