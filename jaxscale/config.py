@@ -168,6 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.1
     c.optim.clip_norm = 1.0
+    c.optim.moments = "float32"  # AdamW's moments: float32 | 8bit (float8 codes, block scales: adam8bit.py)
     return c
 
 

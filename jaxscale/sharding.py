@@ -111,6 +111,9 @@ class Layout:
 
         Variables use their `logical_axes` metadata; other leaves (step counters) are replicated.
         `adjust(spec, shape, names)` may change each variable's spec (a strategy's extra sharding).
+        Block scales (metadata `block_scales=(n, b)`: one per `b` values along an array's last
+        axis of `n`, as 8-bit optimizer moments keep) take that array's spec, their last axis
+        split as its last axis only where every shard holds whole blocks (else kept whole).
         """
 
         def one(path, leaf):
@@ -120,8 +123,16 @@ class Layout:
             where = "parameter " + jax.tree_util.keystr(path, simple=True, separator="/")
             if names is None or len(names) != leaf.ndim:
                 raise ValueError(f"{where} of shape {leaf.shape} has logical_axes={names!r}")
-            spec = self.spec(names, leaf.shape, where)
-            return adjust(spec, leaf.shape, names) if adjust else spec
+            blocks = leaf.get_metadata().get("block_scales")
+            shape = (*leaf.shape[:-1], blocks[0]) if blocks else leaf.shape
+            spec = self.spec(names, shape, where)
+            spec = adjust(spec, shape, names) if adjust else spec
+            if blocks:  # shards holding parts of blocks: the scales' block axis stays whole
+                dims = list(spec) + [None] * (len(shape) - len(spec))
+                if dims[-1] and blocks[0] // self.size(as_tuple(dims[-1])) % blocks[1]:
+                    dims[-1] = None
+                spec = PartitionSpec(*dims)
+            return spec
 
         return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

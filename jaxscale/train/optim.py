@@ -1,4 +1,5 @@
-"""AdamW with linear warmup, cosine decay and global-norm clipping, from the config's `optim`."""
+"""AdamW with linear warmup, cosine decay and global-norm clipping, from the config's `optim`; its
+moments in float32 or in 8 bits (`optim.moments`, `adam8bit.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import jax
 import optax
 from flax import nnx
 
+from jaxscale.errors import UserError
 from jaxscale.models.moe import RouterBias
+from jaxscale.train.adam8bit import scale_by_adam_8bit
+
+MOMENTS = ("float32", "8bit")
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -25,15 +30,19 @@ def make_optimizer(optim_cfg, total_steps: int, frozen: Sequence[str] = ()) -> t
 
     Parameters under a top-level key in `frozen` (e.g. "vision") get no updates; clipping sees
     only the trained ones. (They keep optimizer moments, which stay zero.) Variables that are
-    not parameters (`RouterBias`) get no updates.
+    not parameters (`RouterBias`) get no updates. `optim.moments="8bit"` keeps AdamW's moments
+    block-wise quantized (`adam8bit.scale_by_adam_8bit`), otherwise it is `optax.adamw`.
     """
+    if optim_cfg.moments not in MOMENTS:
+        raise UserError(f"optim.moments={optim_cfg.moments!r}; use one of {', '.join(MOMENTS)}")
     schedule = make_schedule(optim_cfg, total_steps)
-    tx = optax.chain(
-        optax.clip_by_global_norm(optim_cfg.clip_norm),
-        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                    weight_decay=optim_cfg.weight_decay,
-                    mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params)),
-    )
+    adam = (scale_by_adam_8bit if optim_cfg.moments == "8bit" else optax.scale_by_adam)(
+        b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
+    adamw = optax.chain(  # optax.adamw, state and all, with the Adam chosen
+        adam, optax.add_decayed_weights(optim_cfg.weight_decay,
+                                        mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params)),
+        optax.scale_by_learning_rate(schedule))
+    tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), adamw)
     if frozen:  # zero their gradients (before clipping) and their updates (after weight decay)
         def is_frozen(params):
             return jax.tree_util.tree_map_with_path(
