@@ -132,6 +132,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_nonfinite_steps = 0  # steps with a NaN/inf loss or gradient to skip before stopping
     c.train.offload = ""  # state kept in host memory between steps: "optimizer", "params" or both
 
+    c.diloco = ml_collections.ConfigDict()  # local SGD over mesh.data's replicas (docs/parallelism.md)
+    c.diloco.enabled = False
+    c.diloco.inner_steps = 32  # H: steps each replica takes alone between outer steps
+    c.diloco.outer_lr = 0.7  # the outer SGD's learning rate on the averaged pseudo-gradient
+    c.diloco.outer_momentum = 0.9  # 0: none
+    c.diloco.nesterov = True
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.dir = ""  # default: <run_dir>/checkpoints; any path Orbax/tensorstore supports
     c.checkpoint.every = 100  # save every N steps (0: only at the end and on SIGTERM/SIGINT)
@@ -196,6 +203,9 @@ BOUNDS = {
     "checkpoint.keep": ">= 0",
     "checkpoint.keep_every": ">= 0",
     "checkpoint.resume_step": ">= -1",
+    "diloco.inner_steps": ">= 1",
+    "diloco.outer_lr": "> 0",
+    "diloco.outer_momentum": ">= 0 and < 1",
     "optim.lr": ">= 0",
     "optim.min_lr_ratio": ">= 0 and <= 1",
     "optim.warmup_steps": ">= 0",

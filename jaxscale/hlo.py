@@ -104,6 +104,39 @@ def _ancestors(name: str, deps: dict[str, list[str]]) -> set[str]:
     return seen
 
 
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """`{name: its instruction lines}` of every computation in the HLO text."""
+    comps: dict[str, list[str]] = {}
+    body: list[str] | None = None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and (m := _HEADER.match(line)):
+            body = comps.setdefault(m.group(1), [])
+        elif body is not None and " = " in line:
+            body.append(line.strip())
+    return comps
+
+
+def _called(line: str) -> list[str]:
+    return [c.strip(" {}%") for m in _CALLS.finditer(line) for c in m.group(1).split(",")]
+
+
+def branch_collective_stats(hlo_text: str) -> tuple[dict, dict]:
+    """`collective_stats` of the collectives outside any conditional's branches (run every
+    time) and of those inside them, in what the branches call too (run when taken)."""
+    comps = _computations(hlo_text)
+    todo = [c for lines in comps.values() for line in lines if " conditional(" in line
+            for c in _called(line)]
+    inside: set[str] = set()
+    while todo:
+        if (c := todo.pop()) in comps and c not in inside:
+            inside.add(c)
+            todo += [d for line in comps[c] for d in _called(line)]
+    text = {True: [], False: []}
+    for name, lines in comps.items():
+        text[name in inside] += lines
+    return collective_stats("\n".join(text[False])), collective_stats("\n".join(text[True]))
+
+
 def unordered_collectives(hlo_text: str) -> list[tuple[str, str, str]]:
     """Pairs of collectives that may meet the wrong partners: `(computation, a, b)`.
 
@@ -115,14 +148,7 @@ def unordered_collectives(hlo_text: str) -> list[tuple[str, str, str]]:
     emulated device's `a` with another's `b`: an abort, or mixed data. Buffers the two share
     may still order them; groups that cannot be read count as any group.
     """
-    comps: dict[str, list[str]] = {}
-    body: list[str] | None = None
-    for line in hlo_text.splitlines():
-        if line and not line[0].isspace() and (m := _HEADER.match(line)):
-            body = comps.setdefault(m.group(1), [])
-        elif body is not None and " = " in line:
-            body.append(line.strip())
-
+    comps = _computations(hlo_text)
     held: dict[str, set] = {}
 
     def holds(line: str) -> set:

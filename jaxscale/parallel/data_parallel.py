@@ -68,24 +68,42 @@ class DataParallelLoss:
     `batch_axes`: the data-parallel axes, and `expert` under expert parallelism) with the
     parameters as `manual_specs` split them over `manual_axes`; its sums are added over the
     `batch_axes` and the `token_axes` (`context`, over which the model splits each row's tokens).
+
+    With a `replica_axis` (DiLoCo, `diloco.py`), `params` are stacked over its replicas (a leading
+    dimension split over it): each replica's loss and token sums come out apart, `[replicas]`,
+    and its gradients are its own (nothing is all-reduced over that axis but the stats).
     """
 
     def __init__(self, local_loss: Callable, layout: Layout, manual_specs,
                  manual_axes: tuple[str, ...], batch_axes: tuple[str, ...],
-                 token_axes: tuple[str, ...] = ()):
+                 token_axes: tuple[str, ...] = (), replica_axis: str | None = None):
         self.local_loss, self.layout = local_loss, layout
         self.manual_specs, self.manual_axes, self.axes = manual_specs, manual_axes, batch_axes
-        self.summed = batch_axes + token_axes
+        self.summed, self.replica_axis = batch_axes + token_axes, replica_axis
 
     def __call__(self, params, batch):
         batch_specs = jax.tree.map(lambda _: PartitionSpec(self.axes or None), batch)
+        param_specs, sums = self.manual_specs, PartitionSpec()
+        if self.replica_axis:
+            param_specs = jax.tree.map(lambda s: PartitionSpec(self.replica_axis, *s), param_specs,
+                                       is_leaf=lambda x: isinstance(x, PartitionSpec))
+            sums = PartitionSpec(self.replica_axis)
         return jax.shard_map(self._summed, mesh=self.layout.mesh,
-                             in_specs=(self.manual_specs, batch_specs),
-                             out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec()),
+                             in_specs=(param_specs, batch_specs),
+                             out_specs=(sums, sums, PartitionSpec()),
                              axis_names=set(self.manual_axes))(params, batch)
 
     def _summed(self, params, batch):
+        if self.replica_axis:
+            return self._replica_sums(jax.tree.map(lambda p: p[0], params), batch)
         sums = self.local_loss(params, batch)
         if self.summed:  # one all-reduce, after the loss (the count alone would not wait for it)
             sums = jax.lax.psum(sums, self.summed)
         return sums
+
+    def _replica_sums(self, params, batch):
+        loss_sum, count, stats = self.local_loss(params, batch)
+        within = tuple(a for a in self.summed if a != self.replica_axis)
+        if within:
+            loss_sum, count = jax.lax.psum((loss_sum, count), within)
+        return loss_sum[None], count[None], jax.lax.psum(stats, self.summed)

@@ -24,6 +24,7 @@ from jaxscale.models import DECODERS, loss_sums
 from jaxscale.parallel import (
     context_parallel,
     data_parallel,
+    diloco,
     expert_parallel,
     pipeline,
     tensor_parallel,
@@ -59,7 +60,9 @@ class Parallelized:
     `param_specs`, `opt_specs`: the stored layouts of parameters (and gradients) and optimizer
     state; `batch_spec`: the batch's; `virtual_stages`: chunks of layers per pipeline stage (the
     parameters' pipelined stacks are `[V, L/V, ...]` when > 1, see `pipeline.virtualize`);
-    `pipelined`: the paths of those stacks (none without a pipeline).
+    `pipelined`: the paths of those stacks (none without a pipeline); `replicas`: DiLoCo's
+    (`diloco.py`; 1 when off), over which `loss` takes the parameters stacked and returns each
+    replica's sums.
     """
 
     loss: Callable
@@ -68,6 +71,7 @@ class Parallelized:
     batch_spec: PartitionSpec
     virtual_stages: int
     pipelined: tuple[str, ...]
+    replicas: int = 1
 
 
 def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: Layout,
@@ -95,14 +99,18 @@ def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: La
     batch_axes = data_parallel.dp_axes(layout) + expert_parallel.batch_axes(layout)
     token_axes = context_parallel.token_axes(layout)
     manual_axes = batch_axes + token_axes + (("pipeline",) if stages > 1 else ())
+    replicas = diloco.replicas(config, layout)
     loss = _sharded_loss(graphdef, params, config, layout, param_specs, model_loss, manual_axes,
-                         batch_axes, token_axes, virtualized=paths if virtual > 1 else ())
-    return Parallelized(loss, param_specs, opt_specs, layout.spec(("batch",)), virtual, paths)
+                         batch_axes, token_axes, virtualized=paths if virtual > 1 else (),
+                         replica_axis=diloco.AXIS if replicas > 1 else None)
+    return Parallelized(loss, param_specs, opt_specs, layout.spec(("batch",)), virtual, paths,
+                        replicas)
 
 
 def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_loss: Callable,
                   manual_axes: tuple[str, ...], batch_axes: tuple[str, ...],
-                  token_axes: tuple[str, ...], virtualized: tuple[str, ...]) -> Callable:
+                  token_axes: tuple[str, ...], virtualized: tuple[str, ...],
+                  replica_axis: str | None) -> Callable:
     """The loss run manual over `manual_axes`, or the model's own where there are none."""
     if not manual_axes:
         return lambda p, batch: model_loss(graphdef, p, batch)
@@ -115,7 +123,7 @@ def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_l
         tables=vocab_parallel.vocab_tables(params) if decoder else {},
         order=order_collectives, towers=_takes(graphdef, params, "order"))
     return data_parallel.DataParallelLoss(local, layout, manual, manual_axes, batch_axes,
-                                          token_axes)
+                                          token_axes, replica_axis)
 
 
 def _experts(config, layout: Layout) -> int:

@@ -128,12 +128,12 @@ def initial_state(config: ml_collections.ConfigDict, trainer: Trainer, data: Dat
     loaded = _read_init_params(ckpt_cfg.init_params_from, trainer)  # errors before init's compile
     state = trainer.init()
     if None in loaded:
-        return state.replace(params=trainer.from_canonical(loaded[None]))
+        return trainer.with_params(state, trainer.from_canonical(loaded[None]))
     if loaded:  # the other groups keep their fresh initialisation
         params = trainer.to_canonical(state.params)
         for group, subtree in loaded.items():
             params[group] = subtree
-        state = state.replace(params=trainer.from_canonical(params))
+        state = trainer.with_params(state, trainer.from_canonical(params))
     return state
 
 

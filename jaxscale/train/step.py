@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import optax
 from flax import nnx, struct
 
 from jaxscale.models import moe
+from jaxscale.parallel import diloco
 from jaxscale.sharding import constrain
 
 Batch = dict[str, jax.Array]
@@ -21,11 +24,12 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
+    local: Any = None  # DiLoCo's replicas: (their parameters, their inner optimizer state)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
-                    grad_shardings, bias_rate: float = 0.0
+                    grad_shardings, bias_rate: float = 0.0, outer: diloco.Outer | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build `step(state, batch) -> (state, metrics)`, ready for `jax.jit`.
 
@@ -40,7 +44,12 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     `grad_shardings` pins the (accumulated) gradients to the parameters' layout.
     A step whose loss or gradient norm is not finite applies no update and reports
     `nonfinite=1` in its metrics.
+
+    With DiLoCo's `outer` step, `loss_fn` takes the replicas' parameters (`state.local`) and
+    returns each replica's loss and token sums; each replica's gradient is that of its own mean
+    loss, `tx` updates each replica apart, and `outer` runs after every `inner_steps`-th step.
     """
+    update = diloco.per_replica(tx.update) if outer else tx.update
     grad_fn = jax.value_and_grad(_with_aux(loss_fn), has_aux=True)
 
     def pin(grads):
@@ -48,7 +57,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 
     def compute_grads(params, batch):
         if grad_accum_steps == 1:
-            (loss_sum, (count, stats)), grads = grad_fn(params, batch)
+            (_, (loss_sum, count, stats)), grads = grad_fn(params, batch)
             return loss_sum, count, stats, pin(grads)
 
         def split(x):  # [B, ...] -> [accum, B/accum, ...], micro-batch i = rows i, i+accum, ...
@@ -57,45 +66,55 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 
         def body(carry, micro):
             loss_sum, count, stats, grads = carry
-            (ls, (c, s)), g = grad_fn(params, micro)
+            (_, (ls, c, s)), g = grad_fn(params, micro)
             return (loss_sum + ls, count + c, jax.tree.map(jnp.add, stats, s),
                     pin(jax.tree.map(jnp.add, grads, g))), None
 
         micros = jax.tree.map(split, batch)
         zeros = pin(jax.tree.map(jnp.zeros_like, params))
-        no_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                jax.eval_shape(loss_fn, params, jax.tree.map(lambda a: a[0], micros))[2])
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), no_stats, zeros)
-        (loss_sum, count, stats, grads), _ = jax.lax.scan(body, init, micros)
+        sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                            jax.eval_shape(loss_fn, params, jax.tree.map(lambda a: a[0], micros)))
+        (loss_sum, count, stats, grads), _ = jax.lax.scan(body, (*sums, zeros), micros)
         return loss_sum, count, stats, grads
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        loss_sum, count, stats, grads = compute_grads(state.params, batch)
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        old_params, old_opt = state.local if outer else (state.params, state.opt_state)
+        loss_sum, count, stats, grads = compute_grads(old_params, batch)
+        count = jnp.maximum(count, 1.0)  # each replica's, under DiLoCo
+        grads = jax.tree.map(lambda g: g / count.reshape(count.shape + (1,) * (g.ndim - count.ndim)),
+                             grads)
+        loss = jnp.sum(loss_sum) / jnp.sum(count)
+        grad_norm = optax.tree.norm(grads) / math.sqrt(max(count.size, 1))  # replicas' RMS
+        updates, opt_state = update(grads, old_opt, old_params)
+        params = optax.apply_updates(old_params, updates)
         if bias_rate and stats:
             params = moe.balance_bias(params, stats["load"], bias_rate)
         # a non-finite loss or gradient leaves parameters and optimizer state as they were (the
         # training loop decides whether the run stops); the step counter moves on with the data
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
+                                         (params, opt_state), (old_params, old_opt))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "tokens": count, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+                   "tokens": jnp.sum(count), "nonfinite": 1.0 - finite.astype(jnp.float32)}
         if stats:
             metrics.update(moe.summarize(stats))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        if outer:
+            global_params, outer_state, params = outer(state.params, state.opt_state, params,
+                                                       state.step)
+            state = state.replace(params=global_params, opt_state=outer_state,
+                                  local=(params, opt_state))
+        else:
+            state = state.replace(params=params, opt_state=opt_state)
+        return state.replace(step=state.step + 1), metrics
 
     return step
 
 
 def _with_aux(loss_fn: Callable) -> Callable:
-    """`loss_fn` as `jax.value_and_grad(has_aux=True)` takes it: `(loss_sum, (count, stats))`."""
+    """`loss_fn` as `jax.value_and_grad(has_aux=True)` takes it: the loss sum (over DiLoCo's
+    replicas too) and `(loss_sum, count, stats)`."""
     def fn(params, batch):
         loss_sum, count, stats = loss_fn(params, batch)
-        return loss_sum, (count, stats)
+        return jnp.sum(loss_sum), (loss_sum, count, stats)
 
     return fn

@@ -20,7 +20,7 @@ from jaxscale.data.loader import batch_shapes
 from jaxscale.errors import UserError
 from jaxscale.models import abstract_model, build_model
 from jaxscale.models.fusion import FREEZE_GROUPS
-from jaxscale.parallel import make_layout, parallelize
+from jaxscale.parallel import diloco, make_layout, parallelize
 from jaxscale.parallel.pipeline import virtualize
 from jaxscale.sharding import Layout, use_layout
 from jaxscale.train import offload
@@ -42,6 +42,8 @@ class Trainer:
     virtual_stages: int = 1
     pipelined: tuple[str, ...] = ()  # the paths of the stacks split into pipeline stages
     offload: tuple[str, ...] = ()  # the state parts kept in host memory (`train.offload`)
+    replicas: int = 1  # DiLoCo's (`parallel/diloco.py`); 1: off
+    outer_tx: optax.GradientTransformation | None = None  # DiLoCo's outer optimizer
     loss_fn: Callable = dataclasses.field(repr=False, default=None)
     _step: Callable = dataclasses.field(repr=False, default=None)
     _compiled: object = dataclasses.field(repr=False, default=None)
@@ -69,12 +71,31 @@ class Trainer:
         @partial(jax.jit, out_shardings=self.state_shardings)
         def init_fn(key):
             model = build_model(self.config.model, nnx.Rngs(params=key))
-            params = virtualize(nnx.state(model), self.virtual_stages, self.pipelined)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=self.tx.init(params))
+            return self._fresh(virtualize(nnx.state(model), self.virtual_stages, self.pipelined))
 
         with use_layout(self.layout):
             return init_fn(jax.random.key(seed))
+
+    def _fresh(self, params) -> TrainState:
+        """The state at step 0 from `params` (under DiLoCo every replica starts from them)."""
+        step = jnp.zeros((), jnp.int32)
+        if self.replicas == 1:
+            return TrainState(step, params, self.tx.init(params))
+        local = diloco.stack(params, self.replicas)
+        return TrainState(step, params, self.outer_tx.init(params),
+                          local=(local, jax.vmap(self.tx.init)(local)))
+
+    def with_params(self, state: TrainState, params) -> TrainState:
+        """`state` with other parameters (this trainer's layout), every DiLoCo replica's too."""
+        if self.replicas == 1:
+            return state.replace(params=params)
+
+        @partial(jax.jit, out_shardings=self.state_shardings)
+        def reset(state, params):
+            return self._fresh(params).replace(step=state.step)
+
+        with use_layout(self.layout):
+            return reset(state, params)
 
     def abstract_state(self, canonical: bool = False) -> TrainState:
         """ShapeDtypeStructs of the state, with shardings (for AOT compiles and restores).
@@ -82,9 +103,8 @@ class Trainer:
         `canonical`: the form checkpoints hold, stacked layers `[L, ...]` whatever the schedule.
         """
         v = 1 if canonical else self.virtual_stages
-        shapes = jax.eval_shape(
-            lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
-            virtualize(abstract_model(self.config.model)[1], v, self.pipelined))
+        shapes = jax.eval_shape(self._fresh,
+                                virtualize(abstract_model(self.config.model)[1], v, self.pipelined))
         leaves, treedef = jax.tree.flatten(shapes)
         specs = virtualize(self.state_specs, self.virtual_stages, self.pipelined, inverse=True) if (
             canonical) else (
@@ -139,9 +159,11 @@ class Trainer:
 
     def loss(self, params, batch: Batch) -> jax.Array:
         """The mean loss of `batch` at `params` (the state's layout), without gradients."""
+        if self.replicas > 1:
+            params = diloco.stack(params, self.replicas)
         with use_layout(self.layout):
             loss_sum, count, _ = jax.jit(self.loss_fn)(params, batch)
-        return loss_sum / jnp.maximum(count, 1.0)
+        return jnp.sum(loss_sum) / jnp.maximum(jnp.sum(count), 1.0)
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         """One optimizer step; `state` is donated."""
@@ -161,8 +183,16 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     tx, schedule = make_optimizer(config.optim, config.train.steps, frozen_groups(config.model))
     par = parallelize(graphdef, params, jax.eval_shape(tx.init, params), layout, config)
     state_specs = TrainState(step=PartitionSpec(), params=par.param_specs, opt_state=par.opt_specs)
+    grad_specs, outer_tx, outer = par.param_specs, None, None
+    if par.replicas > 1:  # DiLoCo: the replicas' state stacked over `data`, the outer optimizer's
+        grad_specs, outer_tx = diloco.replicated(par.param_specs), diloco.outer_optimizer(config)
+        state_specs = TrainState(
+            PartitionSpec(), par.param_specs,
+            diloco.outer_specs(layout, jax.eval_shape(outer_tx.init, params)),
+            local=(grad_specs, diloco.replicated(par.opt_specs)))
+        outer = diloco.Outer(outer_tx, config.diloco.inner_steps, layout.shardings(grad_specs))
     step_fn = make_train_step(par.loss, tx, schedule, config.train.grad_accum_steps,
-                              layout.shardings(par.param_specs), config.model.moe.bias_rate)
+                              layout.shardings(grad_specs), config.model.moe.bias_rate, outer)
     on_host = offload.parts(config, mesh.devices.flat)
     shardings = layout.shardings(state_specs)
     if on_host:
@@ -171,7 +201,8 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(par.batch_spec)),
                      out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(config, layout, graphdef, tx, schedule, state_specs, par.batch_spec,
-                   par.virtual_stages, par.pipelined, on_host, par.loss, jitted)
+                   par.virtual_stages, par.pipelined, on_host, par.replicas, outer_tx, par.loss,
+                   jitted)
 
 
 def frozen_groups(model_cfg) -> tuple[str, ...]:
