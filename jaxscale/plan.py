@@ -32,17 +32,21 @@ def plan(config, num_devices: int | None = None) -> dict:
     tx, _ = make_optimizer(config.optim, config.train.steps)
     opt = jax.eval_shape(tx.init, params)
     stage = config.parallel.zero_stage
+    param_bytes = bytes_per_device(zero.specs(layout, params, stage, from_stage=3), params, sizes)
+    momentum = config.diloco.outer_momentum > 0
     return {
         "mesh": {a: s for a, s in sizes.items() if s > 1} or {"single device": 1},
         **counts(params, config.model.moe),
         "param_bytes_total": sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params)),
-        "param_bytes_per_device": bytes_per_device(
-            zero.specs(layout, params, stage, from_stage=3), params, sizes),
+        "param_bytes_per_device": param_bytes,
         "grad_bytes_per_device": bytes_per_device(
             zero.specs(layout, params, stage, from_stage=2), params, sizes),
         "opt_bytes_per_device": bytes_per_device(
             zero.specs(layout, opt, stage, from_stage=1), opt, sizes),
         "flops_per_token": train_flops_per_token(config),
+        # DiLoCo: the global parameters and the outer momentum, next to each device's replica
+        "diloco_bytes_per_device": param_bytes * (1 + momentum) if config.diloco.enabled else 0,
+        "offload": config.train.offload,
     }
 
 
@@ -62,7 +66,8 @@ def report(config, num_devices: int | None = None) -> str:
     """`plan` as a few human-readable lines."""
     p = plan(config, num_devices)
     gib = 2.0**30
-    state = p["param_bytes_per_device"] + p["grad_bytes_per_device"] + p["opt_bytes_per_device"]
+    state = (p["param_bytes_per_device"] + p["grad_bytes_per_device"] + p["opt_bytes_per_device"]
+             + p["diloco_bytes_per_device"])
     mesh = " x ".join(f"{a}={s}" for a, s in p["mesh"].items())
     return "\n".join([
         f"parameters          {p['params']:,} ({p['param_bytes_total'] / gib:.2f} GiB float32)",
@@ -72,6 +77,10 @@ def report(config, num_devices: int | None = None) -> str:
         f"params / device     {p['param_bytes_per_device'] / gib:.2f} GiB",
         f"grads / device      {p['grad_bytes_per_device'] / gib:.2f} GiB",
         f"optimizer / device  {p['opt_bytes_per_device'] / gib:.2f} GiB",
-        f"state / device      {state / gib:.2f} GiB (activations not included)",
+        *([f"DiLoCo / device     {p['diloco_bytes_per_device'] / gib:.2f} GiB (global "
+           "parameters, outer momentum)"] if p["diloco_bytes_per_device"] else []),
+        f"state / device      {state / gib:.2f} GiB (activations not included"
+        + (f"; train.offload={p['offload']!r} keeps those parts in host memory between steps)"
+           if p["offload"] else ")"),
         f"train FLOPs / token {p['flops_per_token']:.3e}",
     ])

@@ -11,6 +11,7 @@ from jaxscale.data import build_data, make_global_batch
 from jaxscale.errors import UserError
 from jaxscale.hlo import branch_collective_stats
 from jaxscale.mesh import mesh_from_config
+from jaxscale.plan import plan
 from jaxscale.train import trainer as trainer_module
 from jaxscale.train.loop import train
 from jaxscale.train.trainer import build_trainer
@@ -102,6 +103,17 @@ def test_parameters_cross_data_only_in_the_outer_step():
     assert sum(b for _, b in every.values()) < 1024
     assert outer["all-reduce"][1] == param_bytes
     assert sum(b for op, (_, b) in outer.items() if op != "all-reduce") == 0
+
+
+def test_info_counts_the_global_parameters_and_the_outer_momentum():
+    """`jaxscale info` adds DiLoCo's global parameters and outer momentum to each device's state:
+    twice the parameter bytes with momentum, once without."""
+    config = diloco_config(8, data=8)
+    p = plan(config, 8)
+    assert p["diloco_bytes_per_device"] == 2 * p["param_bytes_per_device"] > 0
+    config.diloco.outer_momentum = 0.0
+    assert plan(config, 8)["diloco_bytes_per_device"] == p["param_bytes_per_device"]
+    assert plan(diloco_config(data=8), 8)["diloco_bytes_per_device"] == 0
 
 
 def test_resume_mid_round_is_exact(tmp_path):
