@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -120,9 +121,11 @@ def _called(line: str) -> list[str]:
     return [c.strip(" {}%") for m in _CALLS.finditer(line) for c in m.group(1).split(",")]
 
 
-def branch_collective_stats(hlo_text: str) -> tuple[dict, dict]:
+def branch_collective_stats(hlo_text: str,
+                            keep: Callable[[str], bool] | None = None) -> tuple[dict, dict]:
     """`collective_stats` of the collectives outside any conditional's branches (run every
-    time) and of those inside them, in what the branches call too (run when taken)."""
+    time) and of those inside them, in what the branches call too (run when taken); only those
+    whose instruction line `keep` accepts, when given."""
     comps = _computations(hlo_text)
     todo = [c for lines in comps.values() for line in lines if " conditional(" in line
             for c in _called(line)]
@@ -133,7 +136,7 @@ def branch_collective_stats(hlo_text: str) -> tuple[dict, dict]:
             todo += [d for line in comps[c] for d in _called(line)]
     text = {True: [], False: []}
     for name, lines in comps.items():
-        text[name in inside] += lines
+        text[name in inside] += [line for line in lines if keep is None or keep(line)]
     return collective_stats("\n".join(text[False])), collective_stats("\n".join(text[True]))
 
 
