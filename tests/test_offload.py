@@ -100,6 +100,26 @@ def test_resume_with_offloaded_optimizer_is_exact(tmp_path):
     assert memory_kinds(state.params) == {"device"}
 
 
+def test_diloco_replicas_optimizer_state_is_offloaded_too():
+    """Under DiLoCo `optimizer` also moves the replicas' AdamW state (the bulk) to the host, and
+    the losses stay those of DiLoCo in device memory."""
+    def diloco(parts):
+        config = offload_config(parts)
+        config.diloco.update(enabled=True, inner_steps=2)
+        trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(8)))
+        _, data = build_data(config)
+        state, losses = trainer.init(), []
+        for _ in range(STEPS):
+            state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
+            losses.append(float(out["loss"]))
+        return state, losses
+
+    state, losses = diloco("optimizer")
+    np.testing.assert_allclose(losses, diloco("")[1], rtol=1e-6)
+    assert memory_kinds(state.local[1]) == memory_kinds(state.opt_state) == {offload.HOST}
+    assert memory_kinds(state.local[0]) == memory_kinds(state.params) == {"device"}
+
+
 def test_bad_offload_settings_are_refused_in_one_line():
     with pytest.raises(UserError, match="train.offload names 'activations'; use a comma-separated"):
         offload.parts(offload_config("optimizer,activations"), jax.devices())

@@ -15,7 +15,9 @@ import jax
 
 from jaxscale.errors import UserError
 
-PARTS = ("optimizer", "params")
+# each part's train-state field, and its index in DiLoCo's `local` (parameters, optimizer state)
+FIELDS = {"optimizer": ("opt_state", 1), "params": ("params", 0)}
+PARTS = tuple(FIELDS)
 HOST = "pinned_host"
 
 
@@ -36,12 +38,22 @@ def parts(config, devices) -> tuple[str, ...]:
 
 
 def placed(state_shardings, offload: tuple[str, ...]):
-    """The train state's shardings with the offloaded parts in host memory."""
-    on_host = {"optimizer": "opt_state", "params": "params"}
-    fields = {on_host[p]: jax.tree.map(lambda s: s.with_memory_kind(HOST),
-                                       getattr(state_shardings, on_host[p]))
-              for p in offload}
+    """The train state's shardings with the offloaded parts in host memory (under DiLoCo, the
+    replicas' parameters or optimizer state too)."""
+    fields = {}
+    local = list(state_shardings.local) if state_shardings.local is not None else None
+    for part in offload:
+        field, index = FIELDS[part]
+        fields[field] = _on_host(getattr(state_shardings, field))
+        if local is not None:
+            local[index] = _on_host(local[index])
+    if local is not None:
+        fields["local"] = tuple(local)
     return state_shardings.replace(**fields)
+
+
+def _on_host(shardings):
+    return jax.tree.map(lambda s: s.with_memory_kind(HOST), shardings)
 
 
 def fetched(step: Callable, device_shardings) -> Callable:
