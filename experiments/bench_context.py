@@ -42,7 +42,7 @@ from jaxscale.data import build_data, make_global_batch
 from jaxscale.hlo import collective_stats, format_stats
 from jaxscale.mesh import mesh_from_config
 from jaxscale.models import param_count
-from jaxscale.parallel import context_parallel
+from jaxscale.parallel import context_parallel, ring_attention
 from jaxscale.train.trainer import build_trainer
 
 SEQS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -403,7 +403,7 @@ def non_monotonic(cells: Cells, variants) -> list[str]:
     """Where a longer sequence compiled to less temporary memory than a shorter one (of all the
     sequences compiled, the budget search's included), with the ring's query tiling at each."""
     out = []
-    tile = context_parallel.QUERY_TILE
+    tile = ring_attention.QUERY_TILE
     for parts, kind in variants:
         points = sorted((seq, c["temp"]) for (seq, p, k), c in cells.cells.items()
                         if (p, k) == (parts, kind) and "error" not in c)
@@ -415,7 +415,7 @@ def non_monotonic(cells: Cells, variants) -> list[str]:
         line = f"- Temporary memory is not monotonic in the sequence for {label(parts, kind)}: {text}."
         if kind == "ring":
             untiled = [seq for seq, _ in points if any(
-                q > tile and context_parallel.query_tiles(q) == 1 for q in (seq // parts, seq // parts // 2))]
+                q > tile and ring_attention.query_tiles(q) == 1 for q in (seq // parts, seq // parts // 2))]
             line += (f" The ring takes a block's queries in equal tiles of {tile // 4} to {tile} "
                      f"(`query_tiles`); a device's blocks have seq/C or seq/2C queries, and at "
                      f"{', '.join(_tokens(x) for x in untiled) or 'none of them'} (of the sequences "
@@ -448,7 +448,7 @@ def commentary(cells: Cells, variants, budgets: dict, coll_rows: list[dict]) -> 
     quad = (SEQS[-1] / SEQS[-3]) ** 2
     out.append(
         f"- **ring** holds its own K/V and one visiting block and computes each block's scores "
-        f"{context_parallel.QUERY_TILE} queries at a time (`QUERY_TILE`), so no device holds a "
+        f"{ring_attention.QUERY_TILE} queries at a time (`QUERY_TILE`), so no device holds a "
         f"[seq, seq] or [seq/C, seq] array: its memory falls faster than 1/C. It still grows faster "
         f"than the sequence: x{growth.get('ring', float('nan')):.1f} from {_tokens(SEQS[-3])} to "
         f"{_tokens(SEQS[-1])} at C = {top} (x{SEQS[-1] // SEQS[-3]} linear, x{quad:.0f} quadratic).")

@@ -118,6 +118,7 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
 
 
 def _called(line: str) -> list[str]:
+    """The computations an instruction line calls (loop bodies, branches, fusions)."""
     return [c.strip(" {}%") for m in _CALLS.finditer(line) for c in m.group(1).split(",")]
 
 
@@ -160,11 +161,10 @@ def unordered_collectives(hlo_text: str) -> list[tuple[str, str, str]]:
             channel = re.search(r"channel_id=(\d+)", line)
             return {(m.group(1), channel and int(channel.group(1)), replica_groups(line))}
         out = set()
-        for m in _CALLS.finditer(line):
-            for comp in (c.strip(" {}%") for c in m.group(1).split(",")):
-                if comp in comps and comp not in held:  # each called computation read once
-                    held[comp] = set().union(*map(holds, comps[comp]))
-                out |= held.get(comp, set())
+        for comp in _called(line):
+            if comp in comps and comp not in held:  # each called computation read once
+                held[comp] = set().union(*map(holds, comps[comp]))
+            out |= held.get(comp, set())
         return out
 
     def clash(a: set, b: set) -> bool:

@@ -63,6 +63,7 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from jaxscale.config import base_config  # noqa: E402
+from jaxscale.data import build_data, make_global_batch  # noqa: E402
 
 
 def tiny_config(**mesh):
@@ -85,3 +86,14 @@ def devices_or_skip(n: int) -> list:
     if jax.device_count() < n:
         pytest.skip(f"needs {n} devices, {jax.device_count()} present")
     return jax.devices()[:n]
+
+
+def train_steps(trainer, config, steps: int) -> tuple:
+    """The state after `steps` steps of `trainer` from a fresh start on `config`'s batches, and
+    their losses."""
+    _, data = build_data(config)
+    state, losses = trainer.init(), []
+    for _ in range(steps):
+        state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
+        losses.append(float(out["loss"]))
+    return state, losses

@@ -8,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import devices_or_skip, tiny_config
+from conftest import devices_or_skip, tiny_config, train_steps
 from jax.sharding import PartitionSpec as P
 
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import load_module
-from jaxscale.data import build_data, make_global_batch
 from jaxscale.errors import UserError
 from jaxscale.hlo import collective_stats
 from jaxscale.mesh import mesh_from_config
@@ -39,11 +38,7 @@ def run(c, devices, steps: int):
     """Losses of `steps` steps, the state after them and the trainer (compiled ahead of time)."""
     trainer = build_trainer(c, mesh_from_config(c.mesh, devices))
     trainer.compile()
-    _, data = build_data(c)
-    state, losses = trainer.init(), []
-    for _ in range(steps):
-        state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
-        losses.append(float(out["loss"]))
+    state, losses = train_steps(trainer, c, steps)
     return losses, state, trainer
 
 

@@ -12,7 +12,7 @@ from jaxscale.data import build_data, make_global_batch
 from jaxscale.errors import UserError
 from jaxscale.hlo import collective_stats
 from jaxscale.mesh import mesh_from_config
-from jaxscale.parallel import context_parallel
+from jaxscale.parallel import context_parallel, ring_attention
 from jaxscale.sharding import use_layout
 from jaxscale.train.trainer import build_trainer
 
@@ -274,15 +274,15 @@ def test_step_lowers_for_gpus_and_tpus(kind, op, documents):
 def test_query_tiles_divide_any_block():
     """Blocks of any multiple of 128 queries are taken in tiles of 128 to 512 queries; a block with
     no such divisor is taken whole."""
-    assert context_parallel.QUERY_TILE == 512
+    assert ring_attention.QUERY_TILE == 512
     for tq, tiles in ((512, 1), (4096, 8), (2816, 8), (1536, 3), (640, 2), (2053, 1)):
-        assert context_parallel.query_tiles(tq) == tiles, tq
+        assert ring_attention.query_tiles(tq) == tiles, tq
 
 
 def test_ring_takes_queries_in_tiles(documents, reference, monkeypatch):
     """The ring's blocks computed a few queries at a time (`QUERY_TILE`, 512 by default; 2 here,
     so every block is tiled) give one device's losses and gradients."""
-    monkeypatch.setattr(context_parallel, "QUERY_TILE", 2)
+    monkeypatch.setattr(ring_attention, "QUERY_TILE", 2)
     want_grads, want_losses, _ = reference
     grads, losses, _ = run(cp_config(documents, context=4, data=2), devices_or_skip(8))
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)

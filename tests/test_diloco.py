@@ -4,10 +4,9 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import devices_or_skip, tiny_config
+from conftest import devices_or_skip, tiny_config, train_steps
 
 from jaxscale.config import validate
-from jaxscale.data import build_data, make_global_batch
 from jaxscale.errors import UserError
 from jaxscale.hlo import branch_collective_stats
 from jaxscale.mesh import mesh_from_config
@@ -31,12 +30,7 @@ def run(config, steps: int = STEPS):
     """The state after `steps` steps and their losses."""
     n = int(np.prod([config.mesh[a] for a in ("data", "fsdp", "tensor", "pipeline")]))
     trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(n)))
-    _, data = build_data(config)
-    state, losses = trainer.init(), []
-    for _ in range(steps):
-        state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
-        losses.append(float(out["loss"]))
-    return state, losses
+    return train_steps(trainer, config, steps)
 
 
 def sgd(optim_cfg, total_steps, frozen=()):

@@ -12,7 +12,8 @@ from test_parallel import train_losses
 
 from jaxscale.errors import UserError
 from jaxscale.models import Llama, LlamaConfig, abstract_model, loss_sums, param_count
-from jaxscale.models.layers import causal_attention, documents, rope
+from jaxscale.models.attention import causal_attention, documents
+from jaxscale.models.layers import rope
 
 BASE = LlamaConfig.from_config(tiny_config().model)
 

@@ -6,10 +6,9 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from conftest import devices_or_skip, tiny_config
+from conftest import devices_or_skip, tiny_config, train_steps
 
 from jaxscale.checkpoint import Checkpointer
-from jaxscale.data import build_data, make_global_batch
 from jaxscale.errors import UserError
 from jaxscale.mesh import mesh_from_config
 from jaxscale.train import offload
@@ -30,12 +29,7 @@ def run(parts: str, remat: str = "none"):
     """The state after `STEPS` steps, their losses and the trainer."""
     config = offload_config(parts, remat)
     trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(8)))
-    _, data = build_data(config)
-    state, losses = trainer.init(), []
-    for _ in range(STEPS):
-        state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
-        losses.append(float(out["loss"]))
-    return state, losses, trainer
+    return *train_steps(trainer, config, STEPS), trainer
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +101,7 @@ def test_diloco_replicas_optimizer_state_is_offloaded_too():
         config = offload_config(parts)
         config.diloco.update(enabled=True, inner_steps=2)
         trainer = build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(8)))
-        _, data = build_data(config)
-        state, losses = trainer.init(), []
-        for _ in range(STEPS):
-            state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
-            losses.append(float(out["loss"]))
-        return state, losses
+        return train_steps(trainer, config, STEPS)
 
     state, losses = diloco("optimizer")
     np.testing.assert_allclose(losses, diloco("")[1], rtol=1e-6)

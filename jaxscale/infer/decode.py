@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.infer.cache import CacheConfig, KVCache
+from jaxscale.models.attention import causal_attention
 from jaxscale.models.decoder import Decoder
-from jaxscale.models.layers import causal_attention
 
 
 def forward(model: Decoder, tokens: jax.Array, positions: jax.Array,

@@ -16,14 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.models import moe
-from jaxscale.models.layers import (
-    VocabShards,
-    chunked_xent_sums,
-    dense,
-    remat_policy,
-    split_sequence,
-    token_loss_sums,
-)
+from jaxscale.models.attention import split_sequence
+from jaxscale.models.layers import VocabShards, chunked_xent_sums, dense, remat_policy, token_loss_sums
 from jaxscale.sharding import constrain
 
 if TYPE_CHECKING:

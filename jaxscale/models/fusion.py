@@ -28,15 +28,9 @@ from flax import nnx
 
 from jaxscale.errors import UserError
 from jaxscale.models import moe
+from jaxscale.models.attention import sequence_parts, split_sequence
 from jaxscale.models.decoder import scan_blocks
-from jaxscale.models.layers import (
-    RMSNorm,
-    param,
-    sequence_parts,
-    split_sequence,
-    stack_layers,
-    token_loss_sums,
-)
+from jaxscale.models.layers import RMSNorm, param, stack_layers, token_loss_sums
 from jaxscale.models.llama import Llama, LlamaConfig, flops_per_token
 from jaxscale.models.vit import (
     MLP,

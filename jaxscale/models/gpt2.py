@@ -15,12 +15,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
+from jaxscale.models.attention import causal_attention
 from jaxscale.models.decoder import RESIDUAL, Attend, Decoder, attention_params
 from jaxscale.models.decoder import flops_per_token as decoder_flops_per_token
 from jaxscale.models.layers import (
     LayerNorm,
     VocabShards,
-    causal_attention,
     dense,
     embed_lookup,
     param,

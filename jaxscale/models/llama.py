@@ -16,14 +16,13 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
+from jaxscale.models.attention import ATTENTION, causal_attention
 from jaxscale.models.decoder import RESIDUAL, Attend, Decoder, Stats, attention_params, scan_blocks
 from jaxscale.models.decoder import flops_per_token as decoder_flops_per_token
 from jaxscale.models.layers import (
-    ATTENTION,
     RMSNorm,
     RopeScaling,
     VocabShards,
-    causal_attention,
     dense,
     embed_lookup,
     param,
@@ -59,7 +58,7 @@ class LlamaConfig:
     loss_chunk: int = 0  # > 0: output layer + cross-entropy in chunks of this many tokens
     logits_dtype: str = "float32"  # "bfloat16": the output layer rounds its logits to bf16
     scan_layers: bool = True  # False: unroll the layer loop
-    attention: str = "dot_product"  # or "einsum", "cudnn" (layers.causal_attention)
+    attention: str = "dot_product"  # or "einsum", "cudnn" (attention.causal_attention)
     max_documents: int = 8  # "cudnn": documents per packed row (its packed layout)
     moe: MoEConfig = MoEConfig()  # n_experts > 0: mixture-of-experts layers (models/moe.py)
 

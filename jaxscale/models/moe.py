@@ -39,7 +39,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.errors import UserError
-from jaxscale.models.layers import dense, param, row_mean
+from jaxscale.models.attention import row_mean
+from jaxscale.models.layers import dense, param
 from jaxscale.sharding import constrain
 
 ROUTERS = ("softmax", "sigmoid")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxscale.models.layers import sequence_parts
+from jaxscale.models.attention import sequence_parts
 from jaxscale.parallel import context_parallel
 
 AXIS = "pipeline"
