@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.expert_buffer = 0.0  # > 0: expert parallelism receives at most this x a device's
     # routed rows (overflow dropped and counted); 0: room for all the axis could send (dropless)
     c.parallel.context_attention = "ring"  # under mesh.context > 1: ring, all_gather or all_to_all
+    # compress the gradients' reduction over mesh.data, with error feedback: none | bf16 | int8 | topk
+    c.parallel.grad_compression = "none"
+    c.parallel.topk_fraction = 0.01  # topk: the share of each gradient chunk's values sent
     c.parallel.rules = ()  # ((logical, mesh_axes), ...) overriding the default rules
 
     c.pipeline = ml_collections.ConfigDict()  # used when mesh.pipeline > 1
@@ -218,6 +221,7 @@ BOUNDS = {
     "distributed.heartbeat_timeout_s": "> 0",
     "infer.group_size": ">= 0",
     "parallel.expert_buffer": ">= 0",
+    "parallel.topk_fraction": "> 0 and <= 1",
     "infer.sink_tokens": ">= 0",
 }
 _COMPARE = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}

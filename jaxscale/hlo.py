@@ -15,8 +15,9 @@ _INSTR = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(?:-st
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 
 
-def collective_stats(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """`{op: (count, bytes)}` for each collective in the HLO; bytes are the results' sizes.
+def collective_stats(hlo_text: str, sent: bool = False) -> dict[str, tuple[int, float]]:
+    """`{op: (count, bytes)}` for each collective in the HLO; bytes are the results' sizes, or
+    with `sent` what each device sends under the usual algorithms (`sent_bytes`).
 
     Async pairs (`-start`/`-done`) count once; a tuple-shaped collective counts once with the
     bytes of all its arrays (for async starts this includes the operand aliases).
@@ -34,8 +35,23 @@ def collective_stats(hlo_text: str) -> dict[str, tuple[int, int]]:
                 n *= int(d)
             size += n * _BYTES[dtype]
         stats[op][0] += 1
-        stats[op][1] += size
+        stats[op][1] += sent_bytes(op, size, replica_groups(line)) if sent else size
     return {op: (c, b) for op, (c, b) in stats.items()}
+
+
+def sent_bytes(op: str, result_bytes: int, groups: frozenset[frozenset[int]] | None) -> float:
+    """What each device of a group of n sends for a collective whose result has `result_bytes`:
+    a ring all-reduce 2 (n-1)/n of it, an all-gather or all-to-all (n-1)/n, a reduce-scatter
+    (n-1) times it (its result is 1/n of its input), a collective-permute all of it. Unread
+    groups count as one group of unknown size: the result's bytes."""
+    n = max(len(g) for g in groups) if groups else 0
+    if op == "collective-permute" or n == 0:
+        return float(result_bytes)
+    if n == 1:
+        return 0.0
+    factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "all-to-all": (n - 1) / n,
+              "reduce-scatter": n - 1}[op]
+    return factor * result_bytes
 
 
 ABBREVIATIONS = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS",
@@ -122,11 +138,11 @@ def _called(line: str) -> list[str]:
     return [c.strip(" {}%") for m in _CALLS.finditer(line) for c in m.group(1).split(",")]
 
 
-def branch_collective_stats(hlo_text: str,
-                            keep: Callable[[str], bool] | None = None) -> tuple[dict, dict]:
-    """`collective_stats` of the collectives outside any conditional's branches (run every
-    time) and of those inside them, in what the branches call too (run when taken); only those
-    whose instruction line `keep` accepts, when given."""
+def branch_collective_stats(hlo_text: str, keep: Callable[[str], bool] | None = None,
+                            sent: bool = False) -> tuple[dict, dict]:
+    """`collective_stats` (bytes `sent` or not) of the collectives outside any conditional's
+    branches (run every time) and of those inside them, in what the branches call too (run
+    when taken); only those whose instruction line `keep` accepts, when given."""
     comps = _computations(hlo_text)
     todo = [c for lines in comps.values() for line in lines if " conditional(" in line
             for c in _called(line)]
@@ -138,7 +154,8 @@ def branch_collective_stats(hlo_text: str,
     text = {True: [], False: []}
     for name, lines in comps.items():
         text[name in inside] += [line for line in lines if keep is None or keep(line)]
-    return collective_stats("\n".join(text[False])), collective_stats("\n".join(text[True]))
+    return (collective_stats("\n".join(text[False]), sent),
+            collective_stats("\n".join(text[True]), sent))
 
 
 def unordered_collectives(hlo_text: str) -> list[tuple[str, str, str]]:

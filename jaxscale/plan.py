@@ -33,19 +33,21 @@ def plan(config, num_devices: int | None = None) -> dict:
     opt = jax.eval_shape(tx.init, params)
     stage = config.parallel.zero_stage
     param_bytes = bytes_per_device(zero.specs(layout, params, stage, from_stage=3), params, sizes)
+    grad_bytes = bytes_per_device(zero.specs(layout, params, stage, from_stage=2), params, sizes)
     momentum = config.diloco.outer_momentum > 0
     return {
         "mesh": {a: s for a, s in sizes.items() if s > 1} or {"single device": 1},
         **counts(params, config.model.moe),
         "param_bytes_total": sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params)),
         "param_bytes_per_device": param_bytes,
-        "grad_bytes_per_device": bytes_per_device(
-            zero.specs(layout, params, stage, from_stage=2), params, sizes),
+        "grad_bytes_per_device": grad_bytes,
         "opt_bytes_per_device": bytes_per_device(
             zero.specs(layout, opt, stage, from_stage=1), opt, sizes),
         "flops_per_token": train_flops_per_token(config),
         # DiLoCo: the global parameters and the outer momentum, next to each device's replica
         "diloco_bytes_per_device": param_bytes * (1 + momentum) if config.diloco.enabled else 0,
+        # compressed reduction's error feedback: a float32 copy of each device's gradient shards
+        "residual_bytes_per_device": grad_bytes if config.parallel.grad_compression != "none" else 0,
         "offload": config.train.offload,
     }
 
@@ -67,7 +69,7 @@ def report(config, num_devices: int | None = None) -> str:
     p = plan(config, num_devices)
     gib = 2.0**30
     state = (p["param_bytes_per_device"] + p["grad_bytes_per_device"] + p["opt_bytes_per_device"]
-             + p["diloco_bytes_per_device"])
+             + p["diloco_bytes_per_device"] + p["residual_bytes_per_device"])
     mesh = " x ".join(f"{a}={s}" for a, s in p["mesh"].items())
     return "\n".join([
         f"parameters          {p['params']:,} ({p['param_bytes_total'] / gib:.2f} GiB float32)",
@@ -79,6 +81,9 @@ def report(config, num_devices: int | None = None) -> str:
         f"optimizer / device  {p['opt_bytes_per_device'] / gib:.2f} GiB",
         *([f"DiLoCo / device     {p['diloco_bytes_per_device'] / gib:.2f} GiB (global "
            "parameters, outer momentum)"] if p["diloco_bytes_per_device"] else []),
+        *([f"residuals / device  {p['residual_bytes_per_device'] / gib:.2f} GiB (error feedback of "
+           f"parallel.grad_compression={config.parallel.grad_compression!r})"]
+          if p["residual_bytes_per_device"] else []),
         f"state / device      {state / gib:.2f} GiB (activations not included"
         + (f"; train.offload={p['offload']!r} keeps those parts in host memory between steps)"
            if p["offload"] else ")"),

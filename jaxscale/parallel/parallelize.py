@@ -22,6 +22,7 @@ from jaxscale.cpu import order_collectives
 from jaxscale.errors import UserError
 from jaxscale.models import DECODERS, loss_sums
 from jaxscale.parallel import (
+    compression,
     context_parallel,
     data_parallel,
     diloco,
@@ -62,7 +63,8 @@ class Parallelized:
     parameters' pipelined stacks are `[V, L/V, ...]` when > 1, see `pipeline.virtualize`);
     `pipelined`: the paths of those stacks (none without a pipeline); `replicas`: DiLoCo's
     (`diloco.py`; 1 when off), over which `loss` takes the parameters stacked and returns each
-    replica's sums.
+    replica's sums; `compressed`: whether the gradients' reduction over `data` is compressed
+    (`compression.py`), for which `loss` takes them stacked over the `data` replicas too.
     """
 
     loss: Callable
@@ -72,6 +74,7 @@ class Parallelized:
     virtual_stages: int
     pipelined: tuple[str, ...]
     replicas: int = 1
+    compressed: bool = False
 
 
 def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: Layout,
@@ -100,11 +103,12 @@ def parallelize(graphdef: nnx.GraphDef, params: nnx.State, opt_state, layout: La
     token_axes = context_parallel.token_axes(layout)
     manual_axes = batch_axes + token_axes + (("pipeline",) if stages > 1 else ())
     replicas = diloco.replicas(config, layout)
+    compressed = compression.kind(config, layout) != "none"
     loss = _sharded_loss(graphdef, params, config, layout, param_specs, model_loss, manual_axes,
                          batch_axes, token_axes, virtualized=paths if virtual > 1 else (),
-                         replica_axis=diloco.AXIS if replicas > 1 else None)
+                         replica_axis=diloco.AXIS if replicas > 1 or compressed else None)
     return Parallelized(loss, param_specs, opt_specs, layout.spec(("batch",)), virtual, paths,
-                        replicas)
+                        replicas, compressed)
 
 
 def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_loss: Callable,

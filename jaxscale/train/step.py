@@ -12,7 +12,7 @@ import optax
 from flax import nnx, struct
 
 from jaxscale.models import moe
-from jaxscale.parallel import diloco
+from jaxscale.parallel import compression, diloco
 from jaxscale.sharding import constrain
 
 Batch = dict[str, jax.Array]
@@ -25,11 +25,13 @@ class TrainState(struct.PyTreeNode):
     params: nnx.State
     opt_state: optax.OptState
     local: Any = None  # DiLoCo's replicas: (their parameters, their inner optimizer state)
+    residual: Any = None  # compressed reduction's error feedback, per replica (`compression.py`)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
-                    grad_shardings, bias_rate: float = 0.0, outer: diloco.Outer | None = None
+                    grad_shardings, bias_rate: float = 0.0, outer: diloco.Outer | None = None,
+                    reduce: compression.Reduce | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build `step(state, batch) -> (state, metrics)`, ready for `jax.jit`.
 
@@ -79,10 +81,18 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         old_params, old_opt = state.local if outer else (state.params, state.opt_state)
-        loss_sum, count, stats, grads = compute_grads(old_params, batch)
-        count = jnp.maximum(count, 1.0)  # each replica's, under DiLoCo
-        grads = jax.tree.map(lambda g: g / count.reshape(count.shape + (1,) * (g.ndim - count.ndim)),
-                             grads)
+        residual = state.residual
+        if reduce:
+            stacked = jax.lax.with_sharding_constraint(
+                diloco.stack(old_params, reduce.replicas), grad_shardings)
+            loss_sum, count, stats, grads = compute_grads(stacked, batch)
+            count = jnp.maximum(jnp.sum(count), 1.0)
+            grads, residual = reduce(jax.tree.map(lambda g: g / count, grads), residual)
+        else:
+            loss_sum, count, stats, grads = compute_grads(old_params, batch)
+            count = jnp.maximum(count, 1.0)  # each replica's, under DiLoCo
+            grads = jax.tree.map(
+                lambda g: g / count.reshape(count.shape + (1,) * (g.ndim - count.ndim)), grads)
         loss = jnp.sum(loss_sum) / jnp.sum(count)
         grad_norm = optax.tree.norm(grads) / math.sqrt(max(count.size, 1))  # replicas' RMS
         updates, opt_state = update(grads, old_opt, old_params)
@@ -92,8 +102,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         # a non-finite loss or gradient leaves parameters and optimizer state as they were (the
         # training loop decides whether the run stops); the step counter moves on with the data
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (old_params, old_opt))
+        params, opt_state, residual = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                   (params, opt_state, residual),
+                                                   (old_params, old_opt, state.residual))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "tokens": jnp.sum(count), "nonfinite": 1.0 - finite.astype(jnp.float32)}
         if stats:
@@ -104,7 +115,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
             state = state.replace(params=global_params, opt_state=outer_state,
                                   local=(params, opt_state))
         else:
-            state = state.replace(params=params, opt_state=opt_state)
+            state = state.replace(params=params, opt_state=opt_state, residual=residual)
         return state.replace(step=state.step + 1), metrics
 
     return step

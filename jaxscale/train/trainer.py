@@ -20,7 +20,7 @@ from jaxscale.data.loader import batch_shapes
 from jaxscale.errors import UserError
 from jaxscale.models import abstract_model, build_model
 from jaxscale.models.fusion import FREEZE_GROUPS
-from jaxscale.parallel import diloco, make_layout, parallelize
+from jaxscale.parallel import compression, diloco, make_layout, parallelize
 from jaxscale.parallel.pipeline import virtualize
 from jaxscale.sharding import Layout, use_layout
 from jaxscale.train import offload
@@ -44,6 +44,7 @@ class Trainer:
     offload: tuple[str, ...] = ()  # the state parts kept in host memory (`train.offload`)
     replicas: int = 1  # DiLoCo's (`parallel/diloco.py`); 1: off
     outer_tx: optax.GradientTransformation | None = None  # DiLoCo's outer optimizer
+    reduce: compression.Reduce | None = None  # the compressed gradient reduction, if any
     loss_fn: Callable = dataclasses.field(repr=False, default=None)
     _step: Callable = dataclasses.field(repr=False, default=None)
     _compiled: object = dataclasses.field(repr=False, default=None)
@@ -79,6 +80,9 @@ class Trainer:
     def _fresh(self, params) -> TrainState:
         """The state at step 0 from `params` (under DiLoCo every replica starts from them)."""
         step = jnp.zeros((), jnp.int32)
+        if self.reduce:  # error feedback starts empty, one residual per replica
+            residual = diloco.stack(jax.tree.map(jnp.zeros_like, params), self.reduce.replicas)
+            return TrainState(step, params, self.tx.init(params), residual=residual)
         if self.replicas == 1:
             return TrainState(step, params, self.tx.init(params))
         local = diloco.stack(params, self.replicas)
@@ -159,8 +163,8 @@ class Trainer:
 
     def loss(self, params, batch: Batch) -> jax.Array:
         """The mean loss of `batch` at `params` (the state's layout), without gradients."""
-        if self.replicas > 1:
-            params = diloco.stack(params, self.replicas)
+        if self.replicas > 1 or self.reduce:
+            params = diloco.stack(params, self.mesh.shape[diloco.AXIS])
         with use_layout(self.layout):
             loss_sum, count, _ = jax.jit(self.loss_fn)(params, batch)
         return jnp.sum(loss_sum) / jnp.maximum(jnp.sum(count), 1.0)
@@ -191,8 +195,13 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
             diloco.outer_specs(layout, jax.eval_shape(outer_tx.init, params)),
             local=(grad_specs, diloco.replicated(par.opt_specs)))
         outer = diloco.Outer(outer_tx, config.diloco.inner_steps, layout.shardings(grad_specs))
+    reduce = None
+    if par.compressed:  # each replica's gradient apart, summed by the compressed reduction
+        grad_specs = diloco.replicated(par.param_specs)
+        state_specs = state_specs.replace(residual=grad_specs)
+        reduce = compression.Reduce(partial(compression.codec, config), layout, par.param_specs)
     step_fn = make_train_step(par.loss, tx, schedule, config.train.grad_accum_steps,
-                              layout.shardings(grad_specs), config.model.moe.bias_rate, outer)
+                              layout.shardings(grad_specs), config.model.moe.bias_rate, outer, reduce)
     on_host = offload.parts(config, mesh.devices.flat)
     shardings = layout.shardings(state_specs)
     if on_host:
@@ -201,8 +210,8 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(par.batch_spec)),
                      out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(config, layout, graphdef, tx, schedule, state_specs, par.batch_spec,
-                   par.virtual_stages, par.pipelined, on_host, par.replicas, outer_tx, par.loss,
-                   jitted)
+                   par.virtual_stages, par.pipelined, on_host, par.replicas, outer_tx, reduce,
+                   par.loss, jitted)
 
 
 def frozen_groups(model_cfg) -> tuple[str, ...]:
