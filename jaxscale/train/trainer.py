@@ -23,7 +23,7 @@ from jaxscale.models.fusion import FREEZE_GROUPS
 from jaxscale.parallel import diloco, make_layout, parallelize
 from jaxscale.parallel.pipeline import virtualize
 from jaxscale.sharding import Layout, use_layout
-from jaxscale.train import offload
+from jaxscale.train import lora, offload
 from jaxscale.train.optim import make_optimizer
 from jaxscale.train.step import Batch, TrainState, make_train_step
 
@@ -44,6 +44,7 @@ class Trainer:
     offload: tuple[str, ...] = ()  # the state parts kept in host memory (`train.offload`)
     replicas: int = 1  # DiLoCo's (`parallel/diloco.py`); 1: off
     outer_tx: optax.GradientTransformation | None = None  # DiLoCo's outer optimizer
+    lora: bool = False  # only the adapters train and have optimizer state (`train/lora.py`)
     loss_fn: Callable = dataclasses.field(repr=False, default=None)
     _step: Callable = dataclasses.field(repr=False, default=None)
     _compiled: object = dataclasses.field(repr=False, default=None)
@@ -80,7 +81,7 @@ class Trainer:
         """The state at step 0 from `params` (under DiLoCo every replica starts from them)."""
         step = jnp.zeros((), jnp.int32)
         if self.replicas == 1:
-            return TrainState(step, params, self.tx.init(params))
+            return TrainState(step, params, self.tx.init(lora.split(params)[0] if self.lora else params))
         local = diloco.stack(params, self.replicas)
         return TrainState(step, params, self.outer_tx.init(params),
                           local=(local, jax.vmap(self.tx.init)(local)))
@@ -181,9 +182,13 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds "
                         f"model.max_seq_len={config.model.max_seq_len}")
     tx, schedule = make_optimizer(config.optim, config.train.steps, frozen_groups(config.model))
-    par = parallelize(graphdef, params, jax.eval_shape(tx.init, params), layout, config)
+    lora.check(config)
+    adapters = lora.enabled(config.model)
+    trained = lora.split(params)[0] if adapters else params
+    par = parallelize(graphdef, params, jax.eval_shape(tx.init, trained), layout, config)
     state_specs = TrainState(step=PartitionSpec(), params=par.param_specs, opt_state=par.opt_specs)
-    grad_specs, outer_tx, outer = par.param_specs, None, None
+    grad_specs = lora.split(par.param_specs)[0] if adapters else par.param_specs
+    outer_tx, outer = None, None
     if par.replicas > 1:  # DiLoCo: the replicas' state stacked over `data`, the outer optimizer's
         grad_specs, outer_tx = diloco.replicated(par.param_specs), diloco.outer_optimizer(config)
         state_specs = TrainState(
@@ -192,7 +197,8 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
             local=(grad_specs, diloco.replicated(par.opt_specs)))
         outer = diloco.Outer(outer_tx, config.diloco.inner_steps, layout.shardings(grad_specs))
     step_fn = make_train_step(par.loss, tx, schedule, config.train.grad_accum_steps,
-                              layout.shardings(grad_specs), config.model.moe.bias_rate, outer)
+                              layout.shardings(grad_specs), config.model.moe.bias_rate, outer,
+                              lora.PARTITION if adapters else None)
     on_host = offload.parts(config, mesh.devices.flat)
     shardings = layout.shardings(state_specs)
     if on_host:
@@ -201,8 +207,8 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
     jitted = jax.jit(step_fn, in_shardings=(shardings, layout.sharding(par.batch_spec)),
                      out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(config, layout, graphdef, tx, schedule, state_specs, par.batch_spec,
-                   par.virtual_stages, par.pipelined, on_host, par.replicas, outer_tx, par.loss,
-                   jitted)
+                   par.virtual_stages, par.pipelined, on_host, par.replicas, outer_tx, adapters,
+                   par.loss, jitted)
 
 
 def frozen_groups(model_cfg) -> tuple[str, ...]:
