@@ -104,12 +104,16 @@ def test_adapters_start_as_the_base_model(base):
                                   np.asarray(plain(jnp.asarray(TOKENS))))
 
 
-def test_sharded_lora_matches_one_device(one_device, base):
+@pytest.mark.parametrize("mesh, wq_a", [
+    (dict(fsdp=2, tensor=2, data=2), (None, "fsdp", None)),  # A [layers, embed, rank]
+    (dict(pipeline=2, fsdp=2, data=2), ("pipeline", "fsdp", None)),  # stacked layers in stages
+])
+def test_sharded_lora_matches_one_device(one_device, base, mesh, wq_a):
     losses = one_device[3]
-    config = lora_config(base, fsdp=2, tensor=2, data=2)
+    config = lora_config(base, **mesh)
     trainer, state = start(config, 8)
     spec = trainer.state_specs.params["blocks"]["attn"]["wq_lora_a"]
-    assert spec == jax.sharding.PartitionSpec(None, "fsdp", None)  # embed -> fsdp, rank whole
+    assert spec == jax.sharding.PartitionSpec(*wq_a)  # embed -> fsdp, the rank whole
     _, sharded = steps(trainer, config, state, STEPS)
     np.testing.assert_allclose(sharded, losses, rtol=2e-5)
 
@@ -187,3 +191,10 @@ def test_lora_without_a_base_is_an_error_before_compiling():
                                         "checkpoint.init_params_from"):
         build_trainer(config, mesh_from_config(config.mesh, jax.devices()[:1]))
 
+
+
+def test_qlora_base_is_not_implemented_yet_and_says_so(base):
+    config = lora_config(base)
+    config.model.lora.base_quant = "int8"
+    with pytest.raises(UserError, match=r"base_quant=int8 \(QLoRA\) is not implemented yet"):
+        build_trainer(config, mesh_from_config(config.mesh, jax.devices()[:1]))

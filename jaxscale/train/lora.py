@@ -28,6 +28,9 @@ def check(config) -> None:
     cfg = LoraConfig.from_config(config.model)
     if not cfg.rank:
         return
+    if cfg.base_quant != "none":  # the key is checked (models/lora.py) but not yet trained with
+        raise UserError(f"model.lora.base_quant={cfg.base_quant} (QLoRA) is not implemented yet; "
+                        f"use none (a float32 base)")
     base = config.checkpoint.init_params_from
     if not base:
         raise UserError(f"model.lora.rank={cfg.rank} trains adapters on a frozen base: set "
