@@ -65,6 +65,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.moe.z_coef = 0.001  # router z-loss weight
     c.model.moe.dispatch = "dropless"  # dropless | capacity (static slots; overflow dropped)
     c.model.moe.capacity_factor = 1.25  # capacity: slots per expert = factor x seq x top_k / experts
+    c.model.lora = ml_collections.ConfigDict()  # low-rank adapters on a frozen base (docs/lora.md)
+    c.model.lora.rank = 0  # 0: off; > 0: W x + alpha/rank B(A x) on the projections `targets` names
+    c.model.lora.alpha = 16.0
+    c.model.lora.targets = "wq,wk,wv,wo"  # projection names or regexes over their paths (blocks.attn.wq)
+    c.model.lora.base_quant = "none"  # QLoRA: the frozen base stored as none | int8 | int4
+    c.model.lora.group_size = 128  # int4: inputs per scale (as infer.group_size)
     c.model.family = "llama"  # llama | gpt2 | early_fusion | cross_attention | clip (docs/multimodal.md)
 
     c.model.vision = ml_collections.ConfigDict()  # the ViT encoder of the multimodal families

@@ -44,6 +44,7 @@ LOGICAL_AXES = (
     "patch",  # a flattened image patch (pixels x channels)
     "seq",
     "res_seq",  # the residual stream's sequence
+    "lora_rank",  # the rank of a low-rank adapter (models/lora.py)
 )
 UNSHARDED: Rules = tuple((name, None) for name in LOGICAL_AXES)
 

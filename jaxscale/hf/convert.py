@@ -30,6 +30,7 @@ from jaxscale.errors import UserError
 from jaxscale.hf import mapping, safetensors
 from jaxscale.hf.mapping import Tensor
 from jaxscale.mesh import mesh_from_config
+from jaxscale.models import lora
 from jaxscale.models.moe import RouterBias
 
 log = logging.getLogger("jaxscale")
@@ -291,7 +292,10 @@ def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
         config.mesh = ml_collections.ConfigDict(mesh)
         devices = None
     layout = make_layout(config, mesh_from_config(config.mesh, devices))
-    variables = _variables(load_params(m, layout, checkpoint_dir, step))
+    params = load_params(m, layout, checkpoint_dir, step, config=config)
+    if lora.enabled(m):  # the adapters folded into their weights: W + alpha/rank A B
+        params = lora.merge(params, lora.LoraConfig.from_config(m))
+    variables = _variables(params)
     specs, biases = _specs(m, variables)
     for path in sorted(biases):
         if np.any(np.asarray(jax.device_get(variables[path].get_value()))):

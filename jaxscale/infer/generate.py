@@ -31,6 +31,7 @@ from jaxscale.models import DECODERS, abstract_model
 from jaxscale.models.layers import token_loss_sums
 from jaxscale.parallel import context_parallel, make_layout
 from jaxscale.sharding import Layout, merge_rules, use_layout
+from jaxscale.train import lora
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so few lengths are compiled
 GREEDY = SamplingParams()
@@ -44,11 +45,15 @@ def inference_layout(config, mesh: Mesh) -> Layout:
     return Layout(mesh, merge_rules(make_layout(config, mesh).rules, CACHE_RULES))
 
 
-def load_params(model_cfg, layout: Layout, directory: str, step: int | None = None) -> nnx.State:
-    """The float parameters of a `jaxscale train` checkpoint, read straight into `layout`."""
+def load_params(model_cfg, layout: Layout, directory: str, step: int | None = None,
+                config=None) -> nnx.State:
+    """The float parameters of a `jaxscale train` checkpoint, read straight into `layout`; with
+    the run's `config`, a LoRA run's adapters are joined to the base it names (`train/lora.py`)."""
     shapes = abstract_model(model_cfg)[1]
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, param_shardings(layout, shapes))
+    if config is not None and lora.enabled(model_cfg):
+        return lora.restore_params(config, abstract, directory, step)
     with Checkpointer(directory, read_only=True) as ckpt:
         return ckpt.restore_params(abstract, step)
 
@@ -149,7 +154,7 @@ class Generator:
         if params is None:
             if checkpoint is None:
                 raise UserError("give the parameters or a checkpoint directory")
-            params = load_params(config.model, layout, checkpoint)
+            params = load_params(config.model, layout, checkpoint, config=config)
         return cls(config.model, params, layout, cache, config.infer.weights,
                    config.infer.group_size, config.parallel.context_attention)
 

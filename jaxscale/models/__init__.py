@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from jaxscale.errors import UserError
-from jaxscale.models import fusion, gpt2, llama
+from jaxscale.models import fusion, gpt2, llama, lora
 from jaxscale.models.gpt2 import GPT2
 from jaxscale.models.llama import Llama, LlamaConfig
 
@@ -21,15 +21,19 @@ _DECODER_MODULES = {"llama": llama, "gpt2": gpt2}  # each holds its family's FLO
 
 
 def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
-    """The model of the config's `model` section (its `family` picks the class)."""
+    """The model of the config's `model` section (its `family` picks the class), with low-rank
+    adapters where `model.lora` asks for them (`lora.add_adapters`)."""
+    lora_cfg = lora.LoraConfig.from_config(model_cfg)
     family = model_cfg.get("family", "llama")
     if family == "llama":
-        return Llama(LlamaConfig.from_config(model_cfg), rngs)
-    if family == "gpt2":
-        return GPT2(LlamaConfig.from_config(model_cfg), rngs)
-    if family not in FAMILIES:
+        model = Llama(LlamaConfig.from_config(model_cfg), rngs)
+    elif family == "gpt2":
+        model = GPT2(LlamaConfig.from_config(model_cfg), rngs)
+    elif family not in FAMILIES:
         raise UserError(f"model.family={family!r}; use one of {', '.join(FAMILIES)}")
-    return fusion.build(family, model_cfg, rngs)
+    else:
+        model = fusion.build(family, model_cfg, rngs)
+    return lora.add_adapters(model, lora_cfg, rngs) if lora_cfg.rank else model
 
 
 def flops_per_token(model_cfg, seq_len: int, frames: int = 1) -> float:

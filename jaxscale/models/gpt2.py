@@ -21,13 +21,13 @@ from jaxscale.models.decoder import flops_per_token as decoder_flops_per_token
 from jaxscale.models.layers import (
     LayerNorm,
     VocabShards,
-    dense,
     embed_lookup,
     param,
     remat_policy,
     stack_layers,
 )
 from jaxscale.models.llama import LlamaConfig
+from jaxscale.models.lora import project
 from jaxscale.sharding import constrain
 
 
@@ -36,6 +36,9 @@ def _bias(shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
 
 
 class Attention(nnx.Module):
+    PROJECTIONS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2}  # their input dims (`lora.project`)
+    OUTPUTS = {"wq": 2, "wk": 2, "wv": 2}
+
     def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
         std, out_std = 0.02, 0.02 / math.sqrt(2 * c.n_layers)
         axes = ("embed", "heads", "head_dim")
@@ -50,19 +53,21 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, segments: jax.Array | None, attend: Attend | None) -> jax.Array:
         dt = x.dtype
-        q, k, v = (constrain(dense(x, w[...].astype(dt)) + b[...].astype(dt),
+        q, k, v = (constrain(project(self, w, x) + b[...].astype(dt),
                              ("batch", "seq", "heads", "head_dim"))
-                   for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
+                   for w, b in (("wq", self.bq), ("wk", self.bk), ("wv", self.bv)))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         if attend is None:
             out = causal_attention(q, k, v, segments, self.kind, self.max_documents)
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
-        return dense(out, self.wo[...].astype(dt), 2) + self.bo[...].astype(dt)
+        return project(self, "wo", out, 2) + self.bo[...].astype(dt)
 
 
 class MLP(nnx.Module):
+    PROJECTIONS = {"w_fc": 1, "w_proj": 1}
+
     def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
         self.w_fc = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), 0.02)
         self.b_fc = _bias((c.d_ff,), ("mlp",))
@@ -71,10 +76,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        h = dense(x, self.w_fc[...].astype(dt)) + self.b_fc[...].astype(dt)
+        h = project(self, "w_fc", x) + self.b_fc[...].astype(dt)
         h = checkpoint_name(constrain(jax.nn.gelu(h, approximate=True), ("batch", "seq", "mlp")),
                             "mlp_hidden")
-        out = dense(h, self.w_proj[...].astype(dt)) + self.b_proj[...].astype(dt)
+        out = project(self, "w_proj", h) + self.b_proj[...].astype(dt)
         return checkpoint_name(out, "mlp_out")
 
 

@@ -23,13 +23,13 @@ from jaxscale.models.layers import (
     RMSNorm,
     RopeScaling,
     VocabShards,
-    dense,
     embed_lookup,
     param,
     remat_policy,
     rope,
     stack_layers,
 )
+from jaxscale.models.lora import project
 from jaxscale.models.moe import MoE, MoEConfig
 from jaxscale.sharding import constrain
 
@@ -98,6 +98,9 @@ class LlamaConfig:
 
 
 class Attention(nnx.Module):
+    PROJECTIONS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2}  # their input dims (`lora.project`)
+    OUTPUTS = {"wq": 2, "wk": 2, "wv": 2}
+
     def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
         std, out_std = c.d_model**-0.5, (c.n_heads * c.head_dim) ** -0.5 / math.sqrt(2 * c.n_layers)
         self.wq = param(rngs, (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), std)
@@ -115,10 +118,7 @@ class Attention(nnx.Module):
                  attend: Attend | None = None) -> jax.Array:
         """Self-attention of `x`; `attend(q, k, v)`, given rotated q, k and v [batch, seq, heads,
         head_dim], replaces causal attention over these tokens (and their `segments`)."""
-        dt = x.dtype
-        q = dense(x, self.wq[...].astype(dt))
-        k = dense(x, self.wk[...].astype(dt))
-        v = dense(x, self.wv[...].astype(dt))
+        q, k, v = (project(self, name, x) for name in ("wq", "wk", "wv"))
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -132,10 +132,12 @@ class Attention(nnx.Module):
         else:
             out = attend(q, k, v)
         out = checkpoint_name(constrain(out, ("batch", "seq", "heads", "head_dim")), "attn_out")
-        return dense(out, self.wo[...].astype(dt), 2)
+        return project(self, "wo", out, 2)
 
 
 class MLP(nnx.Module):
+    PROJECTIONS = {"w_gate": 1, "w_up": 1, "w_down": 1}
+
     def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
         std, out_std = c.d_model**-0.5, c.d_ff**-0.5 / math.sqrt(2 * c.n_layers)
         self.w_gate = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std)
@@ -143,12 +145,10 @@ class MLP(nnx.Module):
         self.w_down = param(rngs, (c.d_ff, c.d_model), ("mlp", "embed"), out_std)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        gate = dense(x, self.w_gate[...].astype(dt))
-        up = dense(x, self.w_up[...].astype(dt))
+        gate, up = project(self, "w_gate", x), project(self, "w_up", x)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
         h = checkpoint_name(h, "mlp_hidden")
-        return checkpoint_name(dense(h, self.w_down[...].astype(dt)), "mlp_out")
+        return checkpoint_name(project(self, "w_down", h), "mlp_out")
 
 
 class Block(nnx.Module):

@@ -20,6 +20,7 @@ from jaxscale.data import DataIterator, build_data, make_global_batch
 from jaxscale.data.loader import process_rows
 from jaxscale.errors import UserError
 from jaxscale.mesh import describe, mesh_from_config
+from jaxscale.train import lora
 from jaxscale.train.step import TrainState
 from jaxscale.train.trainer import Trainer, build_trainer
 
@@ -102,7 +103,8 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
             stop = signals.check(done)
             if periodic or done == last or stop:
                 nonfinite.judge()  # never save a step that stops the run
-                ckpt.save(done, trainer.to_canonical(state), data.get_state(), config_json)
+                ckpt.save(done, lora.checkpointed(trainer.to_canonical(state), trainer),
+                          data.get_state(), config_json)
             if stop:
                 log.info("received %s: saved a checkpoint at step %d; exiting",
                          signals.received, done)
@@ -116,15 +118,21 @@ def initial_state(config: ml_collections.ConfigDict, trainer: Trainer, data: Dat
                   ckpt: Checkpointer) -> TrainState:
     """The state a run starts from: `ckpt`'s latest (or `checkpoint.resume_step`) checkpoint,
     `data` (when given) set to where it stopped; else a fresh one, its parameters (or some
-    groups) read from `checkpoint.init_params_from` when set."""
+    groups) read from `checkpoint.init_params_from` when set. With `model.lora` the checkpoint
+    holds the adapters and `checkpoint.init_params_from` the base (`train/lora.py`)."""
     ckpt_cfg = config.checkpoint
     step = ckpt_cfg.resume_step if ckpt_cfg.resume_step >= 0 else None
     if ckpt.steps() or step is not None:
-        state, data_state, step = ckpt.restore(trainer.abstract_state(canonical=True), step)
+        state, data_state, step = ckpt.restore(
+            lora.checkpointed(trainer.abstract_state(canonical=True), trainer), step)
         if data is not None:
             data.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, step)
-        return trainer.from_canonical(state)
+        return trainer.from_canonical(lora.with_base(config, trainer, state) if trainer.lora
+                                      else state)
+    if trainer.lora:  # fresh adapters on the base
+        return trainer.from_canonical(lora.with_base(config, trainer,
+                                                     trainer.to_canonical(trainer.init())))
     loaded = _read_init_params(ckpt_cfg.init_params_from, trainer)  # errors before init's compile
     state = trainer.init()
     if None in loaded:

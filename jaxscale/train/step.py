@@ -31,7 +31,8 @@ class TrainState(struct.PyTreeNode):
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
                     grad_shardings, bias_rate: float = 0.0, outer: diloco.Outer | None = None,
-                    reduce: compression.Reduce | None = None
+                    reduce: compression.Reduce | None = None,
+                    partition: tuple[Callable, Callable] | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build `step(state, batch) -> (state, metrics)`, ready for `jax.jit`.
 
@@ -50,16 +51,22 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     With DiLoCo's `outer` step, `loss_fn` takes the replicas' parameters (`state.local`) and
     returns each replica's loss and token sums; each replica's gradient is that of its own mean
     loss, `tx` updates each replica apart, and `outer` runs after every `inner_steps`-th step.
+
+    With `partition = (split, join)` (LoRA's, `train/lora.py`) only the first part of
+    `split(params)` is differentiated, updated and has optimizer state (`grad_shardings` is
+    its layout); the second stays as it is.
     """
     update = diloco.per_replica(tx.update) if outer else tx.update
-    grad_fn = jax.value_and_grad(_with_aux(loss_fn), has_aux=True)
+    split_params, join_params = partition or (lambda p: (p, None), lambda p, _: p)
+    grad_fn = jax.value_and_grad(_with_aux(lambda p, b, frozen: loss_fn(join_params(p, frozen), b)),
+                                 has_aux=True)
 
     def pin(grads):
         return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
-    def compute_grads(params, batch):
+    def compute_grads(params, batch, frozen):
         if grad_accum_steps == 1:
-            (_, (loss_sum, count, stats)), grads = grad_fn(params, batch)
+            (_, (loss_sum, count, stats)), grads = grad_fn(params, batch, frozen)
             return loss_sum, count, stats, pin(grads)
 
         def split(x):  # [B, ...] -> [accum, B/accum, ...], micro-batch i = rows i, i+accum, ...
@@ -68,28 +75,30 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 
         def body(carry, micro):
             loss_sum, count, stats, grads = carry
-            (_, (ls, c, s)), g = grad_fn(params, micro)
+            (_, (ls, c, s)), g = grad_fn(params, micro, frozen)
             return (loss_sum + ls, count + c, jax.tree.map(jnp.add, stats, s),
                     pin(jax.tree.map(jnp.add, grads, g))), None
 
         micros = jax.tree.map(split, batch)
         zeros = pin(jax.tree.map(jnp.zeros_like, params))
         sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                            jax.eval_shape(loss_fn, params, jax.tree.map(lambda a: a[0], micros)))
+                            jax.eval_shape(loss_fn, join_params(params, frozen),
+                                           jax.tree.map(lambda a: a[0], micros)))
         (loss_sum, count, stats, grads), _ = jax.lax.scan(body, (*sums, zeros), micros)
         return loss_sum, count, stats, grads
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         old_params, old_opt = state.local if outer else (state.params, state.opt_state)
+        old_params, frozen = split_params(old_params)
         residual = state.residual
         if reduce:
             stacked = jax.lax.with_sharding_constraint(
                 diloco.stack(old_params, reduce.replicas), grad_shardings)
-            loss_sum, count, stats, grads = compute_grads(stacked, batch)
+            loss_sum, count, stats, grads = compute_grads(stacked, batch, frozen)
             count = jnp.maximum(jnp.sum(count), 1.0)
             grads, residual = reduce(jax.tree.map(lambda g: g / count, grads), residual)
         else:
-            loss_sum, count, stats, grads = compute_grads(old_params, batch)
+            loss_sum, count, stats, grads = compute_grads(old_params, batch, frozen)
             count = jnp.maximum(count, 1.0)  # each replica's, under DiLoCo
             grads = jax.tree.map(
                 lambda g: g / count.reshape(count.shape + (1,) * (g.ndim - count.ndim)), grads)
@@ -105,6 +114,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         params, opt_state, residual = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                                    (params, opt_state, residual),
                                                    (old_params, old_opt, state.residual))
+        params = join_params(params, frozen)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "tokens": jnp.sum(count), "nonfinite": 1.0 - finite.astype(jnp.float32)}
         if stats:
@@ -124,8 +134,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 def _with_aux(loss_fn: Callable) -> Callable:
     """`loss_fn` as `jax.value_and_grad(has_aux=True)` takes it: the loss sum (over DiLoCo's
     replicas too) and `(loss_sum, count, stats)`."""
-    def fn(params, batch):
-        loss_sum, count, stats = loss_fn(params, batch)
+    def fn(params, batch, frozen):
+        loss_sum, count, stats = loss_fn(params, batch, frozen)
         return jnp.sum(loss_sum), (loss_sum, count, stats)
 
     return fn

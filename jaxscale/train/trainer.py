@@ -23,7 +23,7 @@ from jaxscale.models.fusion import FREEZE_GROUPS
 from jaxscale.parallel import compression, diloco, make_layout, parallelize
 from jaxscale.parallel.pipeline import virtualize
 from jaxscale.sharding import Layout, use_layout
-from jaxscale.train import offload
+from jaxscale.train import lora, offload
 from jaxscale.train.optim import make_optimizer
 from jaxscale.train.step import Batch, TrainState, make_train_step
 
@@ -45,6 +45,7 @@ class Trainer:
     replicas: int = 1  # DiLoCo's (`parallel/diloco.py`); 1: off
     outer_tx: optax.GradientTransformation | None = None  # DiLoCo's outer optimizer
     reduce: compression.Reduce | None = None  # the compressed gradient reduction, if any
+    lora: bool = False  # only the adapters train and have optimizer state (`train/lora.py`)
     loss_fn: Callable = dataclasses.field(repr=False, default=None)
     _step: Callable = dataclasses.field(repr=False, default=None)
     _compiled: object = dataclasses.field(repr=False, default=None)
@@ -84,7 +85,7 @@ class Trainer:
             residual = diloco.stack(jax.tree.map(jnp.zeros_like, params), self.reduce.replicas)
             return TrainState(step, params, self.tx.init(params), residual=residual)
         if self.replicas == 1:
-            return TrainState(step, params, self.tx.init(params))
+            return TrainState(step, params, self.tx.init(lora.split(params)[0] if self.lora else params))
         local = diloco.stack(params, self.replicas)
         return TrainState(step, params, self.outer_tx.init(params),
                           local=(local, jax.vmap(self.tx.init)(local)))
@@ -185,9 +186,13 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds "
                         f"model.max_seq_len={config.model.max_seq_len}")
     tx, schedule = make_optimizer(config.optim, config.train.steps, frozen_groups(config.model))
-    par = parallelize(graphdef, params, jax.eval_shape(tx.init, params), layout, config)
+    lora.check(config)
+    adapters = lora.enabled(config.model)
+    trained = lora.split(params)[0] if adapters else params
+    par = parallelize(graphdef, params, jax.eval_shape(tx.init, trained), layout, config)
     state_specs = TrainState(step=PartitionSpec(), params=par.param_specs, opt_state=par.opt_specs)
-    grad_specs, outer_tx, outer = par.param_specs, None, None
+    grad_specs = lora.split(par.param_specs)[0] if adapters else par.param_specs
+    outer_tx, outer = None, None
     if par.replicas > 1:  # DiLoCo: the replicas' state stacked over `data`, the outer optimizer's
         grad_specs, outer_tx = diloco.replicated(par.param_specs), diloco.outer_optimizer(config)
         state_specs = TrainState(
@@ -201,7 +206,8 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
         state_specs = state_specs.replace(residual=grad_specs)
         reduce = compression.Reduce(partial(compression.codec, config), layout, par.param_specs)
     step_fn = make_train_step(par.loss, tx, schedule, config.train.grad_accum_steps,
-                              layout.shardings(grad_specs), config.model.moe.bias_rate, outer, reduce)
+                              layout.shardings(grad_specs), config.model.moe.bias_rate, outer, reduce,
+                              lora.PARTITION if adapters else None)
     on_host = offload.parts(config, mesh.devices.flat)
     shardings = layout.shardings(state_specs)
     if on_host:
@@ -211,7 +217,7 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
                      out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(config, layout, graphdef, tx, schedule, state_specs, par.batch_spec,
                    par.virtual_stages, par.pipelined, on_host, par.replicas, outer_tx, reduce,
-                   par.loss, jitted)
+                   adapters, par.loss, jitted)
 
 
 def frozen_groups(model_cfg) -> tuple[str, ...]:
