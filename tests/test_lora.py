@@ -19,6 +19,7 @@ from jaxscale.infer import Generator, QuantizedArray, quantize_params
 from jaxscale.mesh import mesh_from_config
 from jaxscale.models import abstract_model, build_model, loss_sums
 from jaxscale.models.lora import LoraConfig, merge
+from jaxscale.plan import plan
 from jaxscale.train import lora
 from jaxscale.train.loop import train
 from jaxscale.train.trainer import build_trainer
@@ -325,3 +326,12 @@ def test_qlora_generate_runs_on_the_quantized_base_and_export_merges_it(qlora, t
     for x, y in zip(jax.tree.leaves(lora.split(unmerged.params)[1]["blocks"]),
                     jax.tree.leaves(lora.split(smaller)[1]["blocks"]), strict=True):
         assert x is y
+
+
+def test_plan_sizes_the_quantized_base_as_stored_and_the_adapters_optimizer_state(base):
+    floats, int8 = plan(lora_config(base), 1), plan(qlora_config(base), 1)
+    assert int8["params"] == floats["params"]  # the codes count as the values they stand for
+    assert floats["param_bytes_total"] - int8["param_bytes_total"] == 3 * 73728 - 4 * 1024
+    n_adapter = 2 * (4 * 64 * RANK + 64 * RANK + RANK * (64 + 2 * 32 + 64 + 128))
+    assert int8["opt_bytes_per_device"] == floats["opt_bytes_per_device"] == 2 * 4 * n_adapter + 8
+    assert int8["grad_bytes_per_device"] == 4 * n_adapter
