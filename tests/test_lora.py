@@ -1,6 +1,7 @@
 """LoRA: only the adapters train and hold optimizer state; the base stays bitwise; a sharded run
 matches one device; resume is exact with the base read again; a merged export gives the unmerged
-model's logits; bad settings are one-line errors."""
+model's logits; bad settings are one-line errors. QLoRA: the same on an int8 / int4 base, held at
+its quantized bytes, training from the dequantized base's loss."""
 
 import json
 
