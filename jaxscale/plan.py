@@ -11,13 +11,16 @@ from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.metrics import train_flops_per_token
 from jaxscale.models import abstract_model
+from jaxscale.models import lora as lora_model
 from jaxscale.parallel import make_layout, zero
 from jaxscale.sharding import bytes_per_device
+from jaxscale.train import lora
 from jaxscale.train.optim import make_optimizer
 
 
 def plan(config, num_devices: int | None = None) -> dict:
-    """Parameter count and per-device bytes of params, gradients and optimizer state.
+    """Parameter count and per-device bytes of params (a QLoRA base as its codes and scales),
+    gradients and optimizer state (under LoRA the adapters' alone).
 
     The mesh is abstract, so any device count can be planned for (default: the devices present).
     """
@@ -29,11 +32,12 @@ def plan(config, num_devices: int | None = None) -> dict:
     mesh = AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
     layout = make_layout(config, mesh)
     _, params = abstract_model(config.model)
+    trained = lora.split(params)[0] if lora.enabled(config.model) else params  # LoRA: the adapters
     tx, _ = make_optimizer(config.optim, config.train.steps)
-    opt = jax.eval_shape(tx.init, params)
+    opt = jax.eval_shape(tx.init, trained)
     stage = config.parallel.zero_stage
     param_bytes = bytes_per_device(zero.specs(layout, params, stage, from_stage=3), params, sizes)
-    grad_bytes = bytes_per_device(zero.specs(layout, params, stage, from_stage=2), params, sizes)
+    grad_bytes = bytes_per_device(zero.specs(layout, trained, stage, from_stage=2), trained, sizes)
     momentum = config.diloco.outer_momentum > 0
     return {
         "mesh": {a: s for a, s in sizes.items() if s > 1} or {"single device": 1},
@@ -53,15 +57,24 @@ def plan(config, num_devices: int | None = None) -> dict:
 
 
 def counts(params, moe) -> dict[str, int]:
-    """Trained parameters (`nnx.Param`s: not an MoE router's balancing bias), and those one token
-    uses: of each MoE layer's experts, `top_k` of `n_experts`."""
-    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    trained = [(v, "experts" in str(v.get_metadata().get("logical_axes")))
-               for v in variables if isinstance(v, nnx.Param)]
-    total = sum(v.size for v, _ in trained)
-    experts = sum(v.size for v, routed in trained if routed)
+    """Trained parameters (`nnx.Param`s: not an MoE router's balancing bias; a QLoRA base's
+    weights counted as the values they stand for, their scales not), and those one token uses: of
+    each MoE layer's experts, `top_k` of `n_experts`."""
+    flat = dict(nnx.to_flat_state(params))
+    scales = lora_model.quantized(flat)
+    trained = [(_values(v, flat.get(scales.get(p))), "experts" in str(v.get_metadata().get("logical_axes")))
+               for p, v in flat.items() if isinstance(v, nnx.Param) and p not in scales.values()]
+    total = sum(n for n, _ in trained)
+    experts = sum(n for n, routed in trained if routed)
     active = total - experts + (experts // moe.n_experts * moe.top_k if moe.n_experts else 0)
     return {"params": total, "active_params": active}
+
+
+def _values(var: nnx.Variable, scale: nnx.Variable | None) -> int:
+    """The values `var` holds: its size, or for quantized codes the weight's (int4 packs two)."""
+    if scale is None:
+        return var.size
+    return var.size // var.shape[-1] * scale.shape[-1]  # a scale's last axis is the weight's
 
 
 def report(config, num_devices: int | None = None) -> str:
@@ -72,7 +85,9 @@ def report(config, num_devices: int | None = None) -> str:
              + p["diloco_bytes_per_device"] + p["residual_bytes_per_device"])
     mesh = " x ".join(f"{a}={s}" for a, s in p["mesh"].items())
     return "\n".join([
-        f"parameters          {p['params']:,} ({p['param_bytes_total'] / gib:.2f} GiB float32)",
+        f"parameters          {p['params']:,} ({p['param_bytes_total'] / gib:.2f} GiB "
+        + ("float32)" if config.model.lora.base_quant == "none" else
+           f"with the base in {config.model.lora.base_quant})"),
         *([f"active / token      {p['active_params']:,} (routed experts: top_k of n_experts)"]
           if p["active_params"] != p["params"] else []),
         f"mesh                {mesh}",

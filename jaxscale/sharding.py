@@ -45,6 +45,7 @@ LOGICAL_AXES = (
     "seq",
     "res_seq",  # the residual stream's sequence
     "lora_rank",  # the rank of a low-rank adapter (models/lora.py)
+    "quant_groups",  # the input groups of a quantized weight's scales (QLoRA's base, models/lora.py)
 )
 UNSHARDED: Rules = tuple((name, None) for name in LOGICAL_AXES)
 

@@ -1,6 +1,7 @@
 """LoRA: only the adapters train and hold optimizer state; the base stays bitwise; a sharded run
 matches one device; resume is exact with the base read again; a merged export gives the unmerged
-model's logits; bad settings are one-line errors."""
+model's logits; bad settings are one-line errors. QLoRA: the same on an int8 / int4 base, held at
+its quantized bytes, training from the dequantized base's loss."""
 
 import json
 
@@ -10,13 +11,16 @@ import numpy as np
 import pytest
 from conftest import devices_or_skip, tiny_config
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.errors import UserError
 from jaxscale.hf import checkpoint_config, export_hf, import_hf
-from jaxscale.infer import Generator
+from jaxscale.infer import Generator, QuantizedArray, quantize_params
 from jaxscale.mesh import mesh_from_config
-from jaxscale.models import abstract_model, build_model
+from jaxscale.models import abstract_model, build_model, loss_sums
+from jaxscale.models.lora import LoraConfig, merge
+from jaxscale.plan import plan
 from jaxscale.train import lora
 from jaxscale.train.loop import train
 from jaxscale.train.trainer import build_trainer
@@ -192,11 +196,110 @@ def test_lora_without_a_base_is_an_error_before_compiling():
         build_trainer(config, mesh_from_config(config.mesh, jax.devices()[:1]))
 
 
-def test_qlora_base_is_not_implemented_yet_and_says_so(base):
-    config = lora_config(base)
-    config.model.lora.base_quant = "int8"
-    with pytest.raises(NotImplementedError, match=r"base_quant=int8 \(QLoRA: training on a quantized"):
-        build_trainer(config, mesh_from_config(config.mesh, jax.devices()[:1]))
+def qlora_config(base: str, quant: str = "int8", **mesh):
+    c = lora_config(base, **mesh)
+    c.model.lora.update(base_quant=quant, group_size=32)
+    return c
+
+
+def batches(config, trainer, n: int) -> list:
+    from jaxscale.data import build_data, make_global_batch
+
+    _, data = build_data(config)
+    return [make_global_batch(next(data), trainer.batch_sharding) for _ in range(n)]
+
+
+def run(trainer, state, batches):
+    losses = []
+    for batch in batches:
+        state, out = trainer.step(state, batch)
+        losses.append(float(out["loss"]))
+    return state, losses
+
+
+def base_bytes(params) -> tuple[int, int]:
+    """(bytes of the base's projection weights as the state holds them, codes and scales; their
+    values as float32)."""
+    flat = dict(nnx.to_flat_state(lora.split(params)[1]))
+    scales = {(*p[:-1], f"{p[-1]}_scale"): p for p in flat if (*p[:-1], f"{p[-1]}_scale") in flat}
+    held = sum(flat[p].nbytes + flat[s].nbytes for s, p in scales.items())
+    return held, 4 * sum(flat[s].shape[-1] * flat[p].size // flat[p].shape[-1] for s, p in scales.items())
+
+
+@pytest.fixture(scope="module")
+def qlora(base, tmp_path_factory):
+    """A QLoRA (int8 base) run on one device: 3 steps; the same stopped after 1 step, its
+    checkpoint (the adapters) saved and read back with the base read and quantized again, and
+    resumed for 2."""
+    config = qlora_config(base)
+    trainer, state = start(config, 1)
+    data = batches(config, trainer, STEPS)
+    before = jax.tree.map(np.asarray, state.params)
+    after, losses = run(trainer, state, data)
+    path = str(tmp_path_factory.mktemp("qlora"))
+    state = lora.with_base(config, trainer, trainer.init())
+    state, resumed = run(trainer, state, data[:1])
+    with Checkpointer(path, async_save=False) as ckpt:
+        ckpt.save(1, lora.checkpointed(state, trainer), {}, config.to_json())
+        del state
+        state, _, _ = ckpt.restore(lora.checkpointed(trainer.abstract_state(canonical=True), trainer))
+    _, more = run(trainer, lora.with_base(config, trainer, state), data[1:])
+    return config, trainer, data, before, jax.tree.map(np.asarray, after.params), losses, resumed + more, path
+
+
+def test_qlora_trains_adapters_on_an_int8_base_a_quarter_of_float32(qlora, one_device):
+    config, trainer, data, before, after, losses, resumed, _ = qlora
+    adapters0, base0 = lora.split(before)
+    adapters1, base1 = lora.split(after)
+    for x, y in zip(jax.tree.leaves(base0), jax.tree.leaves(base1), strict=True):
+        np.testing.assert_array_equal(x, y)  # codes and scales bitwise unchanged
+    assert min(float(np.abs(x - y).max()) for x, y in
+               zip(jax.tree.leaves(adapters0), jax.tree.leaves(adapters1), strict=True)) > 1e-3
+    codes = before["blocks"]["attn"]["wq"]
+    assert codes.dtype == np.int8 and codes.shape == (2, 64, 8, 8)
+    assert before["blocks"]["mlp"]["w_down_scale"].shape == (2, 1, 64)  # one per output channel
+    held, float32 = base_bytes(before)
+    # 2 layers of q, k, v, o, gate, up, down: 73728 values, 1 byte each, and 1024 float32 scales
+    assert (held, float32) == (73728 + 4 * 1024, 4 * 73728) and held / float32 < 0.27
+    # the first loss is the quantized base's: that of the float model with the dequantized weights
+    plain, cfg = abstract_model(tiny_config().model)[0], LoraConfig(**config.model.lora)
+    loss_sum, count, _ = jax.jit(lambda p, b: loss_sums(plain, merge(p, cfg), b))(before, data[0])
+    assert abs(losses[0] - float(loss_sum / count)) < 1e-5
+    float_base = one_device[3][0]
+    assert 1e-5 < abs(losses[0] - float_base) < 1e-2, (losses[0], float_base)
+    assert losses[-1] < losses[0]
+
+
+def test_qlora_resume_is_exact_with_the_base_quantized_again(qlora):
+    losses, resumed = qlora[5], qlora[6]
+    assert resumed == losses  # bit for bit
+    names = Checkpointer(qlora[7], read_only=True)._metadata_names(1)
+    params = [n for n in names if n.startswith("params.")]
+    assert params and all("_lora_" in n for n in params), params  # no codes, no scales
+
+
+def test_sharded_qlora_matches_one_device(qlora, base):
+    before, losses = qlora[3], qlora[5]
+    config = qlora_config(base, fsdp=2, tensor=2, data=2)
+    trainer, state = start(config, 8)
+    specs = trainer.state_specs.params["blocks"]["attn"]  # codes as the weight, scales' groups whole
+    assert specs["wq"] == P(None, "fsdp", "tensor", None)
+    assert specs["wq_scale"] == P(None, None, "tensor", None)
+    for x, y in zip(jax.tree.leaves(lora.split(before)[1]),
+                    jax.tree.leaves(lora.split(state.params)[1]), strict=True):
+        np.testing.assert_array_equal(x, np.asarray(y))  # quantized in shards as on one device
+    _, sharded = steps(trainer, config, state, STEPS)
+    np.testing.assert_allclose(sharded, losses, rtol=2e-5)
+
+
+def test_qlora_int4_base_an_eighth_of_float32_plus_scales(base, one_device):
+    config = qlora_config(base, "int4")
+    trainer, state = start(config, 1)
+    held, float32 = base_bytes(state.params)
+    # 73728 values at half a byte, one float32 scale per 32 inputs of a channel
+    assert (held, float32) == (73728 // 2 + 4 * 73728 // 32, 4 * 73728), held
+    _, losses = run(trainer, state, batches(config, trainer, 4))
+    assert losses[-1] < losses[0] and abs(losses[0] - one_device[3][0]) < 5e-2
 
 
 def test_lora_with_compressed_reduction_is_refused(base):
@@ -204,3 +307,32 @@ def test_lora_with_compressed_reduction_is_refused(base):
     config.parallel.grad_compression = "int8"
     with pytest.raises(UserError, match="does not combine with parallel.grad_compression"):
         build_trainer(config, mesh_from_config(config.mesh, jax.devices()[:1]))
+
+
+def test_qlora_generate_runs_on_the_quantized_base_and_export_merges_it(qlora, tmp_path):
+    config, path = qlora[0], qlora[7]
+    mesh = mesh_from_config(config.mesh, jax.devices()[:1])
+    saved = checkpoint_config(path)
+    unmerged = Generator.from_config(saved, checkpoint=path, mesh=mesh)
+    assert unmerged.params["blocks"]["attn"]["wq"].dtype == jnp.int8  # the base stays quantized
+    logits = np.asarray(unmerged.logits(TOKENS))
+    assert len(unmerged.generate([[1, 2, 3]], max_new_tokens=4).row(0)) == 4
+    export_hf(path, str(tmp_path / "hf"))  # W = dequantized codes + alpha/rank A B
+    imported = import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    merged = Generator.from_config(checkpoint_config(imported), checkpoint=imported, mesh=mesh)
+    np.testing.assert_allclose(np.asarray(merged.logits(TOKENS)), logits, atol=1e-5, rtol=0)
+    # infer.weights=int8|int4 quantizes the embedding and head; the base stays as it is
+    smaller = quantize_params(unmerged.params, "int4", 32)
+    assert isinstance(smaller["embed"].get_value(), QuantizedArray)
+    for x, y in zip(jax.tree.leaves(lora.split(unmerged.params)[1]["blocks"]),
+                    jax.tree.leaves(lora.split(smaller)[1]["blocks"]), strict=True):
+        assert x is y
+
+
+def test_plan_sizes_the_quantized_base_as_stored_and_the_adapters_optimizer_state(base):
+    floats, int8 = plan(lora_config(base), 1), plan(qlora_config(base), 1)
+    assert int8["params"] == floats["params"]  # the codes count as the values they stand for
+    assert floats["param_bytes_total"] - int8["param_bytes_total"] == 3 * 73728 - 4 * 1024
+    n_adapter = 2 * (4 * 64 * RANK + 64 * RANK + RANK * (64 + 2 * 32 + 64 + 128))
+    assert int8["opt_bytes_per_device"] == floats["opt_bytes_per_device"] == 2 * 4 * n_adapter + 8
+    assert int8["grad_bytes_per_device"] == 4 * n_adapter

@@ -293,8 +293,9 @@ def export_hf(checkpoint_dir: str, out: str, *, dtype: str = "float32",
         devices = None
     layout = make_layout(config, mesh_from_config(config.mesh, devices))
     params = load_params(m, layout, checkpoint_dir, step, config=config)
-    if lora.enabled(m):  # the adapters folded into their weights: W + alpha/rank A B
-        params = lora.merge(params, lora.LoraConfig.from_config(m))
+    if lora.enabled(m):  # the adapters folded into their weights, W + alpha/rank A B, in one program
+        # (a QLoRA base's W dequantized first: the export carries the base's quantization error)
+        params = jax.jit(lora.merge, static_argnums=1)(params, lora.LoraConfig.from_config(m))
     variables = _variables(params)
     specs, biases = _specs(m, variables)
     for path in sorted(biases):

@@ -5,14 +5,15 @@ float32 scales in a `QuantizedArray`, which takes the place of the parameter's v
 parameter (`w[...]`, as the model does) dequantizes it right before its matmul, `x @ (q * scale)`,
 so the model code runs unchanged. Symmetric, round-to-nearest: int8 has one scale per output channel
 (over all its inputs), int4 one per group of `group_size` consecutive inputs of a channel, its
-values packed two per byte. The embedding table counts each token's vector as a channel. RMSNorm
-scales stay float32. `weight_bytes` reports what the arrays really hold, scales included.
+values packed two per byte (the arithmetic: `models/quant.py`). The embedding table counts each
+token's vector as a channel. RMSNorm scales stay float32. Weights already stored as integers (a
+QLoRA run's base, `model.lora.base_quant`, with its own scales) stay as they are. `weight_bytes`
+reports what the arrays really hold, scales included.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -20,84 +21,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxscale.errors import UserError
+from jaxscale.models.quant import QuantizedArray, quantize_weight
 from jaxscale.sharding import Layout
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
 # The axes each matmul weight contracts with its input (negative: the same with a `layers` axis).
 CONTRACTING = {"wq": (-3,), "wk": (-3,), "wv": (-3,), "wo": (-3, -2), "w_gate": (-2,),
                "w_up": (-2,), "w_down": (-2,), "lm_head": (-2,), "embed": (-1,)}
-_QMAX = {8: 127, 4: 7}
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedArray:
-    """Integers `q` and float32 `scale` standing for the float32 weight `q * scale`.
-
-    `axes` are the contracting (input) axes, contiguous and counted from the end; `scale` has the
-    weight's shape with those axes replaced by one axis of groups. 4-bit values are packed two per
-    int8 along the last axis (low nibble first).
-    """
-
-    q: jax.Array
-    scale: jax.Array
-    axes: tuple[int, ...] = dataclasses.field(metadata={"static": True})
-    bits: int = dataclasses.field(metadata={"static": True})
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        *lead, last = self.q.shape
-        return (*lead, last * (8 // self.bits))
-
-    @property
-    def ndim(self) -> int:
-        return self.q.ndim
-
-    def __getitem__(self, key) -> jax.Array:
-        return self.dequantize()[key]
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The float weight `q * scale`."""
-        q = _unpack(self.q) if self.bits == 4 else self.q
-        a0, a1 = self._range()
-        groups = self.scale.shape[a0]
-        k = math.prod(q.shape[a0:a1])
-        q = q.reshape(q.shape[:a0] + (groups, k // groups) + q.shape[a1:])
-        w = q.astype(jnp.float32) * jnp.expand_dims(self.scale, a0 + 1)
-        return w.reshape(self.shape).astype(dtype)
-
-    def _range(self) -> tuple[int, int]:
-        return self.ndim + self.axes[0], self.ndim + self.axes[-1] + 1
-
-
-def quantize_weight(w: jax.Array, axes: tuple[int, ...], bits: int,
-                    group_size: int = 0) -> QuantizedArray:
-    """`w` rounded to `bits`-bit integers with one scale per output channel and group of
-    `group_size` consecutive inputs (0, or more than the inputs: one group per channel)."""
-    a0, a1 = w.ndim + axes[0], w.ndim + axes[-1] + 1
-    k = math.prod(w.shape[a0:a1])
-    size = k if group_size <= 0 else min(group_size, k)
-    if k % size:
-        raise UserError(f"infer.group_size={group_size} does not divide the {k} inputs of a "
-                        f"weight of shape {list(w.shape)}; use a divisor of {k}")
-    grouped = w.astype(jnp.float32).reshape(w.shape[:a0] + (k // size, size) + w.shape[a1:])
-    scale = jnp.max(jnp.abs(grouped), axis=a0 + 1) / _QMAX[bits]
-    scale = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(grouped / jnp.expand_dims(scale, a0 + 1)), -_QMAX[bits], _QMAX[bits])
-    q = q.astype(jnp.int8).reshape(w.shape)
-    return QuantizedArray(_pack(q) if bits == 4 else q, scale, tuple(axes), bits)
-
-
-def _pack(q: jax.Array) -> jax.Array:
-    if q.shape[-1] % 2:
-        raise UserError(f"int4 weights pack two values per byte along the last axis, which is odd "
-                        f"in a weight of shape {list(q.shape)}; use infer.weights=int8")
-    return (q[..., 0::2] & 0x0F) | (q[..., 1::2] << 4)
-
-
-def _unpack(p: jax.Array) -> jax.Array:
-    low, high = (p << 4) >> 4, p >> 4  # arithmetic shifts sign-extend each nibble
-    return jnp.stack([low, high], axis=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
 
 
 def check_format(weights: str) -> None:
@@ -108,14 +38,15 @@ def check_format(weights: str) -> None:
 
 def quantize_params(params: nnx.State, weights: str, group_size: int = 128) -> nnx.State:
     """`params` with every matmul weight in `weights` format: float32 (unchanged), bfloat16
-    (cast), int8 or int4 (`QuantizedArray`). Call under `jax.jit` to quantize in place on a mesh."""
+    (cast), int8 or int4 (`QuantizedArray`); integer weights (already quantized) unchanged.
+    Call under `jax.jit` to quantize in place on a mesh."""
     check_format(weights)
 
     def one(path, var):
         name = str(getattr(path[-1], "name", getattr(path[-1], "key", path[-1])))
-        if weights == "float32" or name not in CONTRACTING:
-            return var
         w = var.get_value()
+        if weights == "float32" or name not in CONTRACTING or jnp.issubdtype(w.dtype, jnp.integer):
+            return var
         if weights == "bfloat16":
             return var.replace(w.astype(jnp.bfloat16))
         return var.replace(quantize_weight(w, CONTRACTING[name], 8 if weights == "int8" else 4,

@@ -22,7 +22,8 @@ _DECODER_MODULES = {"llama": llama, "gpt2": gpt2}  # each holds its family's FLO
 
 def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
     """The model of the config's `model` section (its `family` picks the class), with low-rank
-    adapters where `model.lora` asks for them (`lora.add_adapters`)."""
+    adapters where `model.lora` asks for them (`lora.add_adapters`), on a base whose projection
+    weights are quantized with `model.lora.base_quant` (QLoRA, `lora.quantize_base`)."""
     lora_cfg = lora.LoraConfig.from_config(model_cfg)
     family = model_cfg.get("family", "llama")
     if family == "llama":
@@ -33,7 +34,9 @@ def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
         raise UserError(f"model.family={family!r}; use one of {', '.join(FAMILIES)}")
     else:
         model = fusion.build(family, model_cfg, rngs)
-    return lora.add_adapters(model, lora_cfg, rngs) if lora_cfg.rank else model
+    if lora_cfg.rank:
+        model = lora.add_adapters(model, lora_cfg, rngs)
+    return lora.quantize_base(model, lora_cfg) if lora_cfg.base_quant != "none" else model
 
 
 def flops_per_token(model_cfg, seq_len: int, frames: int = 1) -> float:

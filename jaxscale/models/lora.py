@@ -8,6 +8,19 @@ mesh layout and the stacked `[layers, ...]` blocks split them as they split the 
 models route their projections through `project`, which adds the adapter where there is one;
 `merge` folds the adapters into the weights (`W + scale A B`) for export.
 
+QLoRA (`model.lora.base_quant = int8 | int4`): `quantize_base` stores the weight of every
+projection (every class's `PROJECTIONS`, adapted or not) as two plain parameters, so that each
+keeps one set of logical axes and every layout splits it as it splits any parameter: the integer
+codes under the weight's own name (int8, the weight's shape and logical axes; int4 values packed two
+per byte along the last axis, which halves that axis: a split of the packed axis over n devices is
+a split of the weight's into n contiguous ranges, so the packing commutes with every layout whose
+axes divide the halved size), and float32 scales `<weight>_scale`, the weight's logical axes with
+its input axes replaced by one `quant_groups` axis (int8: one scale per output channel; int4: one
+per `group_size` consecutive inputs; `models/quant.py`'s arithmetic). `project` dequantizes the
+weight right before its matmul, in the input's dtype, and keeps only the codes and scales for the
+backward pass (which dequantizes again) so no float copy of the base is ever held.
+`quantize_state` does the same to a float base read from a checkpoint; `merge` dequantizes.
+
 What trains them (only the adapters get gradients and optimizer state) is `train/lora.py`'s.
 
 Why not qwix (0.1.8, MaxText's LoRA library), checked against jax 0.10.2 / flax 0.12.8: it
@@ -33,9 +46,13 @@ from flax import nnx
 
 from jaxscale.errors import UserError
 from jaxscale.models.layers import dense
+from jaxscale.models.quant import QuantizedArray, quantize_weight
 
 QUANT = ("none", "int8", "int4")
+BITS = {"int8": 8, "int4": 4}
 SUFFIXES = ("_lora_a", "_lora_b")
+SCALE = "_scale"  # a quantized weight's scales: `<weight>_scale` beside its codes
+GROUPS = "quant_groups"  # the logical axis of a scale's input groups (never sharded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +101,35 @@ def enabled(model_cfg) -> bool:
 
 
 def project(module: nnx.Module, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
-    """`x` times the module's weight `name` (`dense`, in `x`'s dtype), plus its adapter's
-    `scale (x A) B` when it has one."""
+    """`x` times the module's weight `name` (`dense`, in `x`'s dtype; a quantized weight, one with
+    a `<name>_scale`, dequantized right before the matmul), plus its adapter's `scale (x A) B`
+    when it has one."""
     dt = x.dtype
-    y = dense(x, getattr(module, name)[...].astype(dt), n_in)
+    scale = getattr(module, name + SCALE, None)
+    if scale is None:
+        y = dense(x, getattr(module, name)[...].astype(dt), n_in)
+    else:
+        y = _dense_quantized(x, getattr(module, name)[...], scale[...], n_in, _outputs(module, name))
     a = getattr(module, name + "_lora_a", None)
     if a is None:
         return y
     b = getattr(module, name + "_lora_b")
     delta = dense(dense(x, a[...].astype(dt), n_in), b[...].astype(dt))
     return y + (module.lora_scale * delta).astype(dt)
+
+
+def _dense_quantized(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int,
+                     outputs: int) -> jax.Array:
+    """`dense(x, q * scale)`: the weight dequantized in `x`'s dtype right before the matmul, under
+    a remat that saves nothing, so the backward pass keeps the codes and scales (not a float copy
+    of the weight, which a scan over layers would stack) and dequantizes again."""
+    axes = tuple(range(-(n_in + outputs), -outputs))
+    bits = 4 if q.shape[-1] < scale.shape[-1] else 8  # int4 packs the last axis, its scales do not
+
+    def run(x, q, scale):
+        return dense(x, QuantizedArray(q, scale, axes, bits).dequantize(x.dtype), n_in)
+
+    return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(x, q, scale)
 
 
 def _projections(model: nnx.Module):
@@ -137,19 +173,84 @@ def _outputs(module: nnx.Module, name: str) -> int:
     return getattr(type(module), "OUTPUTS", {}).get(name, 1)
 
 
+def quantize_base(model: nnx.Module, cfg: LoraConfig) -> nnx.Module:
+    """`model` with the weight of every projection `project` reads stored as `cfg.base_quant`
+    codes and `<weight>_scale` scales (module docstring): QLoRA's frozen base."""
+    for _, module, name, n_in in list(_projections(model)):
+        outputs = _outputs(module, name)
+        codes, scale = _quantize(getattr(module, name), tuple(range(-(n_in + outputs), -outputs)),
+                                 cfg)
+        setattr(module, name, codes)
+        setattr(module, name + SCALE, scale)
+    return model
+
+
+def _quantize(var: nnx.Variable, axes: tuple[int, ...], cfg: LoraConfig,
+              like: tuple[nnx.Variable, nnx.Variable] | None = None):
+    """The codes and scales variables of the float weight `var` (contracting `axes`, counted from
+    the end), as new parameters or, given `like` (codes, scales), in their place."""
+    bits = BITS[cfg.base_quant]
+    qa = quantize_weight(var[...], axes, bits, cfg.group_size if bits == 4 else 0,
+                         keys=("model.lora.base_quant", "model.lora.group_size"))
+    if like is not None:
+        return like[0].replace(qa.q), like[1].replace(qa.scale)
+    names = var.get_metadata()["logical_axes"]
+    a0, a1 = qa._range()
+    return var.replace(qa.q), nnx.Param(qa.scale, logical_axes=(*names[:a0], GROUPS, *names[a1:]))
+
+
+def quantized(flat: dict) -> dict:
+    """{weight path: its scales' path} of the quantized weights in a flat state (`nnx.to_flat_state`
+    as a dict; any leaves)."""
+    return {path: scale for path in flat
+            if (scale := (*path[:-1], f"{path[-1]}{SCALE}")) in flat}
+
+
+def _axes(codes: nnx.Variable, scale: nnx.Variable) -> tuple[int, ...]:
+    """A quantized weight's contracting axes (from the end), read off its scales' `quant_groups`."""
+    ndim = len(codes.get_value().shape)
+    n_in = ndim - len(scale.get_value().shape) + 1
+    g = scale.get_metadata()["logical_axes"].index(GROUPS)
+    return tuple(range(g - ndim, g - ndim + n_in))
+
+
+def quantize_state(params: nnx.State, like: nnx.State, cfg: LoraConfig) -> nnx.State:
+    """`params` (the same tree without quantization: float weights, no scales) quantized as
+    `like` (its abstract form, e.g. ShapeDtypeStructs with shardings) says: every weight that has a
+    `<weight>_scale` there. Call under `jax.jit` with `like`'s shardings to quantize in place."""
+    src = dict(nnx.to_flat_state(params))
+    flat = dict(nnx.to_flat_state(like))
+    scales = quantized(flat)
+    out = []
+    for path, var in flat.items():
+        if path in scales:
+            pair = (var, flat[scales[path]])
+            out.extend(zip((path, scales[path]), _quantize(src[path], _axes(*pair), cfg, like=pair),
+                           strict=True))
+        elif path not in scales.values():
+            out.append((path, src[path]))
+    return nnx.from_flat_state(out)
+
+
 def is_adapter(path) -> bool:
     """Whether a flat-state path (a tuple of keys) names an adapter."""
     return str(path[-1]).endswith(SUFFIXES)
 
 
 def merge(params: nnx.State, cfg: LoraConfig) -> nnx.State:
-    """`params` with every adapter folded into its weight (`W + scale A B`, float32) and the
-    adapters removed: the parameters of the model without `model.lora`."""
+    """`params` with every adapter folded into its weight (`W + scale A B`, float32; a QLoRA base's
+    weight dequantized first) and the adapters and scales removed: the parameters of the model
+    without `model.lora`."""
     flat = dict(nnx.to_flat_state(params))
+    scales = quantized(flat)
     out = []
     for path, var in flat.items():
-        if is_adapter(path):
+        if is_adapter(path) or path in scales.values():
             continue
+        if path in scales:
+            s = flat[scales[path]]
+            var = var.replace(QuantizedArray(var[...], s[...], _axes(var, s),
+                                             BITS[cfg.base_quant]).dequantize())
         a = flat.get((*path[:-1], f"{path[-1]}_lora_a"))
         if a is not None:
             b = flat[(*path[:-1], f"{path[-1]}_lora_b")][...]

@@ -10,17 +10,29 @@ A checkpoint holds the adapters (with their optimizer state, the step and the da
 the base: the base is read from `checkpoint.init_params_from` (a whole-model checkpoint, e.g.
 `jaxscale import-hf`'s) when a run starts, resumes, generates or exports, so a resumed run must
 name the same base, and a run without one is an error before anything compiles.
+
+QLoRA (`model.lora.base_quant = int8 | int4`): the state holds the base quantized, as
+`models/lora.py`'s `quantize_base` lays it out (the codes under each projection weight's name, its
+scales beside them; `build_model` makes the model so, so the abstract state, its layouts and the
+optimizer all see that structure). `read_base` reads the float base from
+`checkpoint.init_params_from` into the codes' layouts and quantizes it there, jitted, into the
+state's shardings: on start, resume, generate and export alike, and the same way each time (round
+to nearest), so resume stays exact. The base's bytes in the state are the codes' (1 byte per value
+for int8, 1/2 for int4) plus float32 scales, against 4 for the float base.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.errors import UserError
-from jaxscale.models.lora import SUFFIXES, LoraConfig, enabled
+from jaxscale.models.lora import SUFFIXES, LoraConfig, enabled, quantize_state, quantized
 
 
 def check(config) -> None:
@@ -28,9 +40,6 @@ def check(config) -> None:
     cfg = LoraConfig.from_config(config.model)
     if not cfg.rank:
         return
-    if cfg.base_quant != "none":  # the key is checked (models/lora.py) but not yet trained with
-        raise NotImplementedError(f"model.lora.base_quant={cfg.base_quant} (QLoRA: training on a "
-                                  f"quantized base); use none (a float32 base)")
     base = config.checkpoint.init_params_from
     if not base:
         raise UserError(f"model.lora.rank={cfg.rank} trains adapters on a frozen base: set "
@@ -108,10 +117,30 @@ def with_base(config, trainer, state):
 
 def read_base(config, abstract) -> nnx.State:
     """The base parameters (`abstract`: their shapes and shardings) from
-    `checkpoint.init_params_from`."""
+    `checkpoint.init_params_from`; under QLoRA read as float32 and quantized into `abstract`."""
     check(config)
+    scales = quantized(dict(nnx.to_flat_state(abstract)))
     with Checkpointer(config.checkpoint.init_params_from, read_only=True) as source:
-        return source.restore_params(abstract)
+        if not scales:
+            return source.restore_params(abstract)
+        floats = source.restore_params(_unquantized(abstract, scales))
+    quantize = partial(quantize_state, like=abstract, cfg=LoraConfig.from_config(config.model))
+    return jax.jit(quantize, out_shardings=jax.tree.map(lambda s: s.sharding, abstract))(floats)
+
+
+def _unquantized(abstract, scales: dict) -> nnx.State:
+    """`abstract` as the float32 model it quantizes: each quantized weight's full shape (its
+    scales' last axis is the weight's, unpacked) in its codes' sharding, no scales."""
+    flat = dict(nnx.to_flat_state(abstract))
+    out = []
+    for path, var in flat.items():
+        if path in scales:
+            codes, scale = var.get_value(), flat[scales[path]].get_value()
+            var = var.replace(jax.ShapeDtypeStruct((*codes.shape[:-1], scale.shape[-1]), jnp.float32,
+                                                   sharding=codes.sharding))
+        if path not in scales.values():
+            out.append((path, var))
+    return nnx.from_flat_state(out)
 
 
 def restore_params(config, abstract, directory: str, step: int | None = None) -> nnx.State:
