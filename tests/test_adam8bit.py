@@ -122,8 +122,6 @@ LAYOUTS = {
         ("blocks", "mlp", "w_down"): (P(None, "data", "fsdp"), P(None, "data", None)),
         ("blocks", "mlp", "w_up"): (P(None, ("fsdp", "data"), None),) * 2,
         ("lm_head",): (P(None, ("fsdp", "data")), P(None, None))}),  # 33 entries a shard
-    "fsdp4_dp2_zero3": (dict(fsdp=4, data=2, zero_stage=3), 8, {
-        ("blocks", "attn", "wo"): (P(None, "data", None, "fsdp"), P(None, "data", None, None))}),
     "tp2_dp2": (dict(tensor=2, data=2), 4, {
         ("blocks", "mlp", "w_up"): (P(None, None, "tensor"), P(None, None, None)),
         ("lm_head",): (P(None, "tensor"), P(None, "tensor"))}),  # 132 entries a shard

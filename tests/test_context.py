@@ -79,7 +79,11 @@ LAYOUTS = {
     "cp2_pp2_dp2_gpipe": dict(context=2, pipeline=2, data=2),
     "cp2_pp2_dp2_1f1b": dict(context=2, pipeline=2, data=2, schedule="1f1b"),
 }
-CASES = [(kind, layout) for kind in KINDS for layout in LAYOUTS]
+# the ring on every layout; the gathering kinds on those that exercise their own paths (data and
+# fsdp x tensor beside context, 1F1B's skipping schedule), as the suite's time allows
+CASES = [("ring", layout) for layout in LAYOUTS] + [
+    (kind, layout) for kind in KINDS if kind != "ring"
+    for layout in ("cp4_dp2", "cp2_fsdp2_tp2", "cp2_pp2_dp2_1f1b")]
 
 
 @pytest.mark.parametrize("kind, layout", CASES)
