@@ -134,11 +134,13 @@ def run(name: str, overrides: dict, steps: int, eval_every: int, n_heldout: int,
         state = trainer.with_params(state.replace(step=jnp.full((), first, jnp.int32)), params)
         for _ in range(first):
             next(data)
+    jax.block_until_ready(state)  # emulated devices: one program at a time
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
     curve, train_loss, begin = [], [], time.perf_counter()
     for step in range(first + 1, steps + 1):
         state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
-        train_loss.append(out["loss"])
+        train_loss.append(float(out["loss"]))  # one step at a time: XLA:CPU's emulated devices
+        # deadlocked (a rendezvous timeout) with ~100 steps queued asynchronously
         if step == keep_at:
             kept = jax.device_get(state.params)
         if step % eval_every == 0 or step == steps:
@@ -210,8 +212,9 @@ def report(rows: list[dict], args, load: float, seconds: float) -> list[str]:
     lines += ["", "## What the numbers show", "", *commentary(rows)]
     lines += ["", "## Not measured here", "",
               "- Host offload (`train.offload`, `model.remat=offload:...`): XLA:CPU's "
-              "`memory_analysis()` does not tell host from device memory, so its device bytes "
-              "need a GPU or TPU.", "", f"Script run time: {seconds:.0f} s."]
+              "`memory_analysis()` does not tell host from device memory; offload.md has its "
+              "device and host bytes from steps compiled for a TPU slice "
+              "(`experiments/bench_offload.py`).", "", f"Script run time: {seconds:.0f} s."]
     return lines
 
 
