@@ -44,6 +44,7 @@ from jaxscale.data.tokenizer import load_tokenizer
 from jaxscale.default_config import get_config
 from jaxscale.hlo import branch_collective_stats, format_bytes, replica_groups
 from jaxscale.mesh import mesh_from_config
+from jaxscale.parallel import diloco
 from jaxscale.train.trainer import build_trainer
 
 DEVICES = 8
@@ -116,9 +117,11 @@ def opt_bytes_per_param(state) -> float:
 
 
 def run(name: str, overrides: dict, steps: int, eval_every: int, n_heldout: int,
-        start: tuple[object, int] | None = None, keep_at: int = 0) -> dict:
+        start: tuple[object, int] | None = None, keep_at: int = 0, opt_state=None) -> dict:
     """Train one variant and score it every `eval_every` steps; from `start` = (parameters,
-    step) when given; the row's `kept` holds its parameters after step `keep_at` (when > 0)."""
+    step) when given, and with DiLoCo every replica's AdamW state `opt_state` (synchronous DP's,
+    when given; else fresh); the row's `kept` and `kept_opt` hold its parameters and optimizer
+    state after step `keep_at` (when > 0)."""
     config = make_config(steps, overrides)
     trainer = build_trainer(config, mesh_from_config(config.mesh, jax.devices()[:DEVICES]))
     compiled = trainer.compile()
@@ -128,10 +131,14 @@ def run(name: str, overrides: dict, steps: int, eval_every: int, n_heldout: int,
     over_data = step_bytes(compiled, h, across_data(trainer.mesh))[0]
     heldout = [make_global_batch(b, trainer.batch_sharding) for b in heldout_batches(config, n_heldout)]
     _, data = build_data(config)
-    state, first, kept = trainer.init(), 0, None
+    state, first, kept, kept_opt = trainer.init(), 0, None, None
     if start is not None:  # on from those parameters, with the schedule and batches of step `first`
         params, first = start
         state = trainer.with_params(state.replace(step=jnp.full((), first, jnp.int32)), params)
+        if opt_state is not None:
+            local = diloco.stack(opt_state, trainer.replicas)
+            state = state.replace(local=(state.local[0],
+                                         jax.device_put(local, trainer.state_shardings.local[1])))
         for _ in range(first):
             next(data)
     jax.block_until_ready(state)  # emulated devices: one program at a time
@@ -142,7 +149,7 @@ def run(name: str, overrides: dict, steps: int, eval_every: int, n_heldout: int,
         train_loss.append(float(out["loss"]))  # one step at a time: XLA:CPU's emulated devices
         # deadlocked (a rendezvous timeout) with ~100 steps queued asynchronously
         if step == keep_at:
-            kept = jax.device_get(state.params)
+            kept, kept_opt = jax.device_get((state.params, state.opt_state))
         if step % eval_every == 0 or step == steps:
             jax.block_until_ready(state)  # emulated devices: one program at a time
             loss = float(np.mean([float(trainer.loss(state.params, b)) for b in heldout]))
@@ -150,7 +157,7 @@ def run(name: str, overrides: dict, steps: int, eval_every: int, n_heldout: int,
             print(f"{name:>22} step {step:4d}: held-out loss {loss:.4f}", flush=True)
     seconds = time.perf_counter() - begin
     return {"name": name, "h": h, "curve": curve, "per_step": per_step, "plain": plain,
-            "over_data": over_data, "first": first, "kept": kept,
+            "over_data": over_data, "first": first, "kept": kept, "kept_opt": kept_opt,
             "with_outer": with_outer, "arg": mem.argument_size_in_bytes, "temp": mem.temp_size_in_bytes,
             "opt_per_param": opt_bytes_per_param(state), "seconds": seconds,
             "train_loss": float(np.mean([float(x) for x in train_loss[-eval_every:]]))}
