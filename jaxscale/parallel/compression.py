@@ -130,15 +130,6 @@ def codec(config, width: int) -> Codec:
     return TopK(max(1, round(width * config.parallel.topk_fraction)), width)
 
 
-def wire_bytes(config, values: int) -> float:
-    """Bytes that encoding `values` float32 values puts on the wire (4 x values uncompressed)."""
-    name = config.parallel.grad_compression
-    per_value = {"none": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / BLOCK}.get(name)
-    if per_value is None:
-        return 8.0 * max(1, round(values * config.parallel.topk_fraction))
-    return per_value * values
-
-
 class Reduce:
     """`reduce(grads, residual) -> (the sum over replicas, the new residual)`.
 
