@@ -205,3 +205,76 @@ def unordered_collectives(hlo_text: str) -> list[tuple[str, str, str]]:
                   if (a in loops or b in loops) and clash(nodes[a], nodes[b])
                   and a not in before[b] and b not in before[a]]
     return pairs
+
+
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_WHILE = re.compile(r"\swhile\(%([\w.\-]+)\), condition=%?([\w.\-]+), body=%?([\w.\-]+)")
+_DEF = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(([^)]*)\)(.*)$")
+_BOUND = {"LT": 0, "LE": 1}  # `i < N` runs N - start times, `i <= N` one more
+
+
+def _definitions(lines: list[str]) -> dict[str, tuple[str, str, str]]:
+    """`{name: (opcode, operands, the rest of the line)}` of a computation's instructions."""
+    return {m.group(1): m.group(2, 3, 4) for line in lines if (m := _DEF.match(line))}
+
+
+def _constant(name: str, defs: dict) -> int | None:
+    """The integer an instruction holds, seen through copies and bitcasts; None if not a constant."""
+    while defs.get(name, ("",))[0] in ("copy", "copy-done", "bitcast"):
+        name = defs[name][1].strip().lstrip("%")
+    if defs.get(name, ("",))[0] == "constant" and re.fullmatch(r"-?\d+", defs[name][1].strip()):
+        return int(defs[name][1])
+    return None
+
+
+def trip_count(line: str, caller: list[str], condition: list[str]) -> int:
+    """How many times the while loop of `line` (an instruction of `caller`) runs its body: XLA's
+    `known_trip_count` where printed (XLA:CPU), else read from a condition `i < N` (or `N > i`,
+    `<=`) on a loop counter whose start is a constant of `caller` (the TPU compiler's loops)."""
+    if m := _KNOWN_TRIPS.search(line):
+        return int(m.group(1))
+    defs, start = _definitions(condition), None
+    root = next((d for d in condition if d.startswith("ROOT ")), "")
+    compare = _DEF.match(root)
+    if compare and compare.group(2) == "compare":
+        a, b = (x.strip().lstrip("%") for x in compare.group(3).split(","))
+        direction = re.search(r"direction=(\w+)", compare.group(4)).group(1)
+        if direction in ("GT", "GE"):
+            a, b, direction = b, a, {"GT": "LT", "GE": "LE"}[direction]
+        counter, bound = defs.get(a), _constant(b, defs)
+        if direction in _BOUND and bound is not None and counter and counter[0] == "get-tuple-element":
+            index = int(re.search(r"index=(\d+)", counter[2]).group(1))
+            tuple_name = _WHILE.search(line).group(1)
+            outer = _definitions(caller)
+            if outer.get(tuple_name, ("",))[0] == "tuple":
+                operand = outer[tuple_name][1].split(",")[index]
+                start = _constant(re.sub(r"/\*.*?\*/", "", operand).strip().lstrip("%"), outer)
+    if start is None:
+        raise ValueError(f"cannot read the trip count of a while loop: {line[:200]}")
+    return max(bound - start + _BOUND[direction], 0)
+
+
+def executions(hlo_text: str) -> dict[str, int]:
+    """How many times each computation runs when the entry computation runs once: a while loop's
+    body `trip_count` times its caller's count (nested loops multiply), everything else a
+    computation calls (fusions, calls, conditional branches: as if taken) once per call."""
+    comps = _computations(hlo_text)
+    entry = next(m.group(1) for line in hlo_text.splitlines()
+                 if line.startswith("ENTRY") and (m := _HEADER.match(line)))
+    calls: dict[str, list[tuple[str, int]]] = {}  # callee: [(caller, times per caller's run)]
+    for name, lines in comps.items():
+        for line in lines:
+            loop = _WHILE.search(line)
+            trips = trip_count(line, lines, comps[loop.group(2)]) if loop else 1
+            for callee in _called(line):
+                calls.setdefault(callee, []).append((name, trips + (loop is not None and
+                                                                    callee == loop.group(2))))
+    counts: dict[str, int] = {entry: 1}
+
+    def count(name: str) -> int:
+        if name not in counts:
+            counts[name] = 0  # no cycles in HLO; this only guards the recursion
+            counts[name] = sum(count(caller) * times for caller, times in calls.get(name, []))
+        return counts[name]
+
+    return {name: count(name) for name in comps}

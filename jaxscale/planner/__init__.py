@@ -1,0 +1,1 @@
+"""Plan a model's layout on a cluster before renting it."""
