@@ -173,7 +173,7 @@ class RegatheredBlock:
 
         def run(shards, *args):
             gathered = gather_all(jax.tree.leaves(shards), [layer[n] for n in names], self.flat)
-            full = treedef.unflatten([vary(x, self.manual_axes) for x in gathered])
+            full = treedef.unflatten(gathered)
             return nnx.merge(graph, full)(*args)
 
         return jax.checkpoint(run, policy=_not_gathered)(shards, *args)
@@ -204,6 +204,9 @@ class LocalLoss:
             regather) else None
 
     def __call__(self, params, batch):
+        # marked varying as shards, so a gradient is all-reduced over the axes that do not split
+        # its parameter after its reduce-scatter, not before (a 1/n share under data x fsdp)
+        params = jax.tree.map(lambda x: vary(x, self.manual_axes), params)
         vocab = self._vocab_axes(params, batch["inputs"].size) if self.tables else ()
         kwargs = {"vocab": vocab_parallel.VocabShards(vocab)} if vocab else {}
         full = self._gather(params, vocab)
@@ -211,8 +214,6 @@ class LocalLoss:
             full, batch = self._ordered(full, params, batch)
             if self.towers:
                 kwargs["order"] = self.order
-        full = jax.tree_util.tree_map_with_path(
-            lambda p, x: x if self.regather and block_part(p) else vary(x, self.manual_axes), full)
         if self.block is not None:
             kwargs["apply_block"] = self.block
         return self.model_loss(self.graphdef, full, batch, **kwargs)
