@@ -22,6 +22,9 @@ from jaxscale.mesh import mesh_from_config
 
 _DONE = re.compile(r"^%?([\w.\-]+) = (\(.*?\)|\S+) [a-z\-]+-done\(%([\w.\-]+)\)")
 _PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+_SHAPE = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = (\S+) ")
+# expert parallelism's token exchange on GPUs and TPUs (XLA:CPU gets all-to-alls instead)
+_RAGGED = re.compile(r"=\s*(\S+)\s+(ragged-all-to-all)\(%([\w.\-]+)")
 
 
 def topology_devices(name: str) -> list[jax.Device]:
@@ -86,7 +89,9 @@ def step_collectives(hlo_text: str, positions: np.ndarray, axis_names: Sequence[
     scanned layers and pipeline ticks times their trip counts; conditional branches as if taken),
     under the mesh axes whose coordinate varies inside its replica groups (a collective-permute:
     between its sources and targets). `positions`: each device's id in the program, laid out as
-    the mesh. Bytes are `hlo.sent_bytes` of the result (an async pair's `-done`)."""
+    the mesh. Bytes are `hlo.sent_bytes` of the result (an async pair's `-done`); a
+    ragged-all-to-all's depend on the routing: (n-1)/n of the smaller of its input and output
+    buffers (balanced routing; the other is sized for the worst case)."""
     coords = {int(i): c for c, i in np.ndenumerate(positions)}
     sizes = dict(zip(axis_names, positions.shape, strict=True))
     everyone = frozenset([frozenset(coords)])
@@ -95,11 +100,14 @@ def step_collectives(hlo_text: str, positions: np.ndarray, axis_names: Sequence[
     out: dict[str, dict[str, list]] = {}
     for name, lines in comps.items():
         done = {m.group(3): m.group(2) for line in lines if (m := _DONE.match(line))}
+        shapes = {m.group(1): m.group(2) for line in lines if (m := _SHAPE.match(line))}
         for line in lines:
-            m = hlo._INSTR.search(line)
+            m = hlo._INSTR.search(line) or _RAGGED.search(line)
             if not m or not runs[name]:
                 continue
-            shape, op = m.groups()
+            shape, op = m.group(1, 2)
+            if op == "ragged-all-to-all":
+                shape = min(shape, shapes.get(m.group(3), shape), key=_bytes)
             if f"{op}-start(" in line:
                 shape = done.get(line.split(" = ", 1)[0].removeprefix("ROOT ").lstrip("%"), shape)
             if op == "collective-permute":
@@ -114,7 +122,7 @@ def step_collectives(hlo_text: str, positions: np.ndarray, axis_names: Sequence[
             label = "+".join(a for a in axis_names if a in varying and sizes[a] > 1)
             stats = out.setdefault(label, {}).setdefault(op, [0, 0.0])
             stats[0] += runs[name]
-            stats[1] += runs[name] * hlo.sent_bytes(op, _bytes(shape), groups)
+            stats[1] += runs[name] * hlo.sent_bytes(op.removeprefix("ragged-"), _bytes(shape), groups)
     return {label: {op: (c, b) for op, (c, b) in ops.items()} for label, ops in out.items()}
 
 
