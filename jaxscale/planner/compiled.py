@@ -47,7 +47,8 @@ class CompiledStep:
     collective runs over (`"data"`, `"data+fsdp"`; `""`: none), `{op: (count, bytes sent)}`
     executed per step (a loop's collectives times its trip count; see `step_collectives`).
     `flops` is XLA's cost analysis, which counts a loop's body once: with `model.scan_layers` one
-    layer's (the tiny test model's step: 48 MFLOP scanned, 81 MFLOP unrolled)."""
+    layer's (the tiny test model's step: 48 MFLOP scanned, 81 MFLOP unrolled); 0 where the
+    compiler has none (a GPU compile without a GPU, docs/plan.md)."""
 
     argument_bytes: int
     output_bytes: int
@@ -71,7 +72,7 @@ def compile_step(config, devices: Sequence[jax.Device]) -> CompiledStep:
     mesh = mesh_from_config(config.mesh, devices)
     compiled = build_trainer(config, mesh).compile()
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
+    cost = compiled.cost_analysis() or {}  # None from a GPU compile without a GPU
     cost = cost[0] if isinstance(cost, list) else cost
     # replica groups name devices by their place in the program's device assignment: the mesh's
     positions = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
