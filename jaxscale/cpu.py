@@ -171,15 +171,21 @@ def libtpu_without_tpu() -> bool:
     """Whether the libtpu package is installed (to compile for TPU topologies) on a host with no
     TPU chip and no other accelerator plugin: jax would only print libtpu's failed start on stderr
     and run on the CPU, which `JAX_PLATFORMS=cpu` says up front."""
-    import glob
     import importlib.metadata
     import importlib.util
 
     if not importlib.util.find_spec("libtpu") or importlib.util.find_spec("jax_plugins") or (
             importlib.metadata.entry_points(group="jax_plugins")):
         return False
-    return not any(Path(p).read_text().strip() == GOOGLE_PCI_VENDOR
-                   for p in glob.glob("/sys/bus/pci/devices/*/vendor"))
+    return not tpu_chips()
+
+
+def tpu_chips() -> bool:
+    """Whether this host has TPU chips: PCI devices of Google's vendor id, as jax looks for them."""
+    import glob
+
+    return any(Path(p).read_text().strip() == GOOGLE_PCI_VENDOR
+               for p in glob.glob("/sys/bus/pci/devices/*/vendor"))
 
 
 # -- host memory --------------------------------------------------------------------------------

@@ -137,5 +137,5 @@ def test_context_parallelism_passes_keys_and_values_around_the_ring(steps):
 
 
 def test_a_bad_topology_is_one_line():
-    with pytest.raises(UserError, match=r"^unknown TPU topology 'v5p:3x3x3x3'[^\n]*$"):
+    with pytest.raises(UserError, match=r"^cannot compile for TPU topology 'v5p:3x3x3x3'[^\n]*$"):
         topology_devices("v5p:3x3x3x3")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 from collections.abc import Sequence
 
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxscale import hlo
+from jaxscale.cpu import tpu_chips
 from jaxscale.errors import UserError
 from jaxscale.mesh import mesh_from_config
 
@@ -34,10 +36,12 @@ def topology_devices(name: str) -> list[jax.Device]:
         raise UserError(f"compiling for TPU topology {name!r} needs the libtpu package: pip install libtpu")
     from jax.experimental import topologies
 
+    if not tpu_chips():  # compiling only: other processes may load libtpu too (its lockfile)
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # libtpu's own errors, several lines long
-        raise UserError(f"unknown TPU topology {name!r} (e.g. v5p:2x2x1, v5e:4x4, v6e:16x16): "
+        raise UserError(f"cannot compile for TPU topology {name!r} (names like v5p:2x2x1, v6e:16x16): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
