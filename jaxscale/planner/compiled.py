@@ -121,7 +121,7 @@ def step_collectives(hlo_text: str, positions: np.ndarray, axis_names: Sequence[
                 groups = None
             else:
                 groups = hlo.replica_groups(line) or everyone
-                pairs = [(a, b) for g in groups for a in g for b in g]
+                pairs = [(min(g), b) for g in groups for b in g]  # an axis varies: from the first
             varying = {axis for a, b in pairs for axis, x, y in
                        zip(axis_names, coords[a], coords[b], strict=True) if x != y}
             label = "+".join(a for a in axis_names if a in varying and sizes[a] > 1)
