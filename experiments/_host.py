@@ -29,7 +29,12 @@ def cpu_only() -> bool:
 
 
 def emulate_devices() -> None:
-    """Set XLA_FLAGS for 8 emulated devices on a CPU-only host, unless the user set XLA_FLAGS."""
+    """Set XLA_FLAGS for 8 emulated devices on a CPU-only host, unless the user set XLA_FLAGS;
+    with libtpu installed on a host without a TPU, JAX_PLATFORMS=cpu too."""
+    from jaxscale.cpu import libtpu_without_tpu
+
+    if not os.environ.get("JAX_PLATFORMS") and libtpu_without_tpu():
+        os.environ["JAX_PLATFORMS"] = "cpu"
     if cpu_only():
         os.environ.setdefault("XLA_FLAGS", HOST_FLAGS)
 

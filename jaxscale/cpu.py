@@ -5,6 +5,7 @@
 - `ragged_all_to_all`: `jax.lax.ragged_all_to_all`, which XLA:CPU does not implement, written
   for CPU as an `all_to_all` of chunks padded to the operand's length (lowered for CPU only).
 - `with_xla_cpu_flags`: an XLA:CPU flag set before jax starts; only the CPU backend reads it.
+- `libtpu_without_tpu`: libtpu installed (for TPU compiles) on a host without a TPU chip.
 - Host memory (docs/throughput.md), opt-in with `JAXSCALE_HOST_MEMORY=1`: XLA:CPU allocates each
   execution's temporaries afresh; glibc maps blocks that large anew each time and the kernel
   faults in and zeroes their pages (a third of the reference training step on 4 KiB pages, 9% on
@@ -158,6 +159,33 @@ def with_xla_cpu_flags(env: dict[str, str]) -> dict[str, str]:
     if "concurrency_optimized_scheduler" not in env.get("XLA_FLAGS", ""):
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {XLA_CPU_FLAGS}".strip()
     return env
+
+
+
+# -- libtpu without a TPU -----------------------------------------------------------------------
+
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips' PCI vendor id, as jax looks for them
+
+
+def libtpu_without_tpu() -> bool:
+    """Whether the libtpu package is installed (to compile for TPU topologies) on a host with no
+    TPU chip and no other accelerator plugin: jax would only print libtpu's failed start on stderr
+    and run on the CPU, which `JAX_PLATFORMS=cpu` says up front."""
+    import importlib.metadata
+    import importlib.util
+
+    if not importlib.util.find_spec("libtpu") or importlib.util.find_spec("jax_plugins") or (
+            importlib.metadata.entry_points(group="jax_plugins")):
+        return False
+    return not tpu_chips()
+
+
+def tpu_chips() -> bool:
+    """Whether this host has TPU chips: PCI devices of Google's vendor id, as jax looks for them."""
+    import glob
+
+    return any(Path(p).read_text().strip() == GOOGLE_PCI_VENDOR
+               for p in glob.glob("/sys/bus/pci/devices/*/vendor"))
 
 
 # -- host memory --------------------------------------------------------------------------------

@@ -14,7 +14,13 @@ import shutil
 import sys
 import tempfile
 
-from jaxscale.cpu import SWITCH, XLA_CPU_FLAGS, with_block_cache
+from jaxscale.cpu import SWITCH, XLA_CPU_FLAGS, libtpu_without_tpu, with_block_cache
+
+# libtpu (the test extra's, for the TPU compile tier, tests/test_tpu_compile.py) on a host without
+# a TPU chip: the tests run on the CPU as without it, with its flags below and no libtpu warnings
+# on the stderr the CLI tests read. A TPU host, or a GPU plugin, keeps jax's own choice.
+if not os.environ.get("JAX_PLATFORMS") and libtpu_without_tpu():
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 # The XLA:CPU flags the `jaxscale` command sets (jaxscale/cpu.py). On GPUs, deterministic
 # reductions: the exact-resume tests compare losses bit for bit.

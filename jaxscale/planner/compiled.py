@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 from collections.abc import Sequence
 
@@ -17,11 +18,15 @@ import jax
 import numpy as np
 
 from jaxscale import hlo
+from jaxscale.cpu import tpu_chips
 from jaxscale.errors import UserError
 from jaxscale.mesh import mesh_from_config
 
 _DONE = re.compile(r"^%?([\w.\-]+) = (\(.*?\)|\S+) [a-z\-]+-done\(%([\w.\-]+)\)")
 _PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+_SHAPE = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = (\S+) ")
+# expert parallelism's token exchange on GPUs and TPUs (XLA:CPU gets all-to-alls instead)
+_RAGGED = re.compile(r"=\s*(\S+)\s+(ragged-all-to-all)\(%([\w.\-]+)")
 
 
 def topology_devices(name: str) -> list[jax.Device]:
@@ -31,10 +36,12 @@ def topology_devices(name: str) -> list[jax.Device]:
         raise UserError(f"compiling for TPU topology {name!r} needs the libtpu package: pip install libtpu")
     from jax.experimental import topologies
 
+    if not tpu_chips():  # compiling only: other processes may load libtpu too (its lockfile)
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # libtpu's own errors, several lines long
-        raise UserError(f"unknown TPU topology {name!r} (e.g. v5p:2x2x1, v5e:4x4, v6e:16x16): "
+        raise UserError(f"cannot compile for TPU topology {name!r} (names like v5p:2x2x1, v6e:16x16): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
@@ -44,7 +51,8 @@ class CompiledStep:
     collective runs over (`"data"`, `"data+fsdp"`; `""`: none), `{op: (count, bytes sent)}`
     executed per step (a loop's collectives times its trip count; see `step_collectives`).
     `flops` is XLA's cost analysis, which counts a loop's body once: with `model.scan_layers` one
-    layer's (the tiny test model's step: 48 MFLOP scanned, 81 MFLOP unrolled)."""
+    layer's (the tiny test model's step: 48 MFLOP scanned, 81 MFLOP unrolled); 0 where the
+    compiler has none (a GPU compile without a GPU, docs/plan.md)."""
 
     argument_bytes: int
     output_bytes: int
@@ -68,7 +76,7 @@ def compile_step(config, devices: Sequence[jax.Device]) -> CompiledStep:
     mesh = mesh_from_config(config.mesh, devices)
     compiled = build_trainer(config, mesh).compile()
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
+    cost = compiled.cost_analysis() or {}  # None from a GPU compile without a GPU
     cost = cost[0] if isinstance(cost, list) else cost
     # replica groups name devices by their place in the program's device assignment: the mesh's
     positions = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
@@ -86,7 +94,9 @@ def step_collectives(hlo_text: str, positions: np.ndarray, axis_names: Sequence[
     scanned layers and pipeline ticks times their trip counts; conditional branches as if taken),
     under the mesh axes whose coordinate varies inside its replica groups (a collective-permute:
     between its sources and targets). `positions`: each device's id in the program, laid out as
-    the mesh. Bytes are `hlo.sent_bytes` of the result (an async pair's `-done`)."""
+    the mesh. Bytes are `hlo.sent_bytes` of the result (an async pair's `-done`); a
+    ragged-all-to-all's depend on the routing: (n-1)/n of the smaller of its input and output
+    buffers (balanced routing; the other is sized for the worst case)."""
     coords = {int(i): c for c, i in np.ndenumerate(positions)}
     sizes = dict(zip(axis_names, positions.shape, strict=True))
     everyone = frozenset([frozenset(coords)])
@@ -95,11 +105,14 @@ def step_collectives(hlo_text: str, positions: np.ndarray, axis_names: Sequence[
     out: dict[str, dict[str, list]] = {}
     for name, lines in comps.items():
         done = {m.group(3): m.group(2) for line in lines if (m := _DONE.match(line))}
+        shapes = {m.group(1): m.group(2) for line in lines if (m := _SHAPE.match(line))}
         for line in lines:
-            m = hlo._INSTR.search(line)
+            m = hlo._INSTR.search(line) or _RAGGED.search(line)
             if not m or not runs[name]:
                 continue
-            shape, op = m.groups()
+            shape, op = m.group(1, 2)
+            if op == "ragged-all-to-all":
+                shape = min(shape, shapes.get(m.group(3), shape), key=_bytes)
             if f"{op}-start(" in line:
                 shape = done.get(line.split(" = ", 1)[0].removeprefix("ROOT ").lstrip("%"), shape)
             if op == "collective-permute":
@@ -108,13 +121,13 @@ def step_collectives(hlo_text: str, positions: np.ndarray, axis_names: Sequence[
                 groups = None
             else:
                 groups = hlo.replica_groups(line) or everyone
-                pairs = [(a, b) for g in groups for a in g for b in g]
+                pairs = [(min(g), b) for g in groups for b in g]  # an axis varies: from the first
             varying = {axis for a, b in pairs for axis, x, y in
                        zip(axis_names, coords[a], coords[b], strict=True) if x != y}
             label = "+".join(a for a in axis_names if a in varying and sizes[a] > 1)
             stats = out.setdefault(label, {}).setdefault(op, [0, 0.0])
             stats[0] += runs[name]
-            stats[1] += runs[name] * hlo.sent_bytes(op, _bytes(shape), groups)
+            stats[1] += runs[name] * hlo.sent_bytes(op.removeprefix("ragged-"), _bytes(shape), groups)
     return {label: {op: (c, b) for op, (c, b) in ops.items()} for label, ops in out.items()}
 
 

@@ -1,0 +1,143 @@
+"""The TPU compile tier: every layout the parity tests cover compiles for a small TPU slice with
+the TPU compiler (libtpu, no TPU needed), with the per-chip memory and collectives it implies.
+
+The model's dimensions are multiples of the TPU's 128 lanes where the attention allows (smaller
+arrays are padded to tiles of 128 in memory, which blurs the sharded bytes). The TPU compiler
+may write the all-gathers and reduce-scatters of flat buffers as all-reduces (Llama-3-70B's on 256
+chips too), so ZeRO/FSDP's bytes are checked over their axis, whatever the operation.
+"""
+
+import importlib.util
+
+import jax
+import pytest
+from conftest import tiny_config
+
+from jaxscale.errors import UserError
+from jaxscale.models import abstract_model
+from jaxscale.planner.compiled import compile_step, topology_devices
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="compiling for TPUs needs libtpu: pip install -e '.[test]' (or pip install libtpu)")
+
+SHAPE = dict(vocab_size=512, d_model=128, n_heads=4, n_kv_heads=4, head_dim=32, d_ff=256)
+MICROBATCHES = 4
+LAYOUTS = {  # name: (topology, mesh/parallel/train settings, model/pipeline/data settings)
+    "dp": ("v5p:2x2x2", dict(data=8), {}),
+    "zero1": ("v5p:2x2x2", dict(data=8, zero_stage=1), {}),
+    "zero2": ("v5p:2x2x2", dict(data=8, zero_stage=2), {}),
+    "zero3": ("v5p:2x2x2", dict(data=8, zero_stage=3), {}),
+    "fsdp": ("v5p:2x2x2", dict(fsdp=8), {}),
+    "tp": ("v6e:2x2", dict(tensor=4), {}),
+    "tp_sp": ("v6e:2x2", dict(tensor=4, sequence_parallel=True), {}),
+    "gpipe": ("v5p:2x2x1", dict(pipeline=4), dict(n_layers=4)),
+    "1f1b": ("v5p:2x2x1", dict(pipeline=4), dict(n_layers=4, schedule="1f1b")),
+    "interleaved": ("v5p:2x2x1", dict(pipeline=2, data=2),
+                    dict(n_layers=4, schedule="interleaved", virtual_stages=2)),
+    "ep": ("v5p:2x2x2", dict(expert=8), dict(n_experts=8)),
+    "cp": ("v5p:2x2x1", dict(context=4), dict(seq_len=64)),
+}
+
+
+def layout_config(name: str):
+    _, settings, other = LAYOUTS[name]
+    c = tiny_config(**settings)
+    c.model.update(SHAPE, n_layers=other.get("n_layers", 2))
+    c.pipeline.update(microbatches=MICROBATCHES, schedule=other.get("schedule", "gpipe"),
+                      virtual_stages=other.get("virtual_stages", 1))
+    if "n_experts" in other:
+        c.model.moe.update(n_experts=other["n_experts"], top_k=2, d_ff=128)
+    c.data.seq_len = other.get("seq_len", c.data.seq_len)
+    return c
+
+
+@pytest.fixture(scope="module")
+def steps():
+    """Each layout compiled once, when a test first asks for it (under xdist, in the worker
+    that runs that test)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            topology = LAYOUTS[name][0]
+            cache[name] = compile_step(layout_config(name), topology_devices(topology))
+        return cache[name]
+    return get
+
+
+def param_bytes(name: str) -> int:
+    _, params = abstract_model(layout_config(name).model)
+    return sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
+
+
+def axes_bytes(collectives: dict, ops=None) -> float:
+    return sum(b for stats in collectives.values() for op, (_, b) in stats.items()
+               if ops is None or op in ops)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_every_layout_compiles_for_a_tpu_slice_with_collectives_on_its_axes(name, steps):
+    step, (_, settings, _) = steps(name), LAYOUTS[name]
+    axes = {a for a, n in tiny_config(**settings).mesh.items() if isinstance(n, int) and n > 1}
+    assert step.flops > 0 and step.peak_bytes > step.argument_bytes > 0
+    assert step.collectives and all(set(label.split("+")) <= axes for label in step.collectives)
+
+
+def test_dp_all_reduces_the_gradients_over_data(steps):
+    grads, n = param_bytes("dp"), 8
+    assert set(steps("dp").collectives) == {"data"}
+    _, sent = steps("dp").collectives["data"]["all-reduce"]
+    assert 2 * (n - 1) / n * grads <= sent <= 1.01 * 2 * (n - 1) / n * grads
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "fsdp"])
+def test_zero_and_fsdp_shard_the_state_and_move_gradients_and_params_once(name, steps):
+    step, dp, params, n = steps(name), steps("dp"), param_bytes(name), 8
+    axis = "fsdp" if name == "fsdp" else "data"
+    assert set(step.collectives) == {axis}
+    # DP's arguments: the parameters and both AdamW moments, whole on every chip
+    assert step.argument_bytes < dp.argument_bytes / (1.8 if name == "zero1" else 3.5)
+    # gradients reduced and parameters gathered: each at least (n-1)/n of them per chip
+    assert axes_bytes(step.collectives) >= 2 * (n - 1) / n * params
+
+
+def test_tensor_parallelism_all_reduces_every_block_over_tensor(steps):
+    layers = layout_config("tp").model.n_layers
+    assert set(steps("tp").collectives) == {"tensor"}
+    assert steps("tp").collectives["tensor"]["all-reduce"][0] >= 4 * layers  # forward and backward
+    assert steps("tp_sp").collectives["tensor"]["all-gather"][0] >= 2 * layers
+    assert steps("tp_sp").argument_bytes == steps("tp").argument_bytes
+
+
+@pytest.mark.parametrize("name,ticks", [("gpipe", MICROBATCHES + 4 - 1),
+                                        ("1f1b", MICROBATCHES + 2 * 4 - 2),
+                                        ("interleaved", 2 * MICROBATCHES + 2 - 1)])
+def test_pipelines_send_activations_and_gradients_over_pipeline_every_tick(name, ticks, steps):
+    """Each tick sends one microbatch's activations forward; gpipe and interleaved tick again
+    for the backward, 1F1B sends the gradient back in the same tick."""
+    c = layout_config(name)
+    rows = c.train.global_batch_size // c.mesh.data // MICROBATCHES
+    activation = rows * c.data.seq_len * c.model.d_model * 4
+    assert steps(name).collectives["pipeline"]["collective-permute"] == (
+        2 * ticks, 2 * ticks * activation)
+    if name == "1f1b":  # fewer microbatches in flight than GPipe holds
+        assert steps("1f1b").temp_bytes < steps("gpipe").temp_bytes
+
+
+def test_expert_parallelism_exchanges_routed_tokens_over_expert(steps):
+    c = layout_config("ep")
+    count, sent = steps("ep").collectives["expert"]["ragged-all-to-all"]
+    assert count == 4 * c.model.n_layers  # dispatch and return, forward and backward
+    rows = c.train.global_batch_size * c.data.seq_len // 8 * c.model.moe.top_k
+    assert sent == count * 7 / 8 * rows * c.model.d_model * 4
+
+
+def test_context_parallelism_passes_keys_and_values_around_the_ring(steps):
+    count, sent = steps("cp").collectives["context"]["collective-permute"]
+    assert count >= 2 * layout_config("cp").model.n_layers * (4 - 1) and sent > 0
+
+
+def test_a_bad_topology_is_one_line():
+    with pytest.raises(UserError, match=r"^cannot compile for TPU topology 'v5p:3x3x3x3'[^\n]*$"):
+        topology_devices("v5p:3x3x3x3")
