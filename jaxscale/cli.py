@@ -6,6 +6,7 @@ can fix are printed as one line `jaxscale: error: ...` with exit status 2, witho
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -18,6 +19,8 @@ from jaxscale.config import validate
 from jaxscale.errors import UserError
 
 USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...] [--num_devices N]
+       jaxscale plan [--config FILE] [--config.KEY=VALUE ...] --cluster PRESET|FILE [--top N]
+                     [--compile N] | --check
        jaxscale generate [--config FILE] [--config.KEY=VALUE ...] [--checkpoint DIR] --prompt TEXT
                          [--prompt TEXT ...]
        jaxscale eval [--config FILE] [--config.KEY=VALUE ...] [--checkpoint DIR]
@@ -30,6 +33,11 @@ USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...]
            resumes from the run's latest checkpoint; SIGTERM/SIGINT save one and exit cleanly
   info     parameter count and per-device memory of the config under its mesh, without allocating;
            --num_devices N plans for N devices instead of the ones present
+  plan     the layouts of the config's model and batch on a cluster before renting it: per-device
+           memory, compute, communication per link class, pipeline bubble, step time, tokens/s
+           and MFU of the fastest that fit, and the overrides of the best; TPU slices: the best
+           --compile N (default 3 with libtpu) compiled for the real topology; --check: predicted
+           against compiled on the devices present (docs/plan.md)
   generate continue each prompt with the model of a checkpoint (default: the config's run), on the
            config's mesh; sampling, weight format (int8, int4) and KV cache from `infer.*`
            (docs/inference.md); one prompt is streamed as it is generated
@@ -74,6 +82,12 @@ def _parse(argv: list[str]):
         config_flags.DEFINE_config_file("config", default, "experiment config file",
                                         flag_values=fv, sys_argv=args)
         flags.DEFINE_integer("num_devices", None, "devices to plan for (info)", flag_values=fv)
+        flags.DEFINE_string("cluster", None, "cluster preset or .toml/.json file (plan)", flag_values=fv)
+        flags.DEFINE_integer("top", 10, "layouts to list (plan)", flag_values=fv)
+        flags.DEFINE_integer("compile", None, "best layouts to compile for a TPU cluster's slices "
+                             "(plan; default 3 where libtpu is installed)", flag_values=fv)
+        flags.DEFINE_bool("check", False, "compare predictions with programs compiled on the devices "
+                          "present (plan)", flag_values=fv)
         flags.DEFINE_string("checkpoint", None, "checkpoint directory (generate, eval)",
                             flag_values=fv)
         flags.DEFINE_multi_string("prompt", None, "text to continue (generate)", flag_values=fv)
@@ -119,7 +133,7 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-COMMANDS = ("train", "info", "generate", "eval", "inspect", "launch", "import-hf", "export-hf")
+COMMANDS = ("train", "info", "plan", "generate", "eval", "inspect", "launch", "import-hf", "export-hf")
 
 
 def _launch(argv: list[str]) -> int:
@@ -163,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     if "jax" not in sys.modules:  # XLA reads its flags once, when the first backend starts
         from jaxscale.cpu import with_xla_cpu_flags
 
-        os.environ.update(with_xla_cpu_flags(os.environ))
+        # `plan --check` compares on 8 devices: a CPU-only host emulates them
+        check = argv[:1] == ["plan"] and "--check" in argv
+        os.environ.update(with_xla_cpu_flags(os.environ, host_devices=8 if check else 0))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -230,6 +246,26 @@ def main(argv: list[str] | None = None) -> int:
             elif jax.process_index() == 0:
                 print(f"nothing to do: {config.run_dir} is already at train.steps="
                       f"{config.train.steps}; raise train.steps or use another run_dir")
+        elif command == "plan":
+            from jaxscale.planner.clusters import PRESETS, load_cluster
+            from jaxscale.planner.search import report
+
+            if opts.check:
+                from jaxscale.planner.compare import check
+
+                print(check(config))
+                return 0
+            if not opts.cluster:
+                raise UserError(f"jaxscale plan needs --cluster: a preset ({', '.join(PRESETS)}) or a "
+                                f".toml/.json file (docs/plan.md), or --check")
+            if opts.top < 1 or (opts.compile or 0) < 0:
+                raise UserError(f"--top={opts.top} must be at least 1 and --compile={opts.compile} "
+                                f"at least 0")
+            cluster = load_cluster(opts.cluster)
+            compile_top = opts.compile
+            if compile_top is None:  # TPU slices compile where libtpu is installed
+                compile_top = 3 if cluster.topology and importlib.util.find_spec("libtpu") else 0
+            print(report(config, cluster, opts.top, compile_top))
         else:
             from jaxscale.plan import report
 

@@ -153,11 +153,15 @@ def _padded_all_to_all(axis_name, operand, output, input_offsets, send_sizes, ou
     return output.at[dest.reshape(-1)].set(got.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
-def with_xla_cpu_flags(env: dict[str, str]) -> dict[str, str]:
-    """`env` with `XLA_CPU_FLAGS` added to XLA_FLAGS unless the user set that flag."""
+def with_xla_cpu_flags(env: dict[str, str], host_devices: int = 0) -> dict[str, str]:
+    """`env` with `XLA_CPU_FLAGS` added to XLA_FLAGS unless the user set that flag, and with
+    `host_devices` > 0 that many emulated CPU devices unless the user set their count (the host
+    platform's alone: accelerators are unaffected)."""
     env = dict(env)
     if "concurrency_optimized_scheduler" not in env.get("XLA_FLAGS", ""):
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {XLA_CPU_FLAGS}".strip()
+    if host_devices and "host_platform_device_count" not in env["XLA_FLAGS"]:
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={host_devices}"
     return env
 
 

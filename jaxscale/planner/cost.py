@@ -1,0 +1,361 @@
+"""The planner's cost model of one layout: memory per device, collectives, compute and step time.
+
+Written down in docs/plan.md. In short:
+- state: parameters, gradients and optimizer state per device from the abstract model's
+  shardings (`jaxscale.plan`'s count), plus the largest gathered layer under ZeRO-3/FSDP;
+- activations: what each layer keeps for the backward pass under the remat policy, per token,
+  times the tokens a device holds (a pipeline stage: the microbatches in flight), plus logits;
+- collectives: parameter and gradient traffic from each parameter's stored sharding (what
+  `parallel/zero.py` and `data_parallel.py` gather, reduce-scatter and all-reduce), activation
+  traffic of tensor, sequence, pipeline, expert and context parallelism from the shapes;
+- time: FLOPs over the chip's achievable rate, stretched by the pipeline bubble; parameter and
+  gradient traffic overlaps compute (only what exceeds it shows), activation traffic does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec
+
+from jaxscale.hlo import sent_bytes
+from jaxscale.mesh import AXES
+from jaxscale.metrics import train_flops_per_token
+from jaxscale.models import DECODERS, abstract_model
+from jaxscale.parallel import context_parallel, make_layout, vocab_parallel, zero
+from jaxscale.planner.clusters import Cluster
+from jaxscale.sharding import as_tuple, bytes_per_device
+from jaxscale.train import lora
+from jaxscale.train.optim import make_optimizer
+
+BATCH_AXES = ("data", "fsdp", "expert")  # the axes a step's rows are split over
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """`count` collectives `op` per step over the mesh `axes`, whose results add up to `nbytes`."""
+
+    op: str
+    axes: tuple[str, ...]
+    nbytes: float
+    count: int
+    what: str  # parameters | gradients | activations
+
+    def sent(self, sizes: dict[str, int]) -> float:
+        """Bytes each device sends for all of them (`jaxscale.hlo.sent_bytes`)."""
+        n = math.prod(sizes[a] for a in self.axes)
+        return sent_bytes(self.op, self.nbytes, frozenset([frozenset(range(n))]))
+
+
+def _times(op: str, axes: tuple[str, ...], nbytes: float, count: int, what: str) -> Collective:
+    """`count` collectives of `nbytes` each."""
+    return Collective(op, axes, nbytes * count, count, what)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """What `estimate` predicts for one layout; times in seconds, bytes per device."""
+
+    sizes: dict[str, int]
+    state_bytes: float
+    activation_bytes: float
+    memory_bytes: float
+    collectives: tuple[Collective, ...]
+    compute_s: float
+    bubble: float
+    comm_s: dict[str, float]  # per link class: fast | slow
+    exposed_comm_s: float
+    step_s: float
+    tokens_per_s_per_chip: float
+    mfu: float
+
+
+_SHAPES: dict[str, tuple] = {}
+
+
+def shapes(config):
+    """Abstract parameters, trained parameters and optimizer state of the config's model (each
+    model and optimizer computed once)."""
+    key = config.model.to_json() + config.optim.to_json() + str(config.train.steps)
+    if key not in _SHAPES:
+        _, params = abstract_model(config.model)
+        trained = lora.split(params)[0] if lora.enabled(config.model) else params
+        tx, _ = make_optimizer(config.optim, config.train.steps)
+        _SHAPES[key] = (params, trained, jax.eval_shape(tx.init, trained))
+    return _SHAPES[key]
+
+
+def abstract_layout(config, sizes: dict[str, int]):
+    mesh = AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return make_layout(config, mesh)
+
+
+def _leaves(specs, tree) -> list[tuple[str, PartitionSpec, jax.ShapeDtypeStruct]]:
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [("/".join(str(k.key) for k in path if getattr(k, "key", ".value") != ".value"), spec, leaf)
+            for (path, leaf), spec in zip(flat, flat_specs, strict=True)]
+
+
+def _memo(*sections: str):
+    """Cache `fn(config, sizes)` on the config `sections` it reads and the sizes (the search asks
+    for the same layouts' state and collectives many times over)."""
+
+    def wrap(fn):
+        cache: dict[str, object] = {}
+
+        def cached(config, sizes: dict[str, int]):
+            key = "".join(config[s].to_json() for s in sections) + str(sorted(sizes.items()))
+            if key not in cache:
+                cache[key] = fn(config, sizes)
+            return cache[key]
+
+        return functools.wraps(fn)(cached)
+
+    return wrap
+
+
+@_memo("model", "optim", "parallel", "train")
+def state_bytes(config, sizes: dict[str, int]) -> dict[str, float]:
+    """Per-device bytes of parameters, gradients and optimizer state (as `jaxscale info`)."""
+    params, trained, opt = shapes(config)
+    layout, stage = abstract_layout(config, sizes), config.parallel.zero_stage
+    return {"params": bytes_per_device(zero.specs(layout, params, stage, 3), params, sizes),
+            "grads": bytes_per_device(zero.specs(layout, trained, stage, 2), trained, sizes),
+            "optimizer": bytes_per_device(zero.specs(layout, opt, stage, 1), opt, sizes)}
+
+
+def tokens_per_device(config, sizes: dict[str, int]) -> float:
+    """Tokens of one micro-batch (one accumulation step) that one device's batch shard holds."""
+    rows = config.train.global_batch_size / config.train.grad_accum_steps
+    return rows / math.prod(sizes[a] for a in BATCH_AXES) * config.data.seq_len / sizes["context"]
+
+
+@_memo("model", "optim", "parallel", "train", "data")
+def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
+    """Parameter and gradient traffic of one step, from each parameter's stored sharding.
+
+    A parameter split over data-parallel axes (`fsdp`, and `data` from ZeRO-2) is all-gathered
+    for the forward pass (blocks again in the backward pass under ZeRO-3/FSDP) and its gradient
+    reduce-scattered, once per accumulation step; over the other batch axes (and `pipeline` for
+    what every stage holds) its gradient is all-reduced; ZeRO-1 all-gathers the updated
+    parameters over `data`.
+    """
+    _, trained, _ = shapes(config)
+    layout, stage = abstract_layout(config, sizes), config.parallel.zero_stage
+    accum = config.train.grad_accum_steps
+    regather = zero.regathers(layout, stage)
+    stored = _leaves(zero.specs(layout, trained, stage, 2), trained)
+    opt_split = _leaves(zero.specs(layout, trained, stage, 1), trained)
+    batch = [a for a in BATCH_AXES + ("context",) if sizes[a] > 1]
+    groups: dict[tuple, float] = {}
+    vocab_split = _vocab_parallel(config, sizes, trained)
+
+    def add(op, axes, nbytes, count, what):  # one flat buffer per group, `count` times
+        key = (op, tuple(a for a in AXES if a in axes), count, what)
+        groups[key] = groups.get(key, 0.0) + nbytes
+
+    for (path, spec, leaf), (_, opt_spec, _) in zip(stored, opt_split, strict=True):
+        axes = {a for d in spec for a in as_tuple(d)}
+        local = leaf.size * leaf.dtype.itemsize / math.prod(sizes[a] for a in axes)
+        gathered = tuple(a for a in ("data", "fsdp") if a in axes and sizes[a] > 1)
+        g = math.prod(sizes[a] for a in gathered)
+        if gathered and "/" not in path and path in vocab_split:  # split by vocabulary, not gathered
+            pass
+        elif gathered:
+            block = _in_blocks(path)
+            # gathered again in the backward pass inside the layer scan (unrolled layers keep
+            # the forward's gather: XLA reuses it)
+            again = regather and block and config.model.scan_layers
+            add("all-gather", gathered, local * g, accum * (2 if again else 1), "parameters")
+            add("reduce-scatter", gathered, local, accum, "gradients")
+        reduce = [a for a in batch if a not in axes]
+        if sizes["pipeline"] > 1 and "pipeline" not in axes:
+            reduce.append("pipeline")
+        if reduce:  # every accumulation step's gradients
+            add("all-reduce", reduce, local, accum, "gradients")
+        opt_axes = {a for d in opt_spec for a in as_tuple(d)}
+        if stage == 1 and "data" in opt_axes - axes and sizes["data"] > 1:
+            add("all-gather", ("data",), local, 1, "parameters")
+    if vocab_split:  # the tokens travel instead (parallel/vocab_parallel.py)
+        axes, t, d = next(iter(vocab_split.values())), tokens_per_device(config, sizes), config.model.d_model
+        n = math.prod(sizes[a] for a in axes)
+        add("all-gather", axes, t * n * 4, accum, "activations")  # token ids
+        add("all-gather", axes, t * n * (2 * d + 2) * 4, accum, "activations")  # hidden + targets; d_rows
+        add("reduce-scatter", axes, t * d * 4, 2 * accum, "activations")  # looked-up rows; d_hidden
+        add("all-reduce", axes, t * n * 3 * 4, accum, "activations")  # softmax max, sum, target
+    return [_times(op, axes, nbytes, count, what) for (op, axes, count, what), nbytes in groups.items()]
+
+
+def _vocab_parallel(config, sizes: dict[str, int], trained) -> dict[str, tuple[str, ...]]:
+    """The vocabulary tables that stay split by vocabulary under ZeRO/FSDP, and their axes: a
+    decoder without a pipeline whose tokens, gathered over the axes, number at most the
+    vocabulary (`vocab_parallel.vocab_axes`)."""
+    if config.model.family not in DECODERS or sizes["pipeline"] > 1:
+        return {}
+    stage = config.parallel.zero_stage
+    axes = tuple(a for a in ("data", "fsdp") if sizes[a] > 1 and (a == "fsdp" or stage >= 2))
+    n = math.prod(sizes[a] for a in axes)
+    vocab = config.model.vocab_size
+    if not axes or vocab % n or tokens_per_device(config, sizes) * n > vocab:
+        return {}
+    return {key: axes for key in vocab_parallel.vocab_tables(trained)}
+
+
+def _in_blocks(path: str) -> bool:
+    """Whether a parameter path lies in a stack of blocks (`blocks`, `first_blocks`, ...)."""
+    return any(k == "blocks" or k.endswith("_blocks") for k in path.split("/"))
+
+
+def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
+    """Activation traffic of one step: tensor (and sequence), pipeline, expert and context
+    parallelism, from the shapes (per layer what the compiled steps hold, docs/plan.md)."""
+    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
+    tp, pp, ep, cp = (sizes[a] for a in ("tensor", "pipeline", "expert", "context"))
+    accum = config.train.grad_accum_steps
+    t = tokens_per_device(config, sizes)
+    act = t * m.d_model * b  # one [tokens, d_model] activation of a device's micro-batch
+    layers = m.n_layers // pp
+    recompute = m.remat == "full"
+    out = []
+    if tp > 1:
+        passes = 2 + (2 if recompute else 0)  # forward (again when recomputed): wo, w_down outputs
+        stats = _times("all-reduce", ("tensor",), t * 4, accum * 2, "activations")  # softmax max, sum
+        if config.parallel.sequence_parallel:  # the sequence gathered before, scattered after each
+            table = m.vocab_size * m.d_model * 4  # block; the embedding table gathered whole
+            out += [_times("all-gather", ("tensor",), act, accum * (layers * (passes + 2) + 1),
+                               "activations"),
+                    _times("all-gather", ("tensor",), table, accum, "parameters"),
+                    _times("reduce-scatter", ("tensor",), act / tp, accum * layers * (passes + 5),
+                               "activations"),
+                    _times("all-reduce", ("tensor",), act, accum, "activations"),  # d_hidden
+                    # the norms' and the table's gradients, partial over the sequence
+                    _times("all-reduce", ("tensor",), 2 * m.d_model * 4, accum * layers, "gradients"),
+                    _times("all-reduce", ("tensor",), table + m.d_model * 4, accum, "gradients"),
+                    stats]
+        else:  # backward: the input gradients of wq, wk, wv and w_gate, w_up, each all-reduced;
+            # the vocabulary-split embedding's output and the output layer's input gradient
+            out += [_times("all-reduce", ("tensor",), act, accum * (layers * (passes + 5) + 2),
+                               "activations"), stats]
+    if pp > 1:
+        mb = config.pipeline.microbatches
+        v = config.pipeline.virtual_stages if config.pipeline.schedule == "interleaved" else 1
+        if config.pipeline.schedule == "1f1b":  # M + 2P - 2 ticks, an activation and a cotangent each
+            out.append(_times("collective-permute", ("pipeline",), act / mb,
+                                  accum * 2 * (mb + 2 * pp - 2), "activations"))
+        else:  # V M + P - 1 ticks forward, as many backward; the embeddings' output and gradient
+            out += [_times("collective-permute", ("pipeline",), act / mb, accum * 2 * (v * mb + pp - 1),
+                               "activations"),
+                    _times("all-reduce", ("pipeline",), act, accum * 2, "activations")]
+    if ep > 1 and m.moe.n_experts:
+        moe_layers = len(range(m.moe.first_dense, m.n_layers, m.moe.every)) // pp
+        routed = act * m.moe.top_k
+        # dropless: two ragged all-to-alls forward, two backward (parallel/expert_parallel.py)
+        out.append(_times("all-to-all", ("expert",), routed, accum * moe_layers * 4, "activations"))
+    if cp > 1:  # context parallelism's own count of its exchanges
+        rows = config.train.global_batch_size // accum // math.prod(sizes[a] for a in BATCH_AXES)
+        for op, (count, nbytes) in context_parallel.collective_bytes(
+                config.parallel.context_attention, m, config.data.seq_len, rows, cp).items():
+            out.append(Collective(op, ("context",), nbytes * accum, count * accum, "activations"))
+    return out
+
+
+# Activations a layer keeps per token for its backward pass, by remat policy, in units of
+# (d_model, d_ff, heads x head_dim, heads x seq_len): measured from the temporaries of steps
+# compiled for TPU v5p (a Llama of d_model 256, 2 against 4 layers, d_ff 768/1536, 8/16 heads,
+# seq 128-512; docs/plan.md). XLA keeps float32 copies and intermediates beyond the textbook
+# count (which is about 4, 3, 2, 1 for "none").
+KEPT = {"none": (12.0, 8.0, 13.0, 0.5), "save_dots": (14.5, 0.9, 3.5, 0.0), "full": (1.0, 0.0, 0.0, 0.0)}
+
+
+def activation_bytes(config, sizes: dict[str, int]) -> float:
+    """Bytes one device keeps for the backward pass at the peak: each of its layers' saved
+    activations (by remat policy) for the micro-batches in flight, the logits and their gradient."""
+    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
+    tp, pp = sizes["tensor"], sizes["pipeline"]
+    sp = tp if config.parallel.sequence_parallel else 1
+    t = tokens_per_device(config, sizes)
+    if pp > 1:
+        mb = config.pipeline.microbatches
+        in_flight = mb if config.pipeline.schedule == "gpipe" else min(mb, pp)
+        t = t / mb * in_flight
+    d, f, o = m.d_model / sp, m.d_ff / tp, m.n_heads * m.head_dim / tp
+    scores = m.n_heads / tp * config.data.seq_len / sizes["context"]
+    kept = KEPT.get(m.remat.split(":")[0], KEPT["full"])
+    layer = t * b * (kept[0] * d + kept[1] * f + kept[2] * o + kept[3] * scores)
+    layers = m.n_layers // pp
+    logit_tokens = min(t, m.loss_chunk) if m.loss_chunk else t
+    logits = 2 * logit_tokens * m.vocab_size / tp * 4
+    none = KEPT["none"]  # a recomputed layer's own, while its backward runs
+    recompute = t * b * (none[0] * d + none[1] * f + none[2] * o + none[3] * scores) if kept != none else 0
+    return layers * layer + logits + recompute
+
+
+@_memo("model", "parallel")
+def gathered_layer_bytes(config, sizes: dict[str, int]) -> float:
+    """ZeRO-3/FSDP: a layer's gathered parameters (float32) live while it runs, next to its
+    gradient's before reduce-scatter."""
+    params, _, _ = shapes(config)
+    layout = abstract_layout(config, sizes)
+    if not zero.regathers(layout, config.parallel.zero_stage):
+        return 0.0
+    per_layer = 0.0
+    for path, spec, leaf in _leaves(zero.specs(layout, params, 0, 4), params):
+        if _in_blocks(path):  # gathered over fsdp and data: split by the model-parallel axes alone
+            split = math.prod(sizes[a] for d in spec for a in as_tuple(d) if a not in ("data", "fsdp"))
+            per_layer += leaf.size * leaf.dtype.itemsize / split
+    return 2 * per_layer / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
+
+
+def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tuple[str, float]:
+    """The link class a collective over `axes` crosses and the bytes/s one chip gets on it.
+
+    Mesh axes are laid out outermost first (`jaxscale.mesh.AXES`, `tensor` innermost), so a group
+    stays inside one fast domain when the devices from its outermost axis inwards fit in one.
+    """
+    span = math.prod(sizes[a] for a in AXES[min(AXES.index(a) for a in axes):])
+    if span > cluster.fast_domain:
+        return "slow", cluster.slow_bw
+    chip = cluster.chip
+    if not chip.torus_dims:
+        return "fast", chip.fast_bw
+    group = math.prod(sizes[a] for a in axes)
+    side = round(cluster.fast_domain ** (1 / chip.torus_dims))
+    dims = min(chip.torus_dims, max(1, math.ceil(math.log(group) / math.log(max(side, 2)) - 1e-9)))
+    return "fast", chip.fast_bw * dims
+
+
+def estimate(config, sizes: dict[str, int], cluster: Cluster) -> Estimate:
+    """Memory, collectives and step time of `config` (its mesh resolved to `sizes`) on `cluster`."""
+    state = sum(state_bytes(config, sizes).values())
+    acts = activation_bytes(config, sizes) + gathered_layer_bytes(config, sizes)
+    colls = tuple(param_collectives(config, sizes) + activation_collectives(config, sizes))
+    chips = math.prod(sizes.values())
+    tokens = config.train.global_batch_size * config.data.seq_len
+    model_flops = train_flops_per_token(config) * tokens / chips
+    flops = model_flops * (4 / 3 if config.model.remat == "full" else 1)  # forward again
+    compute = flops / (cluster.chip.peak_flops * cluster.chip.compute_fraction)
+    pp, schedule = sizes["pipeline"], config.pipeline.schedule
+    bubble = 0.0
+    if pp > 1:
+        v = config.pipeline.virtual_stages if schedule == "interleaved" else 1
+        bubble = (pp - 1) / (v * config.pipeline.microbatches + pp - 1)
+    busy = compute / (1 - bubble)
+    comm = {"fast": 0.0, "slow": 0.0}
+    overlapped = exposed = 0.0
+    for c in colls:
+        kind, bw = link(c.axes, sizes, cluster)
+        seconds = c.sent(sizes) / bw
+        comm[kind] += seconds
+        if c.what == "activations":
+            exposed += seconds
+        else:
+            overlapped += seconds
+    exposed += max(0.0, overlapped - busy)
+    step = busy + exposed
+    return Estimate(sizes, state, acts, state + acts, colls, compute, bubble, comm, exposed, step,
+                    tokens / step / chips, model_flops / step / cluster.chip.peak_flops)

@@ -1,0 +1,155 @@
+"""`jaxscale plan`: the cost model against compiled programs, the search, the command."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import devices_or_skip, tiny_config
+
+from jaxscale.data.loader import batch_shapes
+from jaxscale.errors import UserError
+from jaxscale.mesh import AXES, resolve_axis_sizes
+from jaxscale.planner import clusters, cost, search
+from jaxscale.planner.compiled import compile_step
+
+# mesh, parallel and pipeline settings
+LAYOUTS = {
+    "DP": dict(data=8),
+    "ZeRO-1": dict(data=8, zero_stage=1),
+    "ZeRO-2": dict(data=8, zero_stage=2),
+    "ZeRO-3": dict(data=8, zero_stage=3),
+    "FSDP": dict(fsdp=8),
+    "HSDP": dict(data=2, fsdp=4),
+    "TP": dict(tensor=4),
+    "TP+SP": dict(tensor=4, sequence_parallel=True),
+    "GPipe": dict(pipeline=2, data=4, schedule="gpipe"),
+    "1F1B": dict(pipeline=2, data=4, schedule="1f1b"),
+    "interleaved": dict(pipeline=2, data=4, schedule="interleaved"),
+    # context parallelism: the planner takes `context_parallel.collective_bytes`, which
+    # tests/test_context.py checks against the compiled programs
+}
+
+
+def layout_config(name: str):
+    settings = dict(LAYOUTS[name])
+    schedule = settings.pop("schedule", None)
+    c = tiny_config(**settings)
+    if schedule:
+        c.model.n_layers = 4
+        c.pipeline.schedule = schedule
+        c.pipeline.virtual_stages = 2 if schedule == "interleaved" else 1
+    return c
+
+
+def sizes_of(config, n: int) -> dict[str, int]:
+    return resolve_axis_sizes({a: config.mesh[a] for a in AXES}, n)
+
+
+def predicted_bytes(config, sizes, platform: str) -> dict[str, dict[str, float]]:
+    """`{axes: {op: bytes sent per device}}` of the cost model's collectives. XLA:CPU lowers the
+    reduce-scatters that sharding propagation makes (sequence parallelism's) as all-reduces of
+    the whole input; the explicit ones (ZeRO/FSDP's) stay reduce-scatters."""
+    out: dict[str, dict[str, float]] = {}
+    for c in cost.param_collectives(config, sizes) + cost.activation_collectives(config, sizes):
+        if platform == "cpu" and c.op == "reduce-scatter" and c.axes == ("tensor",):
+            c = cost.Collective("all-reduce", c.axes, c.nbytes * sizes["tensor"], c.count, c.what)
+        label = "+".join(a for a in AXES if a in c.axes)
+        out.setdefault(label, {}).setdefault(c.op, 0.0)
+        out[label][c.op] += c.sent(sizes)
+    return out
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_predicted_collective_bytes_equal_the_compiled_programs(name):
+    """Every collective the compiled step runs per step (loops counted by their trip counts),
+    per mesh axis and kind: the bytes each device sends equal the cost model's, up to the
+    scalars (loss, token count, gradient-norm partials: under 1 KB) it leaves out."""
+    config = layout_config(name)
+    n = 4 if name.startswith("TP") else 8
+    devices = devices_or_skip(n)
+    sizes = sizes_of(config, n)
+    compiled = compile_step(config, devices[:n]).collectives
+    want = predicted_bytes(config, sizes, devices[0].platform)
+    found = {(label, op) for label, ops in compiled.items() for op, (_, b) in ops.items() if b > 1024}
+    assert found == {(label, op) for label, ops in want.items() for op, b in ops.items() if b > 1024}
+    for label, op in found:
+        got, predicted = compiled[label][op][1], want[label][op]
+        assert abs(got - predicted) <= 1024 + 0.002 * got, (label, op, got, predicted)
+
+
+def test_state_bytes_equal_the_compiled_arguments():
+    """Parameters and optimizer state per device (the step's arguments, less the batch) as the
+    cost model sizes them from the abstract shardings, for DP, ZeRO-1/3, FSDP, TP and a pipeline."""
+    for name in ("DP", "ZeRO-1", "ZeRO-3", "FSDP", "TP", "GPipe"):
+        config = layout_config(name)
+        n = 4 if name == "TP" else 8
+        sizes = sizes_of(config, n)
+        state = cost.state_bytes(config, sizes)
+        batch = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in
+                    batch_shapes(config).values()) / math.prod(sizes[a] for a in cost.BATCH_AXES)
+        got = compile_step(config, devices_or_skip(n)[:n]).argument_bytes - batch
+        assert abs(state["params"] + state["optimizer"] - got) <= 0.001 * got, name
+
+
+def test_the_search_keeps_only_layouts_that_fit_fastest_first():
+    config = tiny_config()
+    config.model.update(d_model=256, n_layers=4, d_ff=1024, n_heads=8, n_kv_heads=4, head_dim=32)
+    chip = clusters.Chip("tiny", 100e12, 64e6, 1e12, 100e9, 0, 0.5)
+    cluster = clusters.Cluster("8xtiny", 8, chip, 8, 10e9)
+    fits, too_big = search.plan(config, cluster)
+    assert fits and too_big  # 64 MB chips: replicated AdamW state (16 B x 3.5M params) does not fit
+    assert all(e.memory_bytes <= 0.9 * chip.hbm_bytes for _, e in fits)
+    times = [e.step_s for _, e in fits]
+    assert times == sorted(times)
+
+
+def test_pipeline_bubble_and_slow_links():
+    config = tiny_config(pipeline=2, data=4)
+    config.model.n_layers = 4
+    gpu = clusters.PRESETS["64xh100"]
+    for schedule, v, bubble in (("gpipe", 1, 1 / 5), ("1f1b", 1, 1 / 5), ("interleaved", 2, 1 / 9)):
+        config.pipeline.update(schedule=schedule, virtual_stages=v)
+        estimate = cost.estimate(config, sizes_of(config, 8), clusters.PRESETS["8xh100"])
+        assert estimate.bubble == pytest.approx(bubble)
+    sizes = {**dict.fromkeys(AXES, 1), "data": 8, "tensor": 8}
+    assert cost.link(("tensor",), sizes, gpu)[0] == "fast"  # inside an NVLink node
+    assert cost.link(("data",), sizes, gpu) == ("slow", gpu.slow_bw)  # across nodes
+
+
+def test_cluster_files_and_their_errors(tmp_path):
+    good = dict(chips=16, peak_flops=5e14, hbm_bytes=8e10, hbm_bw=2e12, fast_bw=3e11, fast_domain=8,
+                slow_bw=2.5e10, kind="my chip")
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps(good))
+    cluster = clusters.load_cluster(str(path))
+    assert (cluster.chips, cluster.domains, cluster.chip.kind) == (16, 2, "my chip")
+    toml = tmp_path / "cluster.toml"
+    toml.write_text("\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in good.items()))
+    assert clusters.load_cluster(str(toml)) == cluster  # both named for their stem
+    for text, message in [(dict(good, chips=0), "chips must be a positive number"),
+                          ({k: v for k, v in good.items() if k != "slow_bw"}, "lacks slow_bw"),
+                          (dict(good, bandwidth=1), "unknown key 'bandwidth'"),
+                          (dict(good, fast_domain=3), "does not divide chips=16")]:
+        path.write_text(json.dumps(text))
+        with pytest.raises(UserError, match=message):
+            clusters.load_cluster(str(path))
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        clusters.load_cluster(str(path))
+    with pytest.raises(UserError, match="unknown cluster 'a100'"):
+        clusters.load_cluster("a100")
+
+
+def test_plan_command_prints_the_table_and_the_best_overrides():
+    run = subprocess.run([sys.executable, "-m", "jaxscale.cli", "plan", "--cluster", "8xh100",
+                          "--top", "3"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "layouts fit" in lines[0] and sum(line.startswith("| ") for line in lines) == 1 + 3
+    assert lines[-1].startswith("best: ")
+    bad = subprocess.run([sys.executable, "-m", "jaxscale.cli", "plan"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "needs --cluster" in bad.stderr
