@@ -124,9 +124,10 @@ def sizes_of(c) -> dict:
 def fit(run: Run) -> float:
     """The compute fraction at which the run's predicted throughput equals the published one."""
     lo, hi = 0.05, 1.0
+    config = config_of(run)
     for _ in range(40):
         mid = (lo + hi) / 2
-        pred = cost.estimate(config_of(run), sizes_of(config_of(run)), with_fraction(run.cluster, mid))
+        pred = cost.estimate(config, sizes_of(config), with_fraction(run.cluster, mid))
         lo, hi = (mid, hi) if pred.tokens_per_s_per_chip < run.published else (lo, mid)
     return (lo + hi) / 2
 

@@ -17,6 +17,7 @@ from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.planner import cost
 from jaxscale.planner.clusters import Chip, Cluster
 from jaxscale.planner.compiled import CompiledStep, compile_step
+from jaxscale.planner.search import Candidate
 
 GIB = 2.0**30
 
@@ -57,7 +58,7 @@ def compiled_step_time(step: CompiledStep, estimate: cost.Estimate, config, clus
         else:
             exposed += seconds
     busy = estimate.compute_s / (1 - estimate.bubble)
-    return busy + exposed + max(0.0, overlapped - busy)
+    return busy + exposed + cost.hidden_excess(busy, overlapped)
 
 
 def compiled_rows(config, cluster: Cluster, ranked, n: int) -> list[str]:
@@ -99,10 +100,7 @@ def check(config) -> str:
     lines = [f"{len(devices)} x {devices[0].device_kind}: predicted / compiled, per device", "",
              "| layout | memory MiB | bytes sent per axis (KiB) |", "|---|---|---|"]
     for name, overrides in LAYOUTS.items():
-        c = config.copy_and_resolve_references()
-        for key, value in overrides.items():
-            section, _, field = key.rpartition(".")
-            c[section.split(".")[0]][field] = value
+        c = Candidate(tuple(overrides.items())).apply(config)
         try:
             sizes = resolve_axis_sizes({a: c.mesh[a] for a in AXES}, len(devices))
             step = compile_step(c, devices)

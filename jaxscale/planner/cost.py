@@ -329,6 +329,11 @@ def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tupl
     return "fast", chip.fast_bw * dims
 
 
+def hidden_excess(busy: float, overlapped: float) -> float:
+    """What overlapped communication adds to a step busy computing for `busy` seconds."""
+    return max(0.0, overlapped - busy)
+
+
 def estimate(config, sizes: dict[str, int], cluster: Cluster) -> Estimate:
     """Memory, collectives and step time of `config` (its mesh resolved to `sizes`) on `cluster`."""
     state = sum(state_bytes(config, sizes).values())
@@ -355,7 +360,7 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster) -> Estimate:
             exposed += seconds
         else:
             overlapped += seconds
-    exposed += max(0.0, overlapped - busy)
+    exposed += hidden_excess(busy, overlapped)
     step = busy + exposed
     return Estimate(sizes, state, acts, state + acts, colls, compute, bubble, comm, exposed, step,
                     tokens / step / chips, model_flops / step / cluster.chip.peak_flops)

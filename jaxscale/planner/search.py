@@ -94,9 +94,10 @@ def candidates(config, cluster: Cluster) -> Iterator[tuple[Candidate, dict[str, 
     """Every layout, without gradient accumulation (`plan` adds it where memory needs it)."""
     batch = config.train.global_batch_size
     for sizes in meshes(config, cluster):
-        rows = batch // math.prod(sizes[a] for a in cost.BATCH_AXES)
-        if batch % math.prod(sizes[a] for a in cost.BATCH_AXES) or rows < 1:
+        split = math.prod(sizes[a] for a in cost.BATCH_AXES)
+        if batch % split:
             continue
+        rows = batch // split
         dcn = {}
         if cluster.chip.torus_dims and cluster.domains > 1:  # slices joined by the data-parallel axis
             axis = next((a for a in ("data", "fsdp") if sizes[a] % cluster.domains == 0), None)
