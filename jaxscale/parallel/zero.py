@@ -35,6 +35,10 @@ from jaxscale.parallel.stages import under
 from jaxscale.sharding import Layout, Rules, as_tuple
 
 RULES: Rules = (("embed", "fsdp"),)  # parameters: FSDP over `fsdp`
+# Each device's part of a flat buffer is padded to a multiple of this many elements: the TPU
+# compiler writes a flat all-gather whose parts are not whole 1-D tiles (1,024 elements) as an
+# all-reduce of a zero-filled buffer, twice the bytes (docs/plan.md).
+FLAT_ALIGN = 1024
 
 
 def zero_spec(layout: Layout, spec: PartitionSpec, shape, names=()) -> PartitionSpec:
@@ -86,11 +90,11 @@ def _unstack(whole: jax.Array, shape: tuple[int, ...], dim: int) -> jax.Array:
 def gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool) -> list[jax.Array]:
     """All-gather each `x` over the data-parallel axes in its spec (`pipeline` stays split).
 
-    With `flat`, shards gathered over the same axes travel as one flat buffer, each gathered along
-    a new leading axis and moved into place (XLA:CPU does that several times faster than
-    gathering along an inner dimension). Without `flat` (where other mesh axes, e.g. `tensor`,
-    split the shards, which flattening would gather over them too) each is gathered along its
-    own dimension.
+    With `flat`, shards gathered over the same axes travel as one flat buffer (each device's part
+    padded to `FLAT_ALIGN` elements), gathered along its leading axis and moved into place
+    (XLA:CPU does that several times faster than gathering along an inner dimension). Without
+    `flat` (where other mesh axes, e.g. `tensor`, split the shards, which flattening would gather
+    over them too) each is gathered along its own dimension.
     """
     out = list(xs)
     groups: dict[tuple, list[tuple[int, int]]] = {}
@@ -105,8 +109,10 @@ def gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool) -> l
             for i, dim in members:
                 out[i] = jax.lax.all_gather(xs[i], axes, axis=dim, tiled=True)
             continue
-        whole = jax.lax.all_gather(jnp.concatenate([xs[i].reshape(-1) for i, _ in members]),
-                                   axes)  # [devices, flat]
+        flat_shards = jnp.concatenate([xs[i].reshape(-1) for i, _ in members])
+        n = flat_shards.size
+        padded = jnp.pad(flat_shards, (0, -n % FLAT_ALIGN))
+        whole = jax.lax.all_gather(padded, axes, tiled=True).reshape(-1, padded.size)[:, :n]
         sizes = [xs[i].size for i, _ in members]
         pieces = jnp.split(whole, list(itertools.accumulate(sizes))[:-1], axis=1)
         for (i, dim), piece in zip(members, pieces, strict=True):
@@ -116,15 +122,15 @@ def gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool) -> l
 
 def _not_gathered(prim, *_, **__) -> bool:
     """Remat policy: save everything but gathered parameters (and their aliases and casts)."""
-    return prim.name not in ("all_gather", "pvary", "pcast", "name", "reshape", "split", "transpose",
-                             "convert_element_type")
+    return prim.name not in ("all_gather", "pvary", "pcast", "name", "reshape", "slice", "split",
+                             "transpose", "convert_element_type")
 
 
 def _keys(path) -> list[str]:
     return [str(k.key) for k in path if hasattr(k, "key")]
 
 
-def _stack_index(keys: list[str]) -> int | None:
+def stack_index(keys: list[str]) -> int | None:
     """Where a stacked-blocks subtree (`blocks`, `first_blocks`, ...) starts in `keys`."""
     return next((i for i, k in enumerate(keys) if k == "blocks" or k.endswith("_blocks")), None)
 
@@ -132,7 +138,7 @@ def _stack_index(keys: list[str]) -> int | None:
 def block_part(path) -> str:
     """The path inside its stacked-blocks subtree ("attn/wq"), or "" outside any."""
     keys = _keys(path)
-    i = _stack_index(keys)
+    i = stack_index(keys)
     return "" if i is None else "/".join(keys[i + 1:])
 
 
@@ -145,7 +151,7 @@ def _layer_specs(manual, virtualized: tuple[str, ...]) -> dict[frozenset, dict[s
             manual, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]:
         if name := block_part(path):
             keys = _keys(path)
-            groups.setdefault(tuple(keys[:_stack_index(keys) + 1]), {})[name] = PartitionSpec(
+            groups.setdefault(tuple(keys[:stack_index(keys) + 1]), {})[name] = PartitionSpec(
                 *spec[1 + under(path, virtualized):])
     out: dict[frozenset, dict[str, PartitionSpec]] = {}
     for layer in groups.values():
