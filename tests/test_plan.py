@@ -119,6 +119,27 @@ def test_pipeline_bubble_and_slow_links():
     assert cost.link(("data",), sizes, gpu) == ("slow", gpu.slow_bw)  # across nodes
 
 
+def test_hbm_traffic_and_overlapped_tensor_parallel_traffic():
+    """Compute time is the matmuls at the achievable rate plus the elementwise passes at HBM
+    bandwidth; collectives of an `overlapped` class only show where they exceed compute."""
+    import dataclasses
+
+    config = tiny_config(tensor=4)
+    sizes, cluster = sizes_of(config, 4), clusters.PRESETS["8xh100"]
+    slow_hbm = dataclasses.replace(cluster, chip=dataclasses.replace(cluster.chip, hbm_bw=1e9))
+    fast, slow = cost.estimate(config, sizes, cluster), cost.estimate(config, sizes, slow_hbm)
+    hbm = cost.hbm_bytes(config, sizes)
+    assert hbm > 0 and slow.compute_s - fast.compute_s == pytest.approx(hbm / 1e9 - hbm / 3.35e12)
+    bw = cost.link(("tensor",), sizes, cluster)[1]
+    tp = sum(c.sent(sizes) for c in fast.collectives if cost.overlap_class(c) == "tensor")
+    assert tp > 0 and fast.exposed_comm_s == pytest.approx(tp / bw)  # nothing else travels
+    hidden = cost.estimate(config, sizes, cluster, ("parameters", "tensor"))
+    assert hidden.exposed_comm_s == pytest.approx(cost.hidden_excess(
+        hidden.compute_s, tp / bw))
+    config.model.remat = "full"  # the forward's elementwise passes again in the backward
+    assert cost.hbm_bytes(config, sizes) > hbm
+
+
 def test_cluster_files_and_their_errors(tmp_path):
     good = dict(chips=16, peak_flops=5e14, hbm_bytes=8e10, hbm_bw=2e12, fast_bw=3e11, fast_domain=8,
                 slow_bw=2.5e10, kind="my chip")

@@ -153,6 +153,7 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     opt_split = _leaves(zero.specs(layout, trained, stage, 1), trained)
     batch = [a for a in BATCH_AXES + ("context",) if sizes[a] > 1]
     groups: dict[tuple, float] = {}
+    flat: dict[tuple, float] = {}  # elements per device of each flat buffer gathered
     vocab_split = _vocab_parallel(config, sizes, trained)
 
     def add(op, axes, nbytes, count, what):  # one flat buffer per group, `count` times
@@ -173,6 +174,12 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
             again = regather and block and config.model.scan_layers
             add("all-gather", gathered, local * g, accum * (2 if again else 1), "parameters")
             add("reduce-scatter", gathered, local, accum, "gradients")
+            if sizes["tensor"] == 1:  # a flat buffer per gather (`zero.gather_all`)
+                layers = leaf.shape[0] // (sizes["pipeline"] if "pipeline" in axes else 1)
+                part = _stack(path) if regather and block else ""  # a layer's, or the rest's
+                key = (gathered, leaf.dtype.itemsize, part, layers if part else 1,
+                       accum * (2 if again else 1))
+                flat[key] = flat.get(key, 0.0) + local / leaf.dtype.itemsize / (layers if part else 1)
         reduce = [a for a in batch if a not in axes]
         if sizes["pipeline"] > 1 and "pipeline" not in axes:
             reduce.append("pipeline")
@@ -181,6 +188,11 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         opt_axes = {a for d in opt_spec for a in as_tuple(d)}
         if stage == 1 and "data" in opt_axes - axes and sizes["data"] > 1:
             add("all-gather", ("data",), local, 1, "parameters")
+    for (axes, itemsize, _, calls, gathers), elements in flat.items():  # each part padded
+        pad = -round(elements) % zero.FLAT_ALIGN * itemsize
+        n = math.prod(sizes[a] for a in axes)
+        add("all-gather", axes, pad * n * calls, gathers, "parameters")
+        add("reduce-scatter", axes, pad * calls, accum, "gradients")
     if vocab_split:  # the tokens travel instead (parallel/vocab_parallel.py)
         axes, t, d = next(iter(vocab_split.values())), tokens_per_device(config, sizes), config.model.d_model
         n = math.prod(sizes[a] for a in axes)
@@ -206,9 +218,16 @@ def _vocab_parallel(config, sizes: dict[str, int], trained) -> dict[str, tuple[s
     return {key: axes for key in vocab_parallel.vocab_tables(trained)}
 
 
+def _stack(path: str) -> str:
+    """The stack of blocks (`blocks`, `first_blocks`, ...) a parameter path lies in, or ""."""
+    keys = path.split("/")
+    i = zero.stack_index(keys)
+    return "" if i is None else "/".join(keys[:i + 1])
+
+
 def _in_blocks(path: str) -> bool:
-    """Whether a parameter path lies in a stack of blocks (`blocks`, `first_blocks`, ...)."""
-    return any(k == "blocks" or k.endswith("_blocks") for k in path.split("/"))
+    """Whether a parameter path lies in a stack of blocks."""
+    return bool(_stack(path))
 
 
 def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
@@ -329,13 +348,52 @@ def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tupl
     return "fast", chip.fast_bw * dims
 
 
+# Elementwise passes over HBM per layer of training, by remat policy: the forward's, the
+# backward's (about twice the forward's) and the forward's again where the policy recomputes it
+# (`save_dots` recomputes all but the matmuls, `full` everything)
+PASSES = {"none": 3.0, "save_dots": 4.0, "full": 4.0}
+
+
+def hbm_bytes(config, sizes: dict[str, int]) -> float:
+    """Bytes one device moves through HBM per step outside the matmuls (which the compute
+    fraction prices): per layer and token the norms, residual adds, rotary embedding, flash
+    attention's inputs and output, the gated MLP's product (in `model.dtype`), per token the
+    float32 logits and their gradient, and the optimizer's pass over its state."""
+    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
+    tp = sizes["tensor"]
+    d = m.d_model / (tp if config.parallel.sequence_parallel else 1)
+    q, kv, f = m.n_heads * m.head_dim / tp, m.n_kv_heads * m.head_dim / tp, m.d_ff / tp
+    per_token = (10 * d + 4 * q + 4 * kv + 3 * f) * b  # one forward pass of one layer
+    passes = PASSES.get(m.remat.split(":")[0], PASSES["full"])
+    layers = m.n_layers // sizes["pipeline"]
+    tokens = tokens_per_device(config, sizes) * config.train.grad_accum_steps
+    logits = 3 * m.vocab_size / tp * 4  # written, read by the softmax, gradient written
+    state = state_bytes(config, sizes)
+    optimizer = 2 * (state["params"] + state["optimizer"]) + state["grads"]  # one update
+    return tokens * (layers * passes * per_token + logits) + optimizer
+
+
 def hidden_excess(busy: float, overlapped: float) -> float:
     """What overlapped communication adds to a step busy computing for `busy` seconds."""
     return max(0.0, overlapped - busy)
 
 
-def estimate(config, sizes: dict[str, int], cluster: Cluster) -> Estimate:
-    """Memory, collectives and step time of `config` (its mesh resolved to `sizes`) on `cluster`."""
+def overlap_class(c: Collective) -> str:
+    """What a collective carries, as `estimate`'s `overlapped` names it: `parameters` (parameter
+    gathers and gradient reductions), `tensor` or `pipeline` (activations over that axis alone),
+    or `activations` (the rest)."""
+    if c.what != "activations":
+        return "parameters"
+    return c.axes[0] if c.axes in (("tensor",), ("pipeline",)) else "activations"
+
+
+def estimate(config, sizes: dict[str, int], cluster: Cluster,
+             overlapped: tuple[str, ...] = ("parameters",)) -> Estimate:
+    """Memory, collectives and step time of `config` (its mesh resolved to `sizes`) on `cluster`.
+
+    Collectives of the `overlapped` classes (`overlap_class`) run alongside compute, so only what
+    exceeds it shows; the rest wait. jaxscale overlaps parameter traffic (XLA's asynchronous
+    collectives); frameworks that split TP's matmuls to overlap their collectives add `tensor`."""
     state = sum(state_bytes(config, sizes).values())
     acts = activation_bytes(config, sizes) + gathered_layer_bytes(config, sizes)
     colls = tuple(param_collectives(config, sizes) + activation_collectives(config, sizes))
@@ -343,7 +401,8 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster) -> Estimate:
     tokens = config.train.global_batch_size * config.data.seq_len
     model_flops = train_flops_per_token(config) * tokens / chips
     flops = model_flops * (4 / 3 if config.model.remat == "full" else 1)  # forward again
-    compute = flops / (cluster.chip.peak_flops * cluster.chip.compute_fraction)
+    compute = (flops / (cluster.chip.peak_flops * cluster.chip.compute_fraction)
+               + hbm_bytes(config, sizes) / cluster.chip.hbm_bw)
     pp, schedule = sizes["pipeline"], config.pipeline.schedule
     bubble = 0.0
     if pp > 1:
@@ -351,16 +410,16 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster) -> Estimate:
         bubble = (pp - 1) / (v * config.pipeline.microbatches + pp - 1)
     busy = compute / (1 - bubble)
     comm = {"fast": 0.0, "slow": 0.0}
-    overlapped = exposed = 0.0
+    hidden = exposed = 0.0
     for c in colls:
         kind, bw = link(c.axes, sizes, cluster)
         seconds = c.sent(sizes) / bw
         comm[kind] += seconds
-        if c.what == "activations":
-            exposed += seconds
+        if overlap_class(c) in overlapped:
+            hidden += seconds
         else:
-            overlapped += seconds
-    exposed += hidden_excess(busy, overlapped)
+            exposed += seconds
+    exposed += hidden_excess(busy, hidden)
     step = busy + exposed
     return Estimate(sizes, state, acts, state + acts, colls, compute, bubble, comm, exposed, step,
                     tokens / step / chips, model_flops / step / cluster.chip.peak_flops)

@@ -120,8 +120,10 @@ def candidates(config, cluster: Cluster) -> Iterator[tuple[Candidate, dict[str, 
                 ("train.grad_accum_steps", 1))), sizes
 
 
-def plan(config, cluster: Cluster) -> tuple[list[tuple[Candidate, cost.Estimate]], int]:
-    """The layouts that fit, fastest first, and how many did not fit at any accumulation."""
+def plan(config, cluster: Cluster, overlapped: tuple[str, ...] = ("parameters",)
+         ) -> tuple[list[tuple[Candidate, cost.Estimate]], int]:
+    """The layouts that fit, fastest first, and how many did not fit at any accumulation
+    (`overlapped`: as `cost.estimate`'s)."""
     fits, too_big = [], 0
     budget = cluster.chip.hbm_bytes * MEMORY_FRACTION
     c = copy.deepcopy(config)  # each candidate is written into it (copies are slow)
@@ -131,7 +133,7 @@ def plan(config, cluster: Cluster) -> tuple[list[tuple[Candidate, cost.Estimate]
             candidate.apply(c, in_place=True)
             c.train.grad_accum_steps = accum
             try:
-                est = cost.estimate(c, sizes, cluster)
+                est = cost.estimate(c, sizes, cluster, overlapped)
             except UserError:  # a split the model's shapes do not allow
                 break
             if est.memory_bytes <= budget:
