@@ -46,14 +46,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_shard(directory: str | os.PathLike, name: str, documents: Sequence[Sequence[int]],
+def write_shard(directory: str | os.PathLike, name: str, documents: Sequence[np.ndarray | Sequence[int]],
                 dtype: np.dtype) -> dict[str, Any]:
     """Write `documents` (token ids, eos included) as shard `name` of `directory`, each file atomically
     (tmp + rename); return its index entry."""
     directory = Path(directory)
     lengths = np.array([len(d) for d in documents], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    tokens = np.fromiter((t for d in documents for t in d), dtype, int(lengths.sum()))
+    tokens = np.concatenate([np.asarray(d, dtype) for d in documents]) if documents else np.empty(0, dtype)
     entry: dict[str, Any] = {"name": name, "tokens": len(tokens), "documents": len(lengths)}
     for kind, array in (("tokens", tokens), ("docs", starts)):
         file = f"{name}.{kind}.npy"
