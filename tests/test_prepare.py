@@ -4,6 +4,7 @@ input formats and every bad input as a counted skip or one clear line."""
 import bz2
 import gzip
 import hashlib
+import importlib.util
 import json
 import lzma
 import pickle
@@ -64,6 +65,11 @@ def test_store_rows_equal_packed_rows_of_the_same_documents(tmp_path):
     state = pickle.dumps(store)
     assert len(state) < 300  # by path, not by contents
     assert np.array_equal(pickle.loads(state).rows([1, 0])["inputs"], store.rows([1, 0])["inputs"])
+    other = _docs(40, seed=1)  # the same shard names, rewritten: no stale mapping is read
+    _prepare([_jsonl(tmp_path / "a.jsonl", other)], tmp_path / "out", overwrite=True)
+    packed = pack_documents(split_documents(other, 4, "heldout"), ByteTokenizer(), 150)
+    rows = TokenStore.open(str(tmp_path / "out"), "heldout", seq_len=150).rows([0])
+    assert np.array_equal(rows["inputs"], packed.rows([0])["inputs"])
 
 
 def test_a_run_stopped_midway_resumes_to_the_same_bytes(tmp_path, monkeypatch):
@@ -159,16 +165,20 @@ def _cli(capsys, *args):
     ("format", "unsupported format"),
     ("no output", "usage: jaxscale prepare"),
     ("not a store", "holds no prepared dataset"),
+    ("zstandard", "needs zstandard"),
 ])
 def test_bad_input_is_one_clear_line(case, message, tmp_path, capsys):
+    if case == "zstandard" and importlib.util.find_spec("zstandard"):
+        pytest.skip("zstandard is installed")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "x.csv").write_text("a,b")
+    (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
     (tmp_path / "other").mkdir()
     (tmp_path / "other/file").write_text("mine")
     out = ["--output", str(tmp_path / "out")]
     argv = {"glob": [str(tmp_path / "*.jsonl"), *out], "missing": [str(tmp_path / "no.txt"), *out],
             "nothing kept": [str(tmp_path / "empty.txt"), *out], "format": [str(tmp_path / "x.csv"), *out],
-            "no output": [str(tmp_path / "empty.txt")],
+            "no output": [str(tmp_path / "empty.txt")], "zstandard": [str(tmp_path / "a.jsonl.zst"), *out],
             "not a store": [str(tmp_path / "empty.txt"), "--output", str(tmp_path / "other"),
                             "--overwrite"]}[case]
     assert main(["prepare", *argv, "--workers=1"]) == 2

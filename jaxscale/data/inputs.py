@@ -132,6 +132,16 @@ def _expand_remote(item: str) -> list[str]:
     return found
 
 
+def file_version(file: str) -> str:
+    """What tells a changed file from the one read before: size and modification time (locally), the
+    filesystem's key of its metadata (URLs)."""
+    if is_remote(file):
+        fs, path = _filesystem(file)
+        return fs.ukey(path)
+    stat = os.stat(file)
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _open(file: str) -> IO[bytes]:
     """`file` opened for reading bytes, decompressed as its suffix says."""
     if is_remote(file):

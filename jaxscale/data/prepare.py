@@ -16,6 +16,8 @@ import multiprocessing
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxscale.data.inputs import REASONS, Skips, expand_inputs, read_documents
+from jaxscale.data.inputs import REASONS, Skips, expand_inputs, file_version, read_documents
 from jaxscale.data.store import FORMAT, INDEX, SPLITS, VERSION, token_dtype, write_json, write_shard
 from jaxscale.data.tokenizer import Tokenizer, document_ids, load_tokenizer
 from jaxscale.errors import UserError
@@ -79,15 +81,16 @@ def _finished(unit: _Unit) -> dict[str, Any] | None:
     """The unit's marker when it and every shard it names are complete, else None."""
     try:
         marker = _read_json(_marker(unit))
-    except (OSError, ValueError):
+        same_file = (marker["file"], marker["version"]) == (unit.file, file_version(unit.file))
+        if not same_file or set(marker["shards"]) != set(SPLITS):
+            return None
+        for shard in (s for split in marker["shards"].values() for s in split):
+            for kind in ("tokens", "docs"):
+                file = Path(unit.output) / shard[f"{kind}_file"]
+                if not file.is_file() or file.stat().st_size != shard[f"{kind}_bytes"]:
+                    return None
+    except (OSError, ValueError, KeyError, TypeError):  # absent or damaged: redo the unit
         return None
-    if marker.get("file") != unit.file:
-        return None
-    for shard in (s for split in marker["shards"].values() for s in split):
-        for kind in ("tokens", "docs"):
-            file = Path(unit.output) / shard[f"{kind}_file"]
-            if not file.is_file() or file.stat().st_size != shard[f"{kind}_bytes"]:
-                return None
     return marker
 
 
@@ -109,7 +112,7 @@ def _documents(unit: _Unit, tokenizer: Tokenizer, skips: Skips) -> Iterator[tupl
 
 def _run_unit(unit: _Unit, tokenizer: Tokenizer) -> dict[str, Any]:
     """Tokenize one file into its shards and marker; return the marker."""
-    skips = Skips()
+    skips, version = Skips(), file_version(unit.file)
     shards: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     pending: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     size = dict.fromkeys(SPLITS, 0)
@@ -127,7 +130,8 @@ def _run_unit(unit: _Unit, tokenizer: Tokenizer) -> dict[str, Any]:
     for split in SPLITS:
         if pending[split]:
             flush(split)
-    marker = {"file": unit.file, "unit": unit.index, "shards": shards, "skipped": skips.state}
+    marker = {"file": unit.file, "version": version, "unit": unit.index, "shards": shards,
+              "skipped": skips.state}
     write_json(_marker(unit), marker)
     return marker
 
@@ -156,7 +160,8 @@ def _manifest(files: list[str], tokenizer_name: str, tokenizer: Tokenizer, text_
 
 
 def _claim_output(output: Path, manifest: dict[str, Any], overwrite: bool) -> None:
-    """Make `output` hold `manifest`'s dataset: new, resumed, or (with `overwrite`) replaced."""
+    """Make `output` hold `manifest`'s dataset: new, resumed (the same manifest, no `overwrite`) or
+    replaced (`overwrite`; only a prepared dataset, never a directory of other files)."""
     ours = output / MANIFEST
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a directory")
@@ -166,13 +171,13 @@ def _claim_output(output: Path, manifest: dict[str, Any], overwrite: bool) -> No
             same = ours.is_file() and _read_json(ours) == manifest
         except (OSError, ValueError):
             same = False
-        if not same and not known:
+        if not known:
             raise UserError(f"--output {output} is not empty and holds no prepared dataset; choose a new "
                             f"or empty directory")
         if not same and not overwrite:
             raise UserError(f"--output {output} holds another prepared dataset (other inputs, tokenizer "
                             f"or settings); pass --overwrite to replace it or choose another directory")
-        if not same:
+        if overwrite:
             shutil.rmtree(output)
     (output / UNITS).mkdir(parents=True, exist_ok=True)
     write_json(ours, manifest)
@@ -201,24 +206,26 @@ def prepare_dataset(inputs: Sequence[str], output: str, tokenizer: str = "byte",
     todo = [u for u in units if u.index not in markers]
     resumed, new_tokens = len(markers), 0
     bar = tqdm(total=len(units), initial=resumed, unit="file", disable=not progress, desc="prepare")
-    with bar:
-        if workers <= 1 or len(todo) <= 1:
-            results = (_run_unit(u, tok) for u in todo)
-            pool = None
-        else:
-            pool = multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), _init_worker,
-                                                             (tokenizer,))
-            results = pool.imap_unordered(_pool_unit, todo)
-        try:
-            for marker in results:
-                markers[marker["unit"]] = marker
-                new_tokens += sum(s["tokens"] for split in marker["shards"].values() for s in split)
-                bar.update(1)
-                bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):,.0f} tokens/s")
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+    executor = None
+    if workers > 1 and len(todo) > 1:  # spawned: no fork of a process that may have started jax
+        executor = ProcessPoolExecutor(min(workers, len(todo)), multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(tokenizer,))
+        results = (f.result() for f in as_completed([executor.submit(_pool_unit, u) for u in todo]))
+    else:
+        results = (_run_unit(u, tok) for u in todo)
+    try:
+        for marker in results:
+            markers[marker["unit"]] = marker
+            new_tokens += sum(s["tokens"] for split in marker["shards"].values() for s in split)
+            bar.update(1)
+            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):,.0f} tokens/s")
+    except BrokenProcessPool:
+        raise UserError("a prepare worker process died (out of memory? killed?); re-run the same "
+                        "command to resume, with fewer --workers if memory is short") from None
+    finally:
+        bar.close()
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
     index = _index(manifest, [markers[u.index] for u in units])
     for tmp in out.glob(".*.tmp"):  # left by a worker that was stopped mid-write
         tmp.unlink()
