@@ -206,11 +206,12 @@ def prepare_dataset(inputs: Sequence[str], output: str, tokenizer: str = "byte",
     todo = [u for u in units if u.index not in markers]
     resumed, new_tokens = len(markers), 0
     bar = tqdm(total=len(units), initial=resumed, unit="file", disable=not progress, desc="prepare")
-    executor = None
+    executor, futures = None, []
     if workers > 1 and len(todo) > 1:  # spawned: no fork of a process that may have started jax
         executor = ProcessPoolExecutor(min(workers, len(todo)), multiprocessing.get_context("spawn"),
                                        initializer=_init_worker, initargs=(tokenizer,))
-        results = (f.result() for f in as_completed([executor.submit(_pool_unit, u) for u in todo]))
+        futures = [executor.submit(_pool_unit, u) for u in todo]
+        results = (f.result() for f in as_completed(futures))
     else:
         results = (_run_unit(u, tok) for u in todo)
     try:
@@ -222,10 +223,14 @@ def prepare_dataset(inputs: Sequence[str], output: str, tokenizer: str = "byte",
     except BrokenProcessPool:
         raise UserError("a prepare worker process died (out of memory? killed?); re-run the same "
                         "command to resume, with fewer --workers if memory is short") from None
+    except BaseException:  # an error or Ctrl-C: stop the workers (their finished units are kept)
+        for process in (getattr(executor, "_processes", None) or {}).values():  # no public API before 3.14
+            process.terminate()  # the pool then fails the units not done
+        raise
     finally:
         bar.close()
         if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown()
     index = _index(manifest, [markers[u.index] for u in units])
     for tmp in out.glob(".*.tmp"):  # left by a worker that was stopped mid-write
         tmp.unlink()
