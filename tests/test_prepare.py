@@ -174,7 +174,7 @@ def test_bad_input_is_one_clear_line(case, message, tmp_path, capsys):
     (tmp_path / "x.csv").write_text("a,b")
     (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
     (tmp_path / "other").mkdir()
-    (tmp_path / "other/file").write_text("mine")
+    (tmp_path / "other/index.json").write_text('{"format": "another tool"}')
     out = ["--output", str(tmp_path / "out")]
     argv = {"glob": [str(tmp_path / "*.jsonl"), *out], "missing": [str(tmp_path / "no.txt"), *out],
             "nothing kept": [str(tmp_path / "empty.txt"), *out], "format": [str(tmp_path / "x.csv"), *out],

@@ -166,11 +166,14 @@ def _claim_output(output: Path, manifest: dict[str, Any], overwrite: bool) -> No
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a directory")
     if output.is_dir() and any(output.iterdir()):
-        known = ours.is_file() or (output / INDEX).is_file()
-        try:
-            same = ours.is_file() and _read_json(ours) == manifest
-        except (OSError, ValueError):
-            same = False
+        found = {}
+        for name in (MANIFEST, INDEX):
+            try:
+                found[name] = _read_json(output / name)
+            except (OSError, ValueError):
+                pass
+        known = any(f.get("format") == FORMAT for f in found.values())  # only ours is ever deleted
+        same = found.get(MANIFEST) == manifest
         if not known:
             raise UserError(f"--output {output} is not empty and holds no prepared dataset; choose a new "
                             f"or empty directory")
