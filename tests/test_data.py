@@ -2,7 +2,6 @@
 
 import json
 
-import grain
 import jax
 import numpy as np
 import pytest
@@ -228,8 +227,8 @@ def test_epoch_rollover():
     assert len(set(seen.tolist())) == 9  # 9 distinct rows, the 10th is the dropped tail
     second = [next(it)["inputs"] for _ in range(3)]
     assert not np.array_equal(np.concatenate(first), np.concatenate(second))
-    order = grain.MapDataset.range(10).shuffle(seed=epoch_seed(0, 0, 1))  # epoch 1's shuffle
-    expected = packed.rows(np.array([order[i] for i in range(9)]))["inputs"]
+    order = np.random.default_rng(epoch_seed(0, 0, 1)).permutation(10)  # epoch 1's shuffle
+    expected = packed.rows(order[:9])["inputs"]
     np.testing.assert_array_equal(np.concatenate(second), expected)
 
 

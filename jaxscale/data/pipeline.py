@@ -21,6 +21,8 @@ import numpy as np
 
 from jaxscale.errors import UserError
 
+WHOLE = 1 << 20  # a source of fewer rows shuffles each epoch with numpy (8 MiB; RowOrder._epoch)
+
 
 class RowSource(Protocol):
     """What the pipeline reads: `PackedTokens`, `TokenStore` or `SceneExamples`."""
@@ -45,17 +47,31 @@ class RowOrder:
     def __init__(self, num_rows: int, epoch_rows: int, seed: int, source: int, shuffle: bool):
         self.num_rows, self.epoch_rows = num_rows, epoch_rows
         self.seed, self.source, self.shuffle = seed, source, shuffle
+        self._epochs: dict[int, grain.MapDataset | np.ndarray] = {}
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 - a batch spans at most two epochs
-    def _epoch(self, epoch: int) -> grain.MapDataset:
-        rows = grain.MapDataset.range(self.num_rows)
-        return rows.shuffle(seed=epoch_seed(self.seed, self.source, epoch)) if self.shuffle else rows
+    def _epoch(self, epoch: int) -> grain.MapDataset | np.ndarray:
+        """Epoch `epoch`'s shuffle: grain's index shuffle (no memory per row), or for fewer than `WHOLE`
+        rows a numpy permutation (grain's is slow per call on small ranges: ~40 ms per range)."""
+        if epoch not in self._epochs:
+            if len(self._epochs) > 1:  # batches move forward: keep the latest two epochs
+                del self._epochs[min(self._epochs)]
+            seed = epoch_seed(self.seed, self.source, epoch)
+            self._epochs[epoch] = (np.random.default_rng(seed).permutation(self.num_rows)
+                                   if self.num_rows < WHOLE
+                                   else grain.MapDataset.range(self.num_rows).shuffle(seed=seed))
+        return self._epochs[epoch]
 
     def __call__(self, stream: np.ndarray) -> np.ndarray:
         """The row index of each position `stream` of this source's row stream."""
         epochs, offsets = np.divmod(np.asarray(stream, np.int64), self.epoch_rows)
-        return np.array([self._epoch(int(e))[int(i)] for e, i in zip(epochs, offsets, strict=True)],
-                        np.int64)
+        if not self.shuffle:
+            return offsets
+        rows = np.empty_like(offsets)
+        for epoch in np.unique(epochs):
+            at, order = epochs == epoch, self._epoch(int(epoch))
+            rows[at] = (order[offsets[at]] if isinstance(order, np.ndarray)
+                        else [order[int(i)] for i in offsets[at]])
+        return rows
 
 
 def _tag(source: int, index: int) -> tuple[int, int]:
