@@ -14,6 +14,7 @@ from jaxscale.data.pipeline import WHOLE, GlobalBatchRows, RowOrder
 from jaxscale.data.store import FORMAT, INDEX, VERSION, TokenStore, token_dtype, write_json, write_shard
 from jaxscale.data.tokenizer import document_ids
 from jaxscale.errors import UserError
+from jaxscale.infer.evaluate import eval_rows
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -197,3 +198,17 @@ def test_large_sources_use_grains_index_shuffle():
     np.testing.assert_array_equal(RowOrder(n, n, 1, 0, True)(np.arange(2000)), first)
     assert not np.array_equal(order(np.arange(n, n + 2000)), first)
     assert isinstance(order._epoch(0), grain.MapDataset)
+
+
+def test_eval_reads_a_stores_heldout_split(tmp_path):
+    """`jaxscale eval` on a store: its "heldout" rows, scored inside each row's first document."""
+    store = make_store(tmp_path / "store", {"train": ["t" * 200], "heldout": ["x" * 70, "y" * 70]})
+    config = base_config()
+    config.data.update(source=str(store), seq_len=32)
+    rows = eval_rows(config, ByteTokenizer())
+    assert rows["inputs"].shape == (4, 32)  # (2 * 71 - 1) // 32 rows of the held-out stream
+    # row 2 holds x 64..69, eos, then y: its targets x..eos count, the first y's does not
+    np.testing.assert_array_equal(rows["loss_mask"].sum(axis=1), [32, 32, 6, 32])
+    config.data.mixture = f"{store}:0.5,embedded:0.5"
+    with pytest.raises(UserError, match="training reads data.mixture"):
+        eval_rows(config, ByteTokenizer())
