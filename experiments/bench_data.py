@@ -98,6 +98,11 @@ def main() -> None:
     parser.add_argument("--batches", type=_host.at_least(1), default=400, help="loader batches timed")
     parser.add_argument("--out", default=_host.in_repo("docs/results/data.md"))
     args = parser.parse_args()
+    from jaxscale.cpu import libtpu_without_tpu, with_xla_cpu_flags
+
+    os.environ.update(with_xla_cpu_flags(os.environ))  # as the jaxscale command starts jax
+    if not os.environ.get("JAX_PLATFORMS") and libtpu_without_tpu():
+        os.environ["JAX_PLATFORMS"] = "cpu"
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_text(tmp, args.mb)

@@ -1,4 +1,4 @@
-"""`jaxscale train|info|generate|eval|inspect|launch [--config configs/x.py] [--config.key=value ...]`.
+"""`jaxscale COMMAND [--config configs/x.py] [--config.key=value ...]`, the commands in `USAGE`.
 
 Without `--config` the embedded default (`jaxscale.config.base_config`) is used. Mistakes a user
 can fix are printed as one line `jaxscale: error: ...` with exit status 2, without a traceback.
@@ -28,6 +28,8 @@ USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...]
        jaxscale import-hf --model-dir HF_DIR --out CHECKPOINT_DIR [--config.mesh.KEY=VALUE ...]
        jaxscale export-hf --checkpoint CHECKPOINT_DIR --out HF_DIR [--dtype float32|bfloat16|float16]
        jaxscale launch local --processes N [--devices_per_process K] train [TRAIN ARGS ...]
+       jaxscale prepare INPUT... --output DIR [--workers N] [--text-key K] [--heldout-every N]
+                        [--shard-mb M] [--overwrite] [--config FILE] [--config.KEY=VALUE ...]
 
   train    train the model the config describes (default: a tiny Llama on the embedded corpus);
            resumes from the run's latest checkpoint; SIGTERM/SIGINT save one and exit cleanly
@@ -50,6 +52,9 @@ USAGE = """usage: jaxscale {train,info} [--config FILE] [--config.KEY=VALUE ...]
            --config configs/hf.py:CHECKPOINT_DIR (docs/huggingface.md)
   export-hf  a jaxscale llama (MoE: Mixtral or Qwen3-MoE) or gpt2 checkpoint as a Hugging Face
            model directory
+  prepare  tokenize .txt, .jsonl(.gz/.bz2/.xz/.zst) and .parquet files, directories, globs or
+           URLs with data.tokenizer, in worker processes, into a sharded token store; resumes an
+           interrupted run; reports documents, tokens and skipped input (docs/data.md)
   launch   `launch local` runs `jaxscale train` as N processes of one job on this machine (K CPU
            devices each, gloo collectives): the multi-host code paths without a cluster
 
@@ -99,7 +104,17 @@ def _parse(argv: list[str]):
         flags.DEFINE_string("out", None, "output directory (import-hf, export-hf)", flag_values=fv)
         flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                           "tensor dtype written (export-hf)", flag_values=fv)
-        fv(args)
+        flags.DEFINE_string("output", None, "prepared dataset directory (prepare)", flag_values=fv)
+        flags.DEFINE_integer("workers", os.cpu_count() or 1, "worker processes (prepare)",
+                             flag_values=fv)
+        flags.DEFINE_string("text_key", None, ".jsonl/.parquet text field (prepare; default "
+                            "data.text_key)", flag_values=fv)
+        flags.DEFINE_integer("heldout_every", None, "hold out every N-th document (prepare; default "
+                             "data.heldout_every)", flag_values=fv)
+        flags.DEFINE_float("shard_mb", 256.0, "tokens per shard file, in MiB (prepare)", flag_values=fv)
+        flags.DEFINE_bool("overwrite", False, "replace another prepared dataset (prepare)",
+                          flag_values=fv)
+        positional = fv(args)[1:]
         config = fv.config
         config.keys()  # a config file that failed to load raises here
     except (KeyError, AttributeError) as e:
@@ -108,7 +123,7 @@ def _parse(argv: list[str]):
         raise UserError(_first_line(_innermost_user_error(e) or e)) from None
     except Exception as e:  # noqa: BLE001 - an error inside the user's config file
         raise UserError(f"failed to load the config: {type(e).__name__}: {_first_line(e)}") from None
-    return config, fv
+    return config, fv, positional
 
 
 def _unknown_override(args: list[str]) -> str | None:
@@ -133,7 +148,9 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-COMMANDS = ("train", "info", "plan", "generate", "eval", "inspect", "launch", "import-hf", "export-hf")
+COMMANDS = ("train", "info", "plan", "generate", "eval", "inspect", "launch", "import-hf", "export-hf",
+            "prepare")
+PREPARE_FLAGS = ("--text-key", "--heldout-every", "--shard-mb")  # spelled as in the docs
 
 
 def _launch(argv: list[str]) -> int:
@@ -170,6 +187,27 @@ def _hf(command: str, config, opts) -> None:
     else:
         files = hf.export_hf(source, opts.out, dtype=opts.dtype, mesh=config.mesh)
         print(f"exported to {opts.out}: config.json, {', '.join(files)}")
+
+
+def _underscored(arg: str) -> str:
+    """`--text-key=K` as absl spells it: `--text_key=K`."""
+    name, eq, value = arg.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
+
+
+def _prepare(config, opts, inputs: list[str]) -> None:
+    """`prepare INPUT... --output DIR [...]`: the config's data.* settings are the defaults."""
+    from jaxscale.data.prepare import prepare_dataset
+
+    if not inputs or not opts.output:
+        raise UserError("usage: jaxscale prepare INPUT... --output DIR [--workers N] [--text-key K] "
+                        "[--heldout-every N] [--shard-mb M] [--overwrite] [--config FILE]")
+    data = config.data
+    print(prepare_dataset(
+        inputs, opts.output, data.tokenizer, workers=opts.workers,
+        text_key=data.text_key if opts.text_key is None else opts.text_key,
+        heldout_every=data.heldout_every if opts.heldout_every is None else opts.heldout_every,
+        shard_mb=opts.shard_mb, overwrite=opts.overwrite))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,13 +247,17 @@ def main(argv: list[str] | None = None) -> int:
             return _launch(rest)
         if command == "import-hf":  # the flag is spelled as in the docs; absl wants underscores
             rest = [("--model_dir" + a[11:]) if a.startswith("--model-dir") else a for a in rest]
-        config, opts = _parse(rest)
+        if command == "prepare":
+            rest = [_underscored(a) if a.startswith(PREPARE_FLAGS) else a for a in rest]
+        config, opts, positional = _parse(rest)
         validate(config)  # before a multi-process run joins its job
         if command != "train" and {opts.coordinator, opts.num_processes, opts.process_id} != {None}:
             raise UserError("--coordinator, --num_processes and --process_id apply to "
                             "`jaxscale train` only")
         if command in ("import-hf", "export-hf"):
             _hf(command, config, opts)
+        elif command == "prepare":
+            _prepare(config, opts, positional)
         elif command in ("generate", "eval"):
             from jaxscale.infer.commands import evaluate, generate
 

@@ -46,14 +46,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_shard(directory: str | os.PathLike, name: str, documents: Sequence[Sequence[int]],
+def write_shard(directory: str | os.PathLike, name: str, documents: Sequence[np.ndarray | Sequence[int]],
                 dtype: np.dtype) -> dict[str, Any]:
     """Write `documents` (token ids, eos included) as shard `name` of `directory`, each file atomically
     (tmp + rename); return its index entry."""
     directory = Path(directory)
     lengths = np.array([len(d) for d in documents], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    tokens = np.fromiter((t for d in documents for t in d), dtype, int(lengths.sum()))
+    tokens = np.concatenate([np.asarray(d, dtype) for d in documents]) if documents else np.empty(0, dtype)
     entry: dict[str, Any] = {"name": name, "tokens": len(tokens), "documents": len(lengths)}
     for kind, array in (("tokens", tokens), ("docs", starts)):
         file = f"{name}.{kind}.npy"
@@ -97,7 +97,8 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=256)  # open shards (each mapping holds a file descriptor)
-def _load(file: str) -> np.ndarray:
+def _load(file: str, version: tuple[int, int]) -> np.ndarray:
+    """`file` memory-mapped; `version` (inode, mtime) tells a rewritten file from the one mapped."""
     return np.load(file, mmap_mode="r")
 
 
@@ -118,10 +119,13 @@ class TokenStore:
             raise UserError(f"data.seq_len must be at least 1, got {seq_len}")
         self.shards: list[dict[str, Any]] = splits[split]
         directory = Path(path)
+        self._versions: list[dict[str, tuple[int, int]]] = []
         for shard in self.shards:
+            self._versions.append({})
             for kind in ("tokens", "docs"):
                 file = directory / shard[f"{kind}_file"]
-                size = file.stat().st_size if file.is_file() else None
+                stat = file.stat() if file.is_file() else None
+                size = None if stat is None else stat.st_size
                 if size != shard[f"{kind}_bytes"]:
                     found = "missing" if size is None else f"{size} bytes"
                     raise UserError(f"shard {file} is {found}, the index says {shard[f'{kind}_bytes']} "
@@ -129,6 +133,7 @@ class TokenStore:
                 if verify and sha256_file(file) != shard[f"{kind}_sha256"]:
                     raise UserError(f"shard {file} does not match its sha256 in the index (corrupt); "
                                     f"re-run jaxscale prepare")
+                self._versions[-1][kind] = (stat.st_ino, stat.st_mtime_ns)
         lengths = np.array([s["tokens"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])  # stream offset of each shard
         self.num_tokens = int(self.offsets[-1])
@@ -160,7 +165,7 @@ class TokenStore:
         return (self.num_tokens - 1) // self.seq_len
 
     def _array(self, shard: int, kind: str) -> np.ndarray:
-        return _load(os.path.join(self.path, self.shards[shard][f"{kind}_file"]))
+        return _load(os.path.join(self.path, self.shards[shard][f"{kind}_file"]), self._versions[shard][kind])
 
     def _window(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens `[start, start + seq_len + 1)` of the stream, and whether a document starts at each
