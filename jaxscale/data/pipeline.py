@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import grain
+import jax
 import numpy as np
 
 from jaxscale.errors import UserError
@@ -129,11 +130,8 @@ class DataIterator:
         self.weights = [1.0] if weights is None else [float(w) for w in weights]
         self.global_batch_size, self.seed, self.shuffle, self.workers = (
             global_batch_size, seed, shuffle, workers)
-        if process_index is None or process_count is None:
-            import jax  # here, not above: grain workers unpickling GlobalBatchRows need no jax
-
-            process_index, process_count = jax.process_index(), jax.process_count()
-        self.process_index, self.process_count = process_index, process_count
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
         if global_batch_size < 1 or global_batch_size % self.process_count:
             raise UserError(f"train.global_batch_size={global_batch_size} must be a positive "
                             f"multiple of the process count {self.process_count}")
