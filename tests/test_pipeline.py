@@ -186,6 +186,11 @@ def test_training_reads_a_prepared_store(tmp_path):
     memory = DataIterator(pack_documents(docs, ByteTokenizer(), 32), 8, 0, process_index=0,
                           process_count=1)
     assert_same([next(it) for _ in range(4)], [next(memory) for _ in range(4)])
+    index = json.loads((store / INDEX).read_text())
+    index["tokenizer"].update(name="other.json", vocab_size=1000)
+    write_json(store / INDEX, index)
+    with pytest.raises(UserError, match="with tokenizer other.json .* set data.tokenizer=other.json"):
+        build_data(config)
 
 
 def test_large_sources_use_grains_index_shuffle():

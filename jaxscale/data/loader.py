@@ -67,18 +67,18 @@ def build_data(config: ml_collections.ConfigDict) -> tuple[Tokenizer, DataIterat
     return tokenizer, iterator
 
 
-def text_rows(config: ml_collections.ConfigDict, source: str, tokenizer: Tokenizer,
-              split: str = "train") -> RowSource:
-    """Rows of `split` of a text source: a prepared store (read in place) or "embedded" / a .txt /
-    .jsonl path (tokenized and packed here; every `data.heldout_every`-th document held out)."""
+def text_rows(config: ml_collections.ConfigDict, source: str, tokenizer: Tokenizer) -> RowSource:
+    """Training rows of a text source: a prepared store's "train" split (read in place) or "embedded" /
+    a .txt / .jsonl path (tokenized and packed here; every `data.heldout_every`-th document held out)."""
     if source != "embedded" and is_store(source):
-        store = TokenStore.open(source, split, seq_len=config.data.seq_len)
-        if store.vocab_size > config.model.vocab_size:
-            raise UserError(f"{source} was prepared with {store.vocab_size} token ids but model."
-                            f"vocab_size={config.model.vocab_size}; raise model.vocab_size to at least "
-                            f"{store.vocab_size}")
+        store = TokenStore.open(source, "train", seq_len=config.data.seq_len)
+        made = store.index["tokenizer"]
+        if (made["vocab_size"], made["eos_id"]) != (tokenizer.vocab_size, tokenizer.eos_id):
+            raise UserError(f"{source} was prepared with tokenizer {made['name']} ({made['vocab_size']} "
+                            f"ids), not data.tokenizer={config.data.tokenizer} ({tokenizer.vocab_size} "
+                            f"ids); set data.tokenizer={made['name']} or prepare the data again")
         return store
-    docs = split_documents(load_documents(source, config.data.text_key), config.data.heldout_every, split)
+    docs = split_documents(load_documents(source, config.data.text_key), config.data.heldout_every, "train")
     return pack_documents(docs, tokenizer, config.data.seq_len)
 
 
