@@ -84,14 +84,15 @@ def _supported(path: str) -> bool:
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """The files that `inputs` name, sorted, without repeats: files as given, directories searched
-    recursively and globs (`**` included) matched, both keeping the files of supported formats."""
+    """The files that `inputs` name (local ones as absolute paths), sorted, without repeats: files as
+    given, directories searched recursively and globs (`**` included) matched, both keeping the files
+    of supported formats."""
     if not inputs:
         raise UserError("no inputs; pass .txt, .jsonl(.gz/.bz2/.xz/.zst) or .parquet files, "
                         "directories or globs")
     files: set[str] = set()
     for item in inputs:
-        files.update(_expand_remote(item) if is_remote(item) else _expand_local(item))
+        files.update(_expand_remote(item) if is_remote(item) else map(os.path.abspath, _expand_local(item)))
     return sorted(files)
 
 

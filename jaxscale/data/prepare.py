@@ -231,11 +231,12 @@ def prepare_dataset(inputs: Sequence[str], output: str, tokenizer: str = "byte",
         tmp.unlink()
     write_json(out / INDEX, index)
     seconds = time.perf_counter() - start
+    splits = {s: index["splits"][s] for s in SPLITS if s in index["splits"]}
     return PrepareReport(
         output=str(out), files=len(units), resumed_files=resumed,
-        documents={s: sum(x["documents"] for x in shards) for s, shards in index["splits"].items()},
-        tokens={s: sum(x["tokens"] for x in shards) for s, shards in index["splits"].items()},
-        shards={s: len(shards) for s, shards in index["splits"].items()},
+        documents={s: sum(x["documents"] for x in shards) for s, shards in splits.items()},
+        tokens={s: sum(x["tokens"] for x in shards) for s, shards in splits.items()},
+        shards={s: len(shards) for s, shards in splits.items()},
         skipped=index["skipped"], skipped_first=index["skipped_first"], seconds=seconds,
         tokens_per_s=new_tokens / seconds, workers=max(1, min(workers, len(todo))))
 
