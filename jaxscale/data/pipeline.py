@@ -3,7 +3,7 @@
 `grain.MapDataset.range(k0, ...)` maps each global batch index `k` to the rows of batch `k` that this
 process holds (`process_rows` positions). Row position `j = k * B + i` of the global row stream is
 drawn from one source (several: `grain.MapDataset.mix` by weight) and, in that source, from its own
-epoch shuffle (grain's index shuffle, seeded by `(seed, source, epoch)`). Every element is a pure
+epoch shuffle (seeded by `(seed, source, epoch)`: `RowOrder`). Every element is a pure
 function of `k`, so a resume only needs the number of batches taken: it is exact under any number of
 processes or prefetch workers.
 """
@@ -174,10 +174,12 @@ class DataIterator:
 
     @property
     def epoch(self) -> int:
+        """The epoch of the next batch."""
         return self.batch // self.steps_per_epoch
 
     @property
     def step_in_epoch(self) -> int:
+        """The next batch's index in its epoch."""
         return self.batch % self.steps_per_epoch
 
     def dataset(self, start: int = 0) -> grain.MapDataset:
