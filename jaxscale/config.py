@@ -124,7 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.pipeline.virtual_stages = 1  # layer chunks per stage (interleaved schedule)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "embedded"  # "embedded", "scenes" (images + questions), or a .txt / .jsonl path
+    c.data.source = "embedded"  # "embedded", "scenes" (images + questions), a .txt / .jsonl path or a
+    # prepared dataset directory (`jaxscale prepare`; docs/data.md)
+    c.data.mixture = ""  # "path_a:0.7,path_b:0.3": rows drawn from several sources by weight (not source)
+    c.data.workers = 0  # grain worker processes that build batches ahead of the step; 0: in-process
     c.data.text_key = "text"  # field read from .jsonl records
     c.data.tokenizer = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     c.data.seq_len = 128
@@ -205,6 +208,7 @@ def load_module(path: str | os.PathLike) -> types.ModuleType:
 BOUNDS = {
     "data.num_examples": ">= 1",
     "data.frames": ">= 1 and <= 16",
+    "data.workers": ">= 0",
     "train.steps": ">= 1",
     "train.log_every": ">= 1",
     "train.max_nonfinite_steps": ">= 0",

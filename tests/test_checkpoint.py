@@ -54,6 +54,8 @@ def test_resume_is_bitwise_exact(straight, tmp_path):
     second = train(config, progress=False)
     assert [r["step"] for r in second] == list(range(N + 1, 2 * N + 1))
     assert [r["loss"] for r in second] == losses[N:]  # same data order, same numbers
+    timed = [r for r in second if "tokens_per_s" in r]  # the loop's wait for batches, in the metrics
+    assert timed and all(0 <= r["data_wait_s"] and 0 <= r["data_wait_pct"] < 100 for r in timed)
 
 
 def restore_and_step(run_dir, config, devices, step=N):

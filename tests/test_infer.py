@@ -320,7 +320,7 @@ def test_perplexity_on_heldout_text(gen, heldout, trained):
     config = tiny_config()
     held, everything = eval_documents(config), load_documents("embedded")
     assert 0 < len(held) < len(everything) // 10
-    tokens = build_data(config)[1].packed.tokens
+    tokens = build_data(config)[1].sources[0].tokens
     stream = tokens[tokens < 256].astype(np.uint8).tobytes().decode("utf-8", "replace")
     passages = [doc[i:i + 60] for doc in held for i in range(0, len(doc) - 60, 97)]
     seen = np.mean([p in stream for p in passages])  # byte tokenizer: the stream is the text

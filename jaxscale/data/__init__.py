@@ -8,7 +8,7 @@ import importlib
 
 _MODULES = {
     "ByteTokenizer": "tokenizer",
-    "DataIterator": "loader",
+    "DataIterator": "pipeline",
     "HFTokenizer": "tokenizer",
     "PackedTokens": "packing",
     "TokenStore": "store",

@@ -1,96 +1,23 @@
-"""Deterministic, resumable batches of packed rows, and their assembly into global jax.Arrays."""
+"""The training data a config describes (its sources, mixture and iterator), and global jax.Arrays from
+process rows."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
 
 import jax
 import ml_collections
 import numpy as np
 
 from jaxscale.data.corpus import load_documents, split_documents
-from jaxscale.data.packing import PackedTokens, pack_documents
+from jaxscale.data.packing import pack_documents
+from jaxscale.data.pipeline import DataIterator, RowSource
 from jaxscale.data.scenes import ANSWERS, SceneExamples, make_scenes
+from jaxscale.data.store import TokenStore, is_store
 from jaxscale.data.tokenizer import Tokenizer, load_tokenizer
 from jaxscale.errors import UserError
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out scenes: a seed no training run of seed < this uses
-
-
-class DataIterator:
-    """Yields this process's slice of each global batch of rows, as a dict of numpy arrays.
-
-    Epoch `e` visits the rows in the order `default_rng((seed, e)).permutation` (identity without
-    shuffle), `global_batch_size` rows per step; an incomplete last batch is dropped. Process `p` of
-    `P` keeps rows `[p * B / P, (p + 1) * B / P)` of every global batch, or the positions in `rows`
-    (those its devices hold under the batch sharding: see `process_rows`).
-    """
-
-    def __init__(self, packed: PackedTokens, global_batch_size: int, seed: int,
-                 shuffle: bool = True, process_index: int | None = None,
-                 process_count: int | None = None, rows: np.ndarray | None = None):
-        self.packed = packed
-        self.global_batch_size = global_batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.process_index = jax.process_index() if process_index is None else process_index
-        self.process_count = jax.process_count() if process_count is None else process_count
-        if global_batch_size < 1 or global_batch_size % self.process_count:
-            raise UserError(f"train.global_batch_size={global_batch_size} must be a positive "
-                            f"multiple of the process count {self.process_count}")
-        if seed < 0:
-            raise UserError(f"seed must be a non-negative integer, got {seed}")
-        if packed.num_rows < global_batch_size:
-            raise UserError(f"the corpus packs into {packed.num_rows} rows of data.seq_len="
-                            f"{packed.seq_len}, fewer than one batch of train.global_batch_size="
-                            f"{global_batch_size}; lower either or add text")
-        local = global_batch_size // self.process_count
-        self.rows = (np.arange(self.process_index * local, (self.process_index + 1) * local)
-                     if rows is None else np.asarray(rows))
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self._order_epoch, self._order = -1, np.empty(0, np.int64)
-
-    @property
-    def rows_per_epoch(self) -> int:
-        """Number of packed rows (each epoch visits all but the dropped incomplete batch)."""
-        return self.packed.num_rows
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Number of full global batches in an epoch."""
-        return self.rows_per_epoch // self.global_batch_size
-
-    def __iter__(self) -> DataIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._order_epoch != self.epoch:
-            n = self.rows_per_epoch
-            rng = np.random.default_rng((self.seed, self.epoch))
-            self._order = rng.permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch = self.epoch
-        batch = self.packed.rows(self._order[self.step_in_epoch * self.global_batch_size + self.rows])
-        self.step_in_epoch += 1
-        if self.step_in_epoch == self.steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        return batch
-
-    def get_state(self) -> dict[str, int]:
-        """Return the JSON-serialisable position of the next batch."""
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "rows_per_epoch": self.rows_per_epoch}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from a `get_state()` result; the data must match the run that saved it."""
-        for key in ("seed", "global_batch_size", "rows_per_epoch"):
-            if key in state and state[key] != getattr(self, key):
-                raise UserError(f"the data state being restored has {key}={state[key]} but this "
-                                f"run has {getattr(self, key)}; restore the original data, "
-                                f"seed and batch settings or start a new run_dir")
-        if not 0 <= state["step_in_epoch"] < self.steps_per_epoch or state["epoch"] < 0:
-            raise UserError(f"invalid data state {state}; start a new run_dir")
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
 
 
 def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> np.ndarray:
@@ -121,20 +48,62 @@ def build_data(config: ml_collections.ConfigDict) -> tuple[Tokenizer, DataIterat
         raise UserError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} ids but "
                         f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size to at "
                         f"least {tokenizer.vocab_size}")
+    mixture = parse_mixture(config.data.mixture)
     if config.data.source == "scenes":
-        rows = scene_examples(config, config.data.num_examples, tokenizer)
+        if mixture:
+            raise UserError("data.mixture mixes text sources; unset it for data.source='scenes'")
+        sources = [scene_examples(config, config.data.num_examples, tokenizer)]
     else:
-        docs = load_documents(config.data.source, config.data.text_key)
-        docs = split_documents(docs, config.data.heldout_every, "train")  # keeps the first
-        rows = pack_documents(docs, tokenizer, config.data.seq_len)
-    if config.model.attention == "cudnn" and (
-            most := rows.max_documents_per_row()) > config.model.max_documents:
-        raise UserError(f"a row of data.seq_len={config.data.seq_len} holds up to {most} documents, "
-                        f"more than model.max_documents={config.model.max_documents} that cuDNN "
-                        f"attention separates; set model.max_documents={most}")
-    iterator = DataIterator(rows, config.train.global_batch_size, config.seed,
-                            shuffle=config.data.shuffle)
+        sources = [text_rows(config, path, tokenizer) for path in (mixture or [config.data.source])]
+    for rows in sources:
+        if config.model.attention == "cudnn" and (
+                most := rows.max_documents_per_row()) > config.model.max_documents:
+            raise UserError(f"a row of data.seq_len={config.data.seq_len} holds up to {most} documents, "
+                            f"more than model.max_documents={config.model.max_documents} that cuDNN "
+                            f"attention separates; set model.max_documents={most}")
+    iterator = DataIterator(sources, config.train.global_batch_size, config.seed,
+                            shuffle=config.data.shuffle, weights=list(mixture.values()) or None,
+                            workers=config.data.workers)
     return tokenizer, iterator
+
+
+def text_rows(config: ml_collections.ConfigDict, source: str, tokenizer: Tokenizer) -> RowSource:
+    """Training rows of a text source: a prepared store's "train" split (read in place) or "embedded" /
+    a .txt / .jsonl path (tokenized and packed here; every `data.heldout_every`-th document held out)."""
+    if source != "embedded" and is_store(source):
+        store = TokenStore.open(source, "train", seq_len=config.data.seq_len)
+        made = store.index["tokenizer"]
+        if (made["vocab_size"], made["eos_id"]) != (tokenizer.vocab_size, tokenizer.eos_id):
+            raise UserError(f"{source} was prepared with tokenizer {made['name']} ({made['vocab_size']} "
+                            f"ids), not data.tokenizer={config.data.tokenizer} ({tokenizer.vocab_size} "
+                            f"ids); set data.tokenizer={made['name']} or prepare the data again")
+        return store
+    docs = split_documents(load_documents(source, config.data.text_key), config.data.heldout_every, "train")
+    return pack_documents(docs, tokenizer, config.data.seq_len)
+
+
+def parse_mixture(spec: str) -> dict[str, float]:
+    """`"path_a:0.7,path_b:0.3"` -> `{path: weight}` (`{}` for ""); each path a prepared store or a text
+    source, each weight positive (they need not sum to 1)."""
+    mixture: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        path, _, weight = part.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not path or not value > 0 or not np.isfinite(value):
+            raise UserError(f"data.mixture entry {part!r} is not path:weight with a positive weight; "
+                            f"write e.g. data.mixture='data/a:0.7,data/b:0.3'")
+        if path != "embedded" and not is_store(path) and not os.path.exists(path):
+            raise UserError(f"data.mixture source {path} does not exist; give a prepared dataset "
+                            f"directory, a .txt / .jsonl path or 'embedded'")
+        if path in mixture:
+            raise UserError(f"data.mixture names {path} twice; give each source once")
+        mixture[path] = value
+    if len(mixture) == 1:
+        raise UserError(f"data.mixture={spec!r} names one source; set data.source to it instead")
+    return mixture
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], type]]:

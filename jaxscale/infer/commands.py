@@ -15,7 +15,7 @@ from jaxscale.config import validate
 from jaxscale.data.tokenizer import Tokenizer, load_tokenizer, prompt_ids
 from jaxscale.errors import UserError
 from jaxscale.infer.cache import CacheConfig
-from jaxscale.infer.evaluate import document_rows, eval_documents, perplexity
+from jaxscale.infer.evaluate import eval_rows, perplexity
 from jaxscale.infer.generate import Generator, parse_stop, prompt_batch
 from jaxscale.infer.quantize import check_format
 from jaxscale.infer.sampling import SamplingParams
@@ -87,7 +87,7 @@ def evaluate(config, checkpoint: str | None, prompts: list[str] | None) -> None:
     if batch < 1:
         raise UserError(f"infer.eval_batch_size={batch} is invalid; use an integer >= 1")
     CacheConfig.from_config(config)
-    rows = document_rows(eval_documents(config), tokenizer, seq_len)
+    rows = eval_rows(config, tokenizer)
     generator = Generator.from_config(config, checkpoint=_checkpoint_dir(config, checkpoint))
     result = perplexity(generator, rows, batch)
     window = config.infer.window

@@ -4,7 +4,8 @@
 skips (every `data.heldout_every`-th, `jaxscale.data.corpus.split_documents`), as a separate eval
 split does in MaxText; any `.txt` / `.jsonl` file or directory can be given instead. Documents are
 cut into rows of `data.seq_len` tokens + 1 target, each inside one document, so every row starts
-a fresh context.
+a fresh context. A prepared dataset's "heldout" split is read as packed rows (`TokenStore.rows`),
+scored on the targets inside each row's first document (the model attends across the row).
 """
 
 from __future__ import annotations
@@ -14,9 +15,33 @@ import math
 import numpy as np
 
 from jaxscale.data.corpus import load_documents, split_documents
+from jaxscale.data.store import TokenStore, is_store
 from jaxscale.data.tokenizer import Tokenizer, document_ids
 from jaxscale.errors import UserError
 from jaxscale.infer.generate import Generator
+
+
+def eval_rows(config, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    """`inputs`, `targets` and `loss_mask` [rows, data.seq_len] of `infer.eval_source`: a prepared
+    dataset's held-out split (`store_rows`), else `document_rows` of `eval_documents`."""
+    data, source = config.data, config.infer.eval_source
+    if source == "heldout" and data.mixture:
+        raise UserError("infer.eval_source='heldout' reads data.source's held-out split but training "
+                        "reads data.mixture; set infer.eval_source to one prepared dataset or file")
+    path = data.source if source == "heldout" else source
+    if path != "embedded" and is_store(path):
+        return store_rows(TokenStore.open(path, "heldout", seq_len=data.seq_len))
+    return document_rows(eval_documents(config), tokenizer, data.seq_len)
+
+
+def store_rows(store: TokenStore) -> dict[str, np.ndarray]:
+    """All rows of `store`, with `loss_mask` on the targets of each row's first document (its eos
+    included): the tokens whose context is that document alone."""
+    rows = store.rows(np.arange(store.num_rows))
+    first = rows["segment_ids"] == 1
+    last = first[:, -1:] & (rows["inputs"][:, -1:] != store.index["tokenizer"]["eos_id"])
+    mask = np.concatenate([first[:, 1:], last], axis=1)  # target t is input t + 1
+    return {"inputs": rows["inputs"], "targets": rows["targets"], "loss_mask": mask.astype(np.float32)}
 
 
 def eval_documents(config) -> list[str]:
@@ -64,7 +89,7 @@ def perplexity(generator: Generator, rows: dict[str, np.ndarray], batch_size: in
     """Mean next-token cross-entropy (nats) over `rows`, its exponential, and the token count."""
     total, count = 0.0, 0
     for batch in batches(rows, batch_size, max_rows):
-        loss, n, _ = generator.score(batch["inputs"], batch["targets"])
+        loss, n, _ = generator.score(batch["inputs"], batch["targets"], batch.get("loss_mask"))
         total, count = total + loss, count + n
     return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
 

@@ -290,14 +290,17 @@ class Generator:
 
     @functools.cached_property
     def _score_fn(self):
-        def fn(logits, targets):
-            loss, count = token_loss_sums(logits, targets, jnp.ones(targets.shape, jnp.float32))
+        def fn(logits, targets, mask):
+            loss, count = token_loss_sums(logits, targets, mask)
             return loss, count, jnp.argmax(logits, axis=-1)
 
         return jax.jit(fn)
 
-    def score(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[float, int, np.ndarray]:
-        """Summed next-token cross-entropy of `targets` after `inputs` [batch, seq], the number of
-        tokens, and the most likely next token at every position."""
-        loss, count, predictions = jax.device_get(self._score_fn(self.logits(inputs), targets))
+    def score(self, inputs: np.ndarray, targets: np.ndarray,
+              mask: np.ndarray | None = None) -> tuple[float, int, np.ndarray]:
+        """Summed next-token cross-entropy of `targets` after `inputs` [batch, seq] (of the targets
+        where `mask` is 1, when given), the number of tokens, and the most likely next token at every
+        position."""
+        mask = np.ones(np.shape(targets), np.float32) if mask is None else mask
+        loss, count, predictions = jax.device_get(self._score_fn(self.logits(inputs), targets, mask))
         return float(loss), int(count), predictions

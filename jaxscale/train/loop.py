@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import jax
 import ml_collections
@@ -49,6 +50,7 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
                         async_save=ckpt_cfg.async_save)
     with contextlib.ExitStack() as stack:
         stack.enter_context(ckpt)
+        stack.enter_context(data)  # stops its prefetch workers
         state = initial_state(config, trainer, data, ckpt)  # fails before anything is written
         first = int(state.step)
         last = min(config.train.steps, stop_at) if stop_at is not None else config.train.steps
@@ -72,11 +74,14 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
         timer = metrics.StepTimer()
         nonfinite = _NonFinite(config.train.max_nonfinite_steps, ckpt)
         history = []
+        data_wait = 0.0  # seconds spent waiting for batches since the last logged step
         bar = tqdm(range(first, last), desc="train", disable=not progress, dynamic_ncols=True,
                    initial=first, total=steps)
         for i in bar:
-            batch = make_global_batch(next(data), trainer.batch_sharding,
-                                      config.train.global_batch_size)
+            start = time.perf_counter()
+            local = next(data)
+            data_wait += time.perf_counter() - start
+            batch = make_global_batch(local, trainer.batch_sharding, config.train.global_batch_size)
             state, out = trainer.step(state, batch)
             timer.add(config.train.global_batch_size * seq_len)
             if i == first:  # keep dispatch and first-run costs out of the throughput window
@@ -92,13 +97,16 @@ def train(config, *, progress: bool = True, stop_at: int | None = None) -> list[
                 if tokens and seconds > 0:
                     row.update(metrics.throughput_metrics(tokens, seconds, flops_per_token,
                                                           mesh.size, peak))
+                    row["data_wait_pct"] = 100 * data_wait / seconds
+                row["data_wait_s"], data_wait = data_wait, 0.0
                 row.update(metrics.device_memory_stats())
                 row.update(metrics.host_memory_stats())
                 row["nonfinite_steps"] = nonfinite.count
                 writer.write(done, row)
                 history.append({"step": done, **row})
                 bar.set_postfix(loss=f"{row['loss']:.3f}",
-                                tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+                                tok_s=f"{row.get('tokens_per_s', 0):.0f}",
+                                data=f"{row.get('data_wait_pct', 0):.1f}%")
             periodic = ckpt_cfg.every and done % ckpt_cfg.every == 0
             stop = signals.check(done)
             if periodic or done == last or stop:
