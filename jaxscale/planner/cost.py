@@ -124,7 +124,7 @@ def state_bytes(config, sizes: dict[str, int]) -> dict[str, float]:
     """Per-device bytes of parameters, gradients and optimizer state (as `jaxscale info`)."""
     params, trained, opt = shapes(config)
     layout, stage = abstract_layout(config, sizes), config.parallel.zero_stage
-    return {"params": bytes_per_device(zero.specs(layout, params, stage, 3), params, sizes),
+    return {"params": bytes_per_device(zero.specs(layout, params, stage, 2), params, sizes),
             "grads": bytes_per_device(zero.specs(layout, trained, stage, 2), trained, sizes),
             "optimizer": bytes_per_device(zero.specs(layout, opt, stage, 1), opt, sizes)}
 
@@ -289,45 +289,104 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
 # seq 128-512; docs/plan.md). XLA keeps float32 copies and intermediates beyond the textbook
 # count (which is about 4, 3, 2, 1 for "none").
 KEPT = {"none": (12.0, 8.0, 13.0, 0.5), "save_dots": (14.5, 0.9, 3.5, 0.0), "full": (1.0, 0.0, 0.0, 0.0)}
+# Of a layer's kept d_model units, those sequence parallelism gathers whole: the inputs of the
+# attention's and the MLP's first matmuls, saved where the policy saves matmul inputs
+SP_GATHERED = {"none": 2.0, "save_dots": 2.0, "full": 0.0}
+
+
+def _policy(config) -> str:
+    name = config.model.remat.split(":")[0]
+    return name if name in KEPT else "full"
+
+
+def layer_bytes(config, sizes: dict[str, int], policy: str | None = None) -> float:
+    """Bytes one layer keeps per token of a device's micro-batch under the remat `policy` (the
+    config's by default): `KEPT`'s units split by tensor parallelism, d_model by sequence
+    parallelism but for the inputs it gathers whole."""
+    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
+    tp = sizes["tensor"]
+    policy = policy or _policy(config)
+    kept = KEPT[policy]
+    if config.parallel.sequence_parallel and tp > 1:
+        whole = SP_GATHERED[policy]
+        d = (kept[0] - whole) * m.d_model / tp + whole * m.d_model
+    else:
+        d = kept[0] * m.d_model
+    f, o = m.d_ff / tp, m.n_heads * m.head_dim / tp
+    scores = m.n_heads / tp * config.data.seq_len / sizes["context"]
+    return b * (d + kept[1] * f + kept[2] * o + kept[3] * scores)
 
 
 def activation_bytes(config, sizes: dict[str, int]) -> float:
-    """Bytes one device keeps for the backward pass at the peak: each of its layers' saved
-    activations (by remat policy) for the micro-batches in flight, the logits and their gradient."""
-    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
-    tp, pp = sizes["tensor"], sizes["pipeline"]
-    sp = tp if config.parallel.sequence_parallel else 1
-    t = tokens_per_device(config, sizes)
-    if pp > 1:
-        mb = config.pipeline.microbatches
-        in_flight = mb if config.pipeline.schedule == "gpipe" else min(mb, pp)
-        t = t / mb * in_flight
-    d, f, o = m.d_model / sp, m.d_ff / tp, m.n_heads * m.head_dim / tp
-    scores = m.n_heads / tp * config.data.seq_len / sizes["context"]
-    kept = KEPT.get(m.remat.split(":")[0], KEPT["full"])
-    layer = t * b * (kept[0] * d + kept[1] * f + kept[2] * o + kept[3] * scores)
+    """Bytes one device keeps for the backward pass at the peak: its layers' saved activations
+    (by remat policy) for the tokens the schedule holds, a recomputed layer's own while its
+    backward runs, the logits and their gradient.
+
+    Without a pipeline: every layer, the device's micro-batch. GPipe and interleaved keep every
+    tick's: `V M + P - 1` ticks of `L / (P V)` layers on a microbatch. 1F1B keeps the inputs of
+    its in-flight microbatches (`min(M, 2P - 1)` slots) and recomputes a stage's forward in the
+    backward: one microbatch's layers; its head runs per microbatch."""
+    m = config.model
+    pp, t = sizes["pipeline"], tokens_per_device(config, sizes)
     layers = m.n_layers // pp
-    logit_tokens = min(t, m.loss_chunk) if m.loss_chunk else t
-    logits = 2 * logit_tokens * m.vocab_size / tp * 4
-    none = KEPT["none"]  # a recomputed layer's own, while its backward runs
-    recompute = t * b * (none[0] * d + none[1] * f + none[2] * o + none[3] * scores) if kept != none else 0
-    return layers * layer + logits + recompute
+    per_layer = layer_bytes(config, sizes)
+    policy = _policy(config)
+    layer_tokens, micro, head_tokens, extra = layers * t, t, t, 0.0
+    if pp > 1:
+        mb, v = config.pipeline.microbatches, config.pipeline.virtual_stages
+        micro = t / mb
+        if config.pipeline.schedule == "1f1b":
+            slots = min(mb, 2 * pp - 1)
+            layer_tokens, head_tokens = layers * micro, micro
+            # the stash; a tick's stage gradient and the zeros a tick without a backward adds
+            extra = (slots * micro * m.d_model * _DTYPE_BYTES[m.dtype] / _sp(config, sizes)
+                     + 2 * state_bytes(config, sizes)["grads"])
+        else:
+            v = v if config.pipeline.schedule == "interleaved" else 1
+            layer_tokens = (v * mb + pp - 1) * layers / v * micro
+    logit_tokens = min(head_tokens, m.loss_chunk) if m.loss_chunk else head_tokens
+    logits = 2 * logit_tokens * m.vocab_size / sizes["tensor"] * 4
+    recompute = micro * layer_bytes(config, sizes, "none") if policy != "none" else 0.0
+    return layer_tokens * per_layer + logits + recompute + extra
+
+
+def _sp(config, sizes: dict[str, int]) -> int:
+    return sizes["tensor"] if config.parallel.sequence_parallel else 1
 
 
 @_memo("model", "parallel")
-def gathered_layer_bytes(config, sizes: dict[str, int]) -> float:
-    """ZeRO-3/FSDP: a layer's gathered parameters (float32) live while it runs, next to its
-    gradient's before reduce-scatter."""
+def gathered_bytes(config, sizes: dict[str, int]) -> float:
+    """Parameters a device holds gathered over the data-parallel axes at its peak (float32, split
+    by the model-parallel axes alone): under ZeRO-3/FSDP one layer's, next to its gradient before
+    the reduce-scatter; under ZeRO-2 all of them, gathered once before the forward pass and kept
+    to the end of the backward pass, where the whole gradient is reduce-scattered."""
     params, _, _ = shapes(config)
     layout = abstract_layout(config, sizes)
-    if not zero.regathers(layout, config.parallel.zero_stage):
+    stage = config.parallel.zero_stage
+    regather = zero.regathers(layout, stage)
+    if not regather and stage < 2:
         return 0.0
-    per_layer = 0.0
-    for path, spec, leaf in _leaves(zero.specs(layout, params, 0, 4), params):
-        if _in_blocks(path):  # gathered over fsdp and data: split by the model-parallel axes alone
-            split = math.prod(sizes[a] for d in spec for a in as_tuple(d) if a not in ("data", "fsdp"))
-            per_layer += leaf.size * leaf.dtype.itemsize / split
-    return 2 * per_layer / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
+    block = rest = 0.0
+    for path, spec, leaf in _leaves(zero.specs(layout, params, stage, 2), params):
+        axes = {a for d in spec for a in as_tuple(d)}
+        if not {"data", "fsdp"} & {a for a in axes if sizes[a] > 1}:
+            continue
+        split = math.prod(sizes[a] for a in axes if a not in ("data", "fsdp"))
+        whole = leaf.size * leaf.dtype.itemsize / split
+        if _in_blocks(path):
+            block += whole
+        else:
+            rest += whole
+    if regather:
+        return 2 * block / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
+    return 2 * (block + rest)
+
+
+def update_bytes(config, sizes: dict[str, int]) -> float:
+    """Temporaries of the optimizer update beyond the stored state: the gradients reduced, then
+    scaled by the token count, and the new parameters and first moment, which the step's finite
+    check selects against the old (each gradient-sized)."""
+    return 3 * state_bytes(config, sizes)["grads"]
 
 
 def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tuple[str, float]:
@@ -395,7 +454,7 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
     exceeds it shows; the rest wait. jaxscale overlaps parameter traffic (XLA's asynchronous
     collectives); frameworks that split TP's matmuls to overlap their collectives add `tensor`."""
     state = sum(state_bytes(config, sizes).values())
-    acts = activation_bytes(config, sizes) + gathered_layer_bytes(config, sizes)
+    acts = max(activation_bytes(config, sizes) + gathered_bytes(config, sizes), update_bytes(config, sizes))
     colls = tuple(param_collectives(config, sizes) + activation_collectives(config, sizes))
     chips = math.prod(sizes.values())
     tokens = config.train.global_batch_size * config.data.seq_len
