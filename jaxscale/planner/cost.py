@@ -299,19 +299,20 @@ def _policy(config) -> str:
     return name if name in KEPT else "full"
 
 
-def layer_bytes(config, sizes: dict[str, int], policy: str | None = None) -> float:
-    """Bytes one layer keeps per token of a device's micro-batch under the remat `policy` (the
-    config's by default): `KEPT`'s units split by tensor parallelism, d_model by sequence
-    parallelism but for the inputs it gathers whole."""
+def layer_bytes(config, sizes: dict[str, int], recomputed: bool = False) -> float:
+    """Bytes one layer keeps per token of a device's micro-batch under the config's remat policy
+    (`KEPT`'s units split by tensor parallelism, d_model by sequence parallelism but for the
+    inputs it gathers whole); with `recomputed`, what its backward pass rebuilds beyond them
+    (the units "none" keeps over the policy's)."""
     m, b = config.model, _DTYPE_BYTES[config.model.dtype]
-    tp = sizes["tensor"]
-    policy = policy or _policy(config)
-    kept = KEPT[policy]
-    if config.parallel.sequence_parallel and tp > 1:
-        whole = SP_GATHERED[policy]
-        d = (kept[0] - whole) * m.d_model / tp + whole * m.d_model
-    else:
-        d = kept[0] * m.d_model
+    tp, policy = sizes["tensor"], _policy(config)
+    kept, whole = KEPT[policy], SP_GATHERED[policy]
+    if recomputed:
+        kept = tuple(max(0.0, n - k) for n, k in zip(KEPT["none"], kept, strict=True))
+        whole = max(0.0, SP_GATHERED["none"] - whole)
+    if not (config.parallel.sequence_parallel and tp > 1):
+        whole = kept[0]
+    d = (kept[0] - whole) * m.d_model / tp + whole * m.d_model
     f, o = m.d_ff / tp, m.n_heads * m.head_dim / tp
     scores = m.n_heads / tp * config.data.seq_len / sizes["context"]
     return b * (d + kept[1] * f + kept[2] * o + kept[3] * scores)
@@ -330,7 +331,6 @@ def activation_bytes(config, sizes: dict[str, int]) -> float:
     pp, t = sizes["pipeline"], tokens_per_device(config, sizes)
     layers = m.n_layers // pp
     per_layer = layer_bytes(config, sizes)
-    policy = _policy(config)
     layer_tokens, micro, head_tokens, extra = layers * t, t, t, 0.0
     if pp > 1:
         mb, v = config.pipeline.microbatches, config.pipeline.virtual_stages
@@ -346,7 +346,9 @@ def activation_bytes(config, sizes: dict[str, int]) -> float:
             layer_tokens = (v * mb + pp - 1) * layers / v * micro
     logit_tokens = min(head_tokens, m.loss_chunk) if m.loss_chunk else head_tokens
     logits = 2 * logit_tokens * m.vocab_size / sizes["tensor"] * 4
-    recompute = micro * layer_bytes(config, sizes, "none") if policy != "none" else 0.0
+    recompute = micro * layer_bytes(config, sizes, recomputed=True)
+    if _sp(config, sizes) > 1:  # the vocabulary-split embedding table gathered whole, and its gradient
+        extra += 2 * m.vocab_size * m.d_model * 4
     return layer_tokens * per_layer + logits + recompute + extra
 
 
@@ -380,13 +382,6 @@ def gathered_bytes(config, sizes: dict[str, int]) -> float:
     if regather:
         return 2 * block / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
     return 2 * (block + rest)
-
-
-def update_bytes(config, sizes: dict[str, int]) -> float:
-    """Temporaries of the optimizer update beyond the stored state: the gradients reduced, then
-    scaled by the token count, and the new parameters and first moment, which the step's finite
-    check selects against the old (each gradient-sized)."""
-    return 3 * state_bytes(config, sizes)["grads"]
 
 
 def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tuple[str, float]:
@@ -454,7 +449,7 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
     exceeds it shows; the rest wait. jaxscale overlaps parameter traffic (XLA's asynchronous
     collectives); frameworks that split TP's matmuls to overlap their collectives add `tensor`."""
     state = sum(state_bytes(config, sizes).values())
-    acts = max(activation_bytes(config, sizes) + gathered_bytes(config, sizes), update_bytes(config, sizes))
+    acts = activation_bytes(config, sizes) + gathered_bytes(config, sizes)
     colls = tuple(param_collectives(config, sizes) + activation_collectives(config, sizes))
     chips = math.prod(sizes.values())
     tokens = config.train.global_batch_size * config.data.seq_len
