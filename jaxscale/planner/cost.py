@@ -2,9 +2,11 @@
 
 Written down in docs/plan.md. In short:
 - state: parameters, gradients and optimizer state per device from the abstract model's
-  shardings (`jaxscale.plan`'s count), plus the largest gathered layer under ZeRO-3/FSDP;
+  shardings (`jaxscale.plan`'s count), plus the parameters gathered over data-parallel axes
+  (ZeRO-3/FSDP: one layer's; ZeRO-2: all, and the whole gradient);
 - activations: what each layer keeps for the backward pass under the remat policy, per token,
-  times the tokens a device holds (a pipeline stage: the microbatches in flight), plus logits;
+  times the tokens the schedule holds (GPipe/interleaved: every tick's; 1F1B: its stash and
+  one microbatch), plus logits;
 - collectives: parameter and gradient traffic from each parameter's stored sharding (what
   `parallel/zero.py` and `data_parallel.py` gather, reduce-scatter and all-reduce), activation
   traffic of tensor, sequence, pipeline, expert and context parallelism from the shapes;
