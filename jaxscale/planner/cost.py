@@ -137,7 +137,7 @@ def tokens_per_device(config, sizes: dict[str, int]) -> float:
     return rows / math.prod(sizes[a] for a in BATCH_AXES) * config.data.seq_len / sizes["context"]
 
 
-@_memo("model", "optim", "parallel", "train", "data")
+@_memo("model", "optim", "parallel", "train", "data", "pipeline")
 def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     """Parameter and gradient traffic of one step, from each parameter's stored sharding.
 
@@ -172,15 +172,18 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         elif gathered:
             block = _in_blocks(path)
             # gathered again in the backward pass inside the layer scan (unrolled layers keep
-            # the forward's gather: XLA reuses it)
+            # the forward's gather: XLA reuses it); a pipeline stage's, each tick
             again = regather and block and config.model.scan_layers
-            add("all-gather", gathered, local * g, accum * (2 if again else 1), "parameters")
-            add("reduce-scatter", gathered, local, accum, "gradients")
+            layers = leaf.shape[0] // (sizes["pipeline"] if "pipeline" in axes else 1) if block else 1
+            runs = _stage_runs(config, sizes) if again and "pipeline" in axes else (2 if again else 1, 1)
+            ag, rs = (round(accum * r * layers) for r in runs)  # one layer's (or the rest's) each
+            add("all-gather", gathered, local * g / layers, ag, "parameters")
+            add("reduce-scatter", gathered, local / layers, rs, "gradients")
             if sizes["tensor"] == 1:  # a flat buffer per gather (`zero.gather_all`)
-                layers = leaf.shape[0] // (sizes["pipeline"] if "pipeline" in axes else 1)
                 part = _stack(path) if regather and block else ""  # a layer's, or the rest's
-                key = (gathered, leaf.dtype.itemsize, part, layers if part else 1,
-                       accum * (2 if again else 1))
+                if not part:
+                    ag, rs = (round(accum * r) for r in runs)
+                key = (gathered, leaf.dtype.itemsize, part, ag, rs)
                 flat[key] = flat.get(key, 0.0) + local / leaf.dtype.itemsize / (layers if part else 1)
         reduce = [a for a in batch if a not in axes]
         if sizes["pipeline"] > 1 and "pipeline" not in axes:
@@ -190,11 +193,11 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         opt_axes = {a for d in opt_spec for a in as_tuple(d)}
         if stage == 1 and "data" in opt_axes - axes and sizes["data"] > 1:
             add("all-gather", ("data",), local, 1, "parameters")
-    for (axes, itemsize, _, calls, gathers), elements in flat.items():  # each part padded
+    for (axes, itemsize, _, ag, rs), elements in flat.items():  # each part padded
         pad = -round(elements) % zero.FLAT_ALIGN * itemsize
         n = math.prod(sizes[a] for a in axes)
-        add("all-gather", axes, pad * n * calls, gathers, "parameters")
-        add("reduce-scatter", axes, pad * calls, accum, "gradients")
+        add("all-gather", axes, pad * n, ag, "parameters")
+        add("reduce-scatter", axes, pad, rs, "gradients")
     if vocab_split:  # the tokens travel instead (parallel/vocab_parallel.py)
         axes, t, d = next(iter(vocab_split.values())), tokens_per_device(config, sizes), config.model.d_model
         n = math.prod(sizes[a] for a in axes)
@@ -203,6 +206,22 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         add("reduce-scatter", axes, t * d * 4, 2 * accum, "activations")  # looked-up rows; d_hidden
         add("all-reduce", axes, t * n * 3 * 4, accum, "activations")  # softmax max, sum, target
     return [_times(op, axes, nbytes, count, what) for (op, axes, count, what), nbytes in groups.items()]
+
+
+def _stage_runs(config, sizes: dict[str, int]) -> tuple[float, float]:
+    """Times per accumulation step a pipeline stage gathers each of its layers' parameters, and
+    reduce-scatters its gradient, under ZeRO-3/FSDP: every tick that runs a layer gathers it
+    (the compiled schedules; a tick's conditional branches counted as taken). GPipe: the
+    `M + P - 1` forward ticks and once more in the backward, a gradient per tick; 1F1B: forward,
+    recomputed forward and backward in each of its `M + 2P - 2` ticks; interleaved: its
+    `V M + P - 1` ticks each run one chunk of the stage's `V`."""
+    m, p = config.pipeline.microbatches, sizes["pipeline"]
+    if config.pipeline.schedule == "1f1b":
+        return 3 * (m + 2 * p - 2), m + 2 * p - 2
+    if config.pipeline.schedule == "interleaved":
+        v = config.pipeline.virtual_stages
+        return (v * m + p - 1) / v, (v * m + p - 1) / v
+    return m + p, m + p - 1
 
 
 def _vocab_parallel(config, sizes: dict[str, int], trained) -> dict[str, tuple[str, ...]]:
