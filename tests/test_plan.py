@@ -28,6 +28,7 @@ LAYOUTS = {
     "GPipe": dict(pipeline=2, data=4, schedule="gpipe"),
     "1F1B": dict(pipeline=2, data=4, schedule="1f1b"),
     "interleaved": dict(pipeline=2, data=4, schedule="interleaved"),
+    "GPipe x FSDP": dict(pipeline=2, fsdp=4, schedule="gpipe"),  # each tick gathers its layers
     # context parallelism: the planner takes `context_parallel.collective_bytes`, which
     # tests/test_context.py checks against the compiled programs
 }
