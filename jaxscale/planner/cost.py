@@ -145,7 +145,7 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     for the forward pass (blocks again in the backward pass under ZeRO-3/FSDP) and its gradient
     reduce-scattered, once per accumulation step; over the other batch axes (and `pipeline` for
     what every stage holds) its gradient is all-reduced; ZeRO-1 all-gathers the updated
-    parameters over `data`.
+    parameters over `data`. A pipeline stage's layers are gathered per tick (`_stage_runs`).
     """
     _, trained, _ = shapes(config)
     layout, stage = abstract_layout(config, sizes), config.parallel.zero_stage
