@@ -2,9 +2,11 @@
 
 Written down in docs/plan.md. In short:
 - state: parameters, gradients and optimizer state per device from the abstract model's
-  shardings (`jaxscale.plan`'s count), plus the largest gathered layer under ZeRO-3/FSDP;
+  shardings (`jaxscale.plan`'s count), plus the parameters gathered over data-parallel axes
+  (ZeRO-3/FSDP: one layer's; ZeRO-2: all, and the whole gradient);
 - activations: what each layer keeps for the backward pass under the remat policy, per token,
-  times the tokens a device holds (a pipeline stage: the microbatches in flight), plus logits;
+  times the tokens the schedule holds (GPipe/interleaved: every tick's; 1F1B: its stash and
+  one microbatch), plus logits;
 - collectives: parameter and gradient traffic from each parameter's stored sharding (what
   `parallel/zero.py` and `data_parallel.py` gather, reduce-scatter and all-reduce), activation
   traffic of tensor, sequence, pipeline, expert and context parallelism from the shapes;
@@ -124,7 +126,7 @@ def state_bytes(config, sizes: dict[str, int]) -> dict[str, float]:
     """Per-device bytes of parameters, gradients and optimizer state (as `jaxscale info`)."""
     params, trained, opt = shapes(config)
     layout, stage = abstract_layout(config, sizes), config.parallel.zero_stage
-    return {"params": bytes_per_device(zero.specs(layout, params, stage, 3), params, sizes),
+    return {"params": bytes_per_device(zero.specs(layout, params, stage, 2), params, sizes),
             "grads": bytes_per_device(zero.specs(layout, trained, stage, 2), trained, sizes),
             "optimizer": bytes_per_device(zero.specs(layout, opt, stage, 1), opt, sizes)}
 
@@ -135,7 +137,7 @@ def tokens_per_device(config, sizes: dict[str, int]) -> float:
     return rows / math.prod(sizes[a] for a in BATCH_AXES) * config.data.seq_len / sizes["context"]
 
 
-@_memo("model", "optim", "parallel", "train", "data")
+@_memo("model", "optim", "parallel", "train", "data", "pipeline")
 def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     """Parameter and gradient traffic of one step, from each parameter's stored sharding.
 
@@ -143,7 +145,7 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     for the forward pass (blocks again in the backward pass under ZeRO-3/FSDP) and its gradient
     reduce-scattered, once per accumulation step; over the other batch axes (and `pipeline` for
     what every stage holds) its gradient is all-reduced; ZeRO-1 all-gathers the updated
-    parameters over `data`.
+    parameters over `data`. A pipeline stage's layers are gathered per tick (`_stage_runs`).
     """
     _, trained, _ = shapes(config)
     layout, stage = abstract_layout(config, sizes), config.parallel.zero_stage
@@ -170,15 +172,18 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         elif gathered:
             block = _in_blocks(path)
             # gathered again in the backward pass inside the layer scan (unrolled layers keep
-            # the forward's gather: XLA reuses it)
+            # the forward's gather: XLA reuses it); a pipeline stage's, each tick
             again = regather and block and config.model.scan_layers
-            add("all-gather", gathered, local * g, accum * (2 if again else 1), "parameters")
-            add("reduce-scatter", gathered, local, accum, "gradients")
+            layers = leaf.shape[0] // (sizes["pipeline"] if "pipeline" in axes else 1) if block else 1
+            runs = _stage_runs(config, sizes) if again and "pipeline" in axes else (2 if again else 1, 1)
+            ag, rs = (round(accum * r * layers) for r in runs)  # one layer's (or the rest's) each
+            add("all-gather", gathered, local * g / layers, ag, "parameters")
+            add("reduce-scatter", gathered, local / layers, rs, "gradients")
             if sizes["tensor"] == 1:  # a flat buffer per gather (`zero.gather_all`)
-                layers = leaf.shape[0] // (sizes["pipeline"] if "pipeline" in axes else 1)
                 part = _stack(path) if regather and block else ""  # a layer's, or the rest's
-                key = (gathered, leaf.dtype.itemsize, part, layers if part else 1,
-                       accum * (2 if again else 1))
+                if not part:
+                    ag, rs = (round(accum * r) for r in runs)
+                key = (gathered, leaf.dtype.itemsize, part, ag, rs)
                 flat[key] = flat.get(key, 0.0) + local / leaf.dtype.itemsize / (layers if part else 1)
         reduce = [a for a in batch if a not in axes]
         if sizes["pipeline"] > 1 and "pipeline" not in axes:
@@ -188,11 +193,11 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         opt_axes = {a for d in opt_spec for a in as_tuple(d)}
         if stage == 1 and "data" in opt_axes - axes and sizes["data"] > 1:
             add("all-gather", ("data",), local, 1, "parameters")
-    for (axes, itemsize, _, calls, gathers), elements in flat.items():  # each part padded
+    for (axes, itemsize, _, ag, rs), elements in flat.items():  # each part padded
         pad = -round(elements) % zero.FLAT_ALIGN * itemsize
         n = math.prod(sizes[a] for a in axes)
-        add("all-gather", axes, pad * n * calls, gathers, "parameters")
-        add("reduce-scatter", axes, pad * calls, accum, "gradients")
+        add("all-gather", axes, pad * n, ag, "parameters")
+        add("reduce-scatter", axes, pad, rs, "gradients")
     if vocab_split:  # the tokens travel instead (parallel/vocab_parallel.py)
         axes, t, d = next(iter(vocab_split.values())), tokens_per_device(config, sizes), config.model.d_model
         n = math.prod(sizes[a] for a in axes)
@@ -201,6 +206,22 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         add("reduce-scatter", axes, t * d * 4, 2 * accum, "activations")  # looked-up rows; d_hidden
         add("all-reduce", axes, t * n * 3 * 4, accum, "activations")  # softmax max, sum, target
     return [_times(op, axes, nbytes, count, what) for (op, axes, count, what), nbytes in groups.items()]
+
+
+def _stage_runs(config, sizes: dict[str, int]) -> tuple[float, float]:
+    """Times per accumulation step a pipeline stage gathers each of its layers' parameters, and
+    reduce-scatters its gradient, under ZeRO-3/FSDP: every tick that runs a layer gathers it
+    (the compiled schedules; a tick's conditional branches counted as taken). GPipe: the
+    `M + P - 1` forward ticks and once more in the backward, a gradient per tick; 1F1B: forward,
+    recomputed forward and backward in each of its `M + 2P - 2` ticks; interleaved: its
+    `V M + P - 1` ticks each run one chunk of the stage's `V`."""
+    m, p = config.pipeline.microbatches, sizes["pipeline"]
+    if config.pipeline.schedule == "1f1b":
+        return 3 * (m + 2 * p - 2), m + 2 * p - 2
+    if config.pipeline.schedule == "interleaved":
+        v = config.pipeline.virtual_stages
+        return (v * m + p - 1) / v, (v * m + p - 1) / v
+    return m + p, m + p - 1
 
 
 def _vocab_parallel(config, sizes: dict[str, int], trained) -> dict[str, tuple[str, ...]]:
@@ -289,45 +310,99 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
 # seq 128-512; docs/plan.md). XLA keeps float32 copies and intermediates beyond the textbook
 # count (which is about 4, 3, 2, 1 for "none").
 KEPT = {"none": (12.0, 8.0, 13.0, 0.5), "save_dots": (14.5, 0.9, 3.5, 0.0), "full": (1.0, 0.0, 0.0, 0.0)}
+# Of a layer's kept d_model units, those sequence parallelism gathers whole: the inputs of the
+# attention's and the MLP's first matmuls, saved where the policy saves matmul inputs
+SP_GATHERED = {"none": 2.0, "save_dots": 2.0, "full": 0.0}
+
+
+def _policy(config) -> str:
+    name = config.model.remat.split(":")[0]
+    return name if name in KEPT else "full"
+
+
+def layer_bytes(config, sizes: dict[str, int], recomputed: bool = False) -> float:
+    """Bytes one layer keeps per token of a device's micro-batch under the config's remat policy
+    (`KEPT`'s units split by tensor parallelism, d_model by sequence parallelism but for the
+    inputs it gathers whole); with `recomputed`, what its backward pass rebuilds beyond them
+    (the units "none" keeps over the policy's)."""
+    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
+    tp, policy = sizes["tensor"], _policy(config)
+    kept, whole = KEPT[policy], SP_GATHERED[policy]
+    if recomputed:
+        kept = tuple(max(0.0, n - k) for n, k in zip(KEPT["none"], kept, strict=True))
+        whole = max(0.0, SP_GATHERED["none"] - whole)
+    if not (config.parallel.sequence_parallel and tp > 1):
+        whole = kept[0]
+    d = (kept[0] - whole) * m.d_model / tp + whole * m.d_model
+    f, o = m.d_ff / tp, m.n_heads * m.head_dim / tp
+    scores = m.n_heads / tp * config.data.seq_len / sizes["context"]
+    return b * (d + kept[1] * f + kept[2] * o + kept[3] * scores)
 
 
 def activation_bytes(config, sizes: dict[str, int]) -> float:
-    """Bytes one device keeps for the backward pass at the peak: each of its layers' saved
-    activations (by remat policy) for the micro-batches in flight, the logits and their gradient."""
-    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
-    tp, pp = sizes["tensor"], sizes["pipeline"]
-    sp = tp if config.parallel.sequence_parallel else 1
-    t = tokens_per_device(config, sizes)
-    if pp > 1:
-        mb = config.pipeline.microbatches
-        in_flight = mb if config.pipeline.schedule == "gpipe" else min(mb, pp)
-        t = t / mb * in_flight
-    d, f, o = m.d_model / sp, m.d_ff / tp, m.n_heads * m.head_dim / tp
-    scores = m.n_heads / tp * config.data.seq_len / sizes["context"]
-    kept = KEPT.get(m.remat.split(":")[0], KEPT["full"])
-    layer = t * b * (kept[0] * d + kept[1] * f + kept[2] * o + kept[3] * scores)
+    """Bytes one device keeps for the backward pass at the peak: its layers' saved activations
+    (by remat policy) for the tokens the schedule holds, a recomputed layer's own while its
+    backward runs, the logits and their gradient.
+
+    Without a pipeline: every layer, the device's micro-batch. GPipe and interleaved keep every
+    tick's: `V M + P - 1` ticks of `L / (P V)` layers on a microbatch. 1F1B keeps the inputs of
+    its in-flight microbatches (`min(M, 2P - 1)` slots) and recomputes a stage's forward in the
+    backward: one microbatch's layers; its head runs per microbatch."""
+    m = config.model
+    pp, t = sizes["pipeline"], tokens_per_device(config, sizes)
     layers = m.n_layers // pp
-    logit_tokens = min(t, m.loss_chunk) if m.loss_chunk else t
-    logits = 2 * logit_tokens * m.vocab_size / tp * 4
-    none = KEPT["none"]  # a recomputed layer's own, while its backward runs
-    recompute = t * b * (none[0] * d + none[1] * f + none[2] * o + none[3] * scores) if kept != none else 0
-    return layers * layer + logits + recompute
+    per_layer = layer_bytes(config, sizes)
+    layer_tokens, micro, head_tokens, extra = layers * t, t, t, 0.0
+    if pp > 1:
+        mb, v = config.pipeline.microbatches, config.pipeline.virtual_stages
+        micro = t / mb
+        if config.pipeline.schedule == "1f1b":
+            slots = min(mb, 2 * pp - 1)
+            layer_tokens, head_tokens = layers * micro, micro
+            # the stash; a tick's stage gradient and the zeros a tick without a backward adds
+            extra = (slots * micro * m.d_model * _DTYPE_BYTES[m.dtype] / _sp(config, sizes)
+                     + 2 * state_bytes(config, sizes)["grads"])
+        else:
+            v = v if config.pipeline.schedule == "interleaved" else 1
+            layer_tokens = (v * mb + pp - 1) * layers / v * micro
+    logit_tokens = min(head_tokens, m.loss_chunk) if m.loss_chunk else head_tokens
+    logits = 2 * logit_tokens * m.vocab_size / sizes["tensor"] * 4
+    recompute = micro * layer_bytes(config, sizes, recomputed=True)
+    if _sp(config, sizes) > 1:  # the vocabulary-split embedding table gathered whole, and its gradient
+        extra += 2 * m.vocab_size * m.d_model * 4
+    return layer_tokens * per_layer + logits + recompute + extra
+
+
+def _sp(config, sizes: dict[str, int]) -> int:
+    return sizes["tensor"] if config.parallel.sequence_parallel else 1
 
 
 @_memo("model", "parallel")
-def gathered_layer_bytes(config, sizes: dict[str, int]) -> float:
-    """ZeRO-3/FSDP: a layer's gathered parameters (float32) live while it runs, next to its
-    gradient's before reduce-scatter."""
+def gathered_bytes(config, sizes: dict[str, int]) -> float:
+    """Parameters a device holds gathered over the data-parallel axes at its peak (float32, split
+    by the model-parallel axes alone): under ZeRO-3/FSDP one layer's, next to its gradient before
+    the reduce-scatter; under ZeRO-2 all of them, gathered once before the forward pass and kept
+    to the end of the backward pass, where the whole gradient is reduce-scattered."""
     params, _, _ = shapes(config)
     layout = abstract_layout(config, sizes)
-    if not zero.regathers(layout, config.parallel.zero_stage):
+    stage = config.parallel.zero_stage
+    regather = zero.regathers(layout, stage)
+    if not regather and stage < 2:
         return 0.0
-    per_layer = 0.0
-    for path, spec, leaf in _leaves(zero.specs(layout, params, 0, 4), params):
-        if _in_blocks(path):  # gathered over fsdp and data: split by the model-parallel axes alone
-            split = math.prod(sizes[a] for d in spec for a in as_tuple(d) if a not in ("data", "fsdp"))
-            per_layer += leaf.size * leaf.dtype.itemsize / split
-    return 2 * per_layer / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
+    block = rest = 0.0
+    for path, spec, leaf in _leaves(zero.specs(layout, params, stage, 2), params):
+        axes = {a for d in spec for a in as_tuple(d)}
+        if not {"data", "fsdp"} & {a for a in axes if sizes[a] > 1}:
+            continue
+        split = math.prod(sizes[a] for a in axes if a not in ("data", "fsdp"))
+        whole = leaf.size * leaf.dtype.itemsize / split
+        if _in_blocks(path):
+            block += whole
+        else:
+            rest += whole
+    if regather:
+        return 2 * block / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
+    return 2 * (block + rest)
 
 
 def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tuple[str, float]:
@@ -395,7 +470,7 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
     exceeds it shows; the rest wait. jaxscale overlaps parameter traffic (XLA's asynchronous
     collectives); frameworks that split TP's matmuls to overlap their collectives add `tensor`."""
     state = sum(state_bytes(config, sizes).values())
-    acts = activation_bytes(config, sizes) + gathered_layer_bytes(config, sizes)
+    acts = activation_bytes(config, sizes) + gathered_bytes(config, sizes)
     colls = tuple(param_collectives(config, sizes) + activation_collectives(config, sizes))
     chips = math.prod(sizes.values())
     tokens = config.train.global_batch_size * config.data.seq_len
