@@ -112,6 +112,8 @@ def config_of(run: Run):
     c.model.moe.update(shape.pop("moe", {}))
     c.model.update(head_dim=shape["d_model"] // shape["n_heads"], max_seq_len=run.seq, remat=run.remat,
                    scan_layers=True, **shape)
+    if not run.cluster.chip.torus_dims:  # GPUs: the flash attention the published runs use (cuDNN)
+        c.model.attention = "cudnn"
     c.data.seq_len = run.seq
     c.train.global_batch_size = run.batch
     c.mesh.update({"data": 1, **run.mesh})

@@ -152,14 +152,19 @@ def pipeline_config(family, mesh=None, **pipeline):
     return config
 
 
-@pytest.mark.parametrize("family", ["early_fusion", "cross_attention"])
-@pytest.mark.parametrize("schedule", [dict(schedule="gpipe"), dict(schedule="1f1b"),
-                                      dict(schedule="interleaved", virtual_stages=2),
-                                      dict(schedule="1f1b", mesh=dict(fsdp=2, tensor=2))],
-                         ids=["gpipe", "1f1b", "interleaved", "1f1b_fsdp2_tp2"])
+SCHEDULES = {"gpipe": dict(schedule="gpipe"), "1f1b": dict(schedule="1f1b"),
+             "interleaved": dict(schedule="interleaved", virtual_stages=2),
+             "1f1b_fsdp2_tp2": dict(schedule="1f1b", mesh=dict(fsdp=2, tensor=2))}
+
+
+# every schedule for the cross-attention decoder (its blocks take the visual context through the
+# pipeline); early fusion (image tokens ahead of the text, the plain decoder) under two of them
+@pytest.mark.parametrize("family, schedule", [("cross_attention", s) for s in SCHEDULES] + [
+    ("early_fusion", "gpipe"), ("early_fusion", "1f1b_fsdp2_tp2")])
 def test_fusion_decoders_pipeline_under_every_schedule(family, schedule, four_layer_references):
     """The decoder's layers (and the cross-attention blocks) split into stages; the encoder and
     connector run before the pipeline, their gradients through its input (and visual context)."""
+    schedule = SCHEDULES[schedule]
     config = pipeline_config(family, **schedule)
     trainer, state, losses = train(config, devices_or_skip(8 if "mesh" in schedule else 2), 3)
     reference_losses, reference = four_layer_references(family)

@@ -324,12 +324,12 @@ def layer_bytes(config, sizes: dict[str, int], recomputed: bool = False) -> floa
     """Bytes one layer keeps per token of a device's micro-batch under the config's remat policy
     (`KEPT`'s units split by tensor parallelism, d_model by sequence parallelism but for the
     inputs it gathers whole); with `recomputed`, what its backward pass rebuilds beyond them
-    (the units "none" keeps over the policy's)."""
+    (the units "none" keeps over the policy's; the scores are `attention_scores_bytes`')."""
     m, b = config.model, _DTYPE_BYTES[config.model.dtype]
     tp, policy = sizes["tensor"], _policy(config)
     kept, whole = KEPT[policy], SP_GATHERED[policy]
     if recomputed:
-        kept = tuple(max(0.0, n - k) for n, k in zip(KEPT["none"], kept, strict=True))
+        kept = tuple(max(0.0, n - k) for n, k in zip(KEPT["none"][:3], kept, strict=False)) + (0.0,)
         whole = max(0.0, SP_GATHERED["none"] - whole)
     if not (config.parallel.sequence_parallel and tp > 1):
         whole = kept[0]
@@ -367,10 +367,27 @@ def activation_bytes(config, sizes: dict[str, int]) -> float:
             layer_tokens = (v * mb + pp - 1) * layers / v * micro
     logit_tokens = min(head_tokens, m.loss_chunk) if m.loss_chunk else head_tokens
     logits = 2 * logit_tokens * m.vocab_size / sizes["tensor"] * 4
-    recompute = micro * layer_bytes(config, sizes, recomputed=True)
+    working = (micro * layer_bytes(config, sizes, recomputed=True)
+               + attention_scores_bytes(config, sizes, micro))
     if _sp(config, sizes) > 1:  # the vocabulary-split embedding table gathered whole, and its gradient
         extra += 2 * m.vocab_size * m.d_model * 4
-    return layer_tokens * per_layer + logits + recompute + extra
+    return layer_tokens * per_layer + max(logits, working) + extra
+
+
+# float32 copies of a layer's attention scores live while its backward pass runs, where XLA
+# writes the attention (scores, probabilities, their gradient; not all at once): measured on TPU
+# v5p at Llama-3.1-8B widths, seq 8192 (docs/plan.md). Flash attention (cuDNN) keeps none.
+SCORE_COPIES = 2.5
+
+
+def attention_scores_bytes(config, sizes: dict[str, int], tokens: float) -> float:
+    """Bytes of one layer's materialised attention scores for `tokens` of a device's rows while
+    the layer's backward runs: `SCORE_COPIES` float32 [heads, seq, seq] per row; 0 for cuDNN."""
+    m = config.model
+    if m.attention == "cudnn":
+        return 0.0
+    scores_per_token = m.n_heads / sizes["tensor"] * config.data.seq_len / sizes["context"]
+    return SCORE_COPIES * 4 * tokens * scores_per_token
 
 
 def _sp(config, sizes: dict[str, int]) -> int:
