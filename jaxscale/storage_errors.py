@@ -27,10 +27,14 @@ def _from_storage(code_file: str) -> bool:
     return "orbax" in code_file or "tensorstore" in code_file
 
 
+# what TensorStore's C++ errors carry: their spec, or (OCDBT reads) the database they read
+_TENSORSTORE_MARKS = ("tensorstore_spec", "in OCDBT database at")
+
+
 def _raised_in_storage(e: BaseException | None) -> bool:
     """Whether `e` comes from the storage layer: raised in its Python code, or by TensorStore's
-    C++ (whose errors name their spec), as a read left behind in an asyncio task is."""
-    if e is not None and "tensorstore_spec" in str(e):
+    C++ (`_TENSORSTORE_MARKS`), as a read left behind in an asyncio task is."""
+    if e is not None and any(mark in str(e) for mark in _TENSORSTORE_MARKS):
         return True
     tb = e.__traceback__ if e is not None else None
     while tb is not None and not _from_storage(tb.tb_frame.f_code.co_filename):

@@ -24,6 +24,8 @@ def test_tensorstore_errors_left_in_asyncio_tasks_go_to_the_debug_log(caplog):
     filters = logging.getLogger("asyncio").filters
     with caplog.at_level(logging.DEBUG, logger="jaxscale"):
         assert not all(f.filter(never_retrieved(TENSORSTORE_ERROR)) for f in filters)
+        # an OCDBT read's error names no spec (seen in tests/test_faults.py's truncated step)
+        assert not all(f.filter(never_retrieved(TENSORSTORE_ERROR.split(" [")[0])) for f in filters)
         assert all(f.filter(never_retrieved("a bug of ours")) for f in filters)
     assert [r.getMessage() for r in caplog.records] == [
-        "storage layer: Task exception was never retrieved"]
+        "storage layer: Task exception was never retrieved"] * 2
