@@ -77,9 +77,11 @@ def test_predicted_collective_bytes_and_memory_match_the_compiled_programs(name)
     step = compile_step(config, devices[:n])
     if devices[0].platform == "cpu":
         predicted = cost.estimate(config, sizes, clusters.PRESETS["8xh100"]).memory_bytes
-        if name == "interleaved":  # over-predicted (1.19x): the layers' kept activations are
-            # measured on TPU, where XLA:CPU keeps less per layer; GPipe's same residual stacks
-            # leave 1.5 MiB of holes in XLA:CPU's heap (interleaved's 0.6), which hides it there
+        if name == "interleaved":  # over-predicted (1.19x): `KEPT` over-counts what a layer
+            # keeps (its stash here: 1,976 float32 per token and layer against 2,752), which the
+            # other layouts make up for with live buffers the model leaves out (GPipe: the tick's
+            # layer scan, its residuals copied out of the stash and its own gradient); one layer
+            # per chunk runs no such scan (docs/plan.md)
             assert step.peak_bytes <= predicted <= 1.25 * step.peak_bytes, (predicted, step.peak_bytes)
         else:
             assert abs(predicted - step.peak_bytes) <= 0.1 * step.peak_bytes, (predicted, step.peak_bytes)
