@@ -28,6 +28,8 @@ LAYOUTS = [  # name, mesh and parallel keys, model and pipeline keys
     ("data=2 x tensor=4, SP", dict(data=2, tensor=4, sequence_parallel=True), {}),
     ("pipeline=2 x data=4 (GPipe, M=4)", dict(pipeline=2, data=4), {}),
     ("pipeline=2 x data=4 (1F1B, M=4)", dict(pipeline=2, data=4), dict(schedule="1f1b")),
+    ("pipeline=2 x data=4 (interleaved, V=2, M=4)", dict(pipeline=2, data=4),
+     dict(schedule="interleaved", virtual_stages=2)),
 ]
 
 
@@ -41,7 +43,7 @@ def layout_config(mesh: dict, model: dict):
     for key, value in mesh.items():
         c[next(s for s in ("mesh", "parallel") if key in c[s])][key] = value
     for key, value in model.items():
-        c["pipeline" if key == "schedule" else "model"][key] = value
+        c["pipeline" if key in c.pipeline else "model"][key] = value
     return c
 
 

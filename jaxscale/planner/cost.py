@@ -6,7 +6,7 @@ Written down in docs/plan.md. In short:
   (ZeRO-3/FSDP: one layer's; ZeRO-2: all, and the whole gradient);
 - activations: what each layer keeps for the backward pass under the remat policy, per token,
   times the tokens the schedule holds (GPipe/interleaved: every tick's; 1F1B: its stash and
-  one microbatch), plus logits;
+  one microbatch), one layer's backward working set and the logits' gradient;
 - collectives: parameter and gradient traffic from each parameter's stored sharding (what
   `parallel/zero.py` and `data_parallel.py` gather, reduce-scatter and all-reduce), activation
   traffic of tensor, sequence, pipeline, expert and context parallelism from the shapes;
@@ -305,14 +305,20 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
 
 
 # Activations a layer keeps per token for its backward pass, by remat policy, in units of
-# (d_model, d_ff, heads x head_dim, heads x seq_len): measured from the temporaries of steps
-# compiled for TPU v5p (a Llama of d_model 256, 2 against 4 layers, d_ff 768/1536, 8/16 heads,
-# seq 128-512; docs/plan.md). XLA keeps float32 copies and intermediates beyond the textbook
-# count (which is about 4, 3, 2, 1 for "none").
-KEPT = {"none": (12.0, 8.0, 13.0, 0.5), "save_dots": (14.5, 0.9, 3.5, 0.0), "full": (1.0, 0.0, 0.0, 0.0)}
+# (d_model, d_ff, heads x head_dim, heads x seq_len). "none": the layer stash of XLA:CPU's DP
+# step (`--xla_dump_to`'s buffer assignment: 6, 6, 6, 2 at d_model 64 and 128; float32 copies
+# and intermediates beyond the textbook 4, 3, 2, 1; docs/plan.md); "save_dots" and "full" as
+# measured on TPU v5p (a Llama of d_model 256).
+KEPT = {"none": (6.0, 6.0, 6.0, 2.0), "save_dots": (14.5, 0.9, 3.5, 0.0), "full": (1.0, 0.0, 0.0, 0.0)}
 # Of a layer's kept d_model units, those sequence parallelism gathers whole: the inputs of the
 # attention's and the MLP's first matmuls, saved where the policy saves matmul inputs
 SP_GATHERED = {"none": 2.0, "save_dots": 2.0, "full": 0.0}
+# What a layer's backward pass holds beside the stash, per token, in the same units (the scores
+# are `attention_scores_bytes`'): activation gradients and the matmuls' operands (XLA:CPU's DP
+# step: 6 d_model, 2 d_ff, 1 head-width); under tensor parallelism without sequence parallelism
+# also the input gradients of wq, wk, wv, w_gate and w_up, whole and all-reduced together.
+BACKWARD = (6.0, 2.0, 1.0, 0.0)
+TP_REDUCED = 5.0
 
 
 def _policy(config) -> str:
@@ -320,34 +326,52 @@ def _policy(config) -> str:
     return name if name in KEPT else "full"
 
 
+def _per_token(config, sizes: dict[str, int], units, whole: float) -> float:
+    """Bytes per token of a device's micro-batch of (d_model, d_ff, head-width, scores) `units`,
+    split by tensor parallelism; d_model by sequence parallelism but for `whole` of its units."""
+    m, b, tp = config.model, _DTYPE_BYTES[config.model.dtype], sizes["tensor"]
+    if not (config.parallel.sequence_parallel and tp > 1):
+        whole = units[0]
+    d = (units[0] - whole) * m.d_model / tp + whole * m.d_model
+    f, o = m.d_ff / tp, m.n_heads * m.head_dim / tp
+    scores = m.n_heads / tp * config.data.seq_len / sizes["context"]
+    return b * (d + units[1] * f + units[2] * o + units[3] * scores)
+
+
 def layer_bytes(config, sizes: dict[str, int], recomputed: bool = False) -> float:
     """Bytes one layer keeps per token of a device's micro-batch under the config's remat policy
-    (`KEPT`'s units split by tensor parallelism, d_model by sequence parallelism but for the
-    inputs it gathers whole); with `recomputed`, what its backward pass rebuilds beyond them
-    (the units "none" keeps over the policy's; the scores are `attention_scores_bytes`')."""
-    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
-    tp, policy = sizes["tensor"], _policy(config)
+    (`KEPT`, `_per_token`); with `recomputed`, what its backward pass rebuilds beyond them (the
+    units "none" keeps over the policy's; the scores are `attention_scores_bytes`')."""
+    policy = _policy(config)
     kept, whole = KEPT[policy], SP_GATHERED[policy]
     if recomputed:
         kept = tuple(max(0.0, n - k) for n, k in zip(KEPT["none"][:3], kept, strict=False)) + (0.0,)
         whole = max(0.0, SP_GATHERED["none"] - whole)
-    if not (config.parallel.sequence_parallel and tp > 1):
-        whole = kept[0]
-    d = (kept[0] - whole) * m.d_model / tp + whole * m.d_model
-    f, o = m.d_ff / tp, m.n_heads * m.head_dim / tp
-    scores = m.n_heads / tp * config.data.seq_len / sizes["context"]
-    return b * (d + kept[1] * f + kept[2] * o + kept[3] * scores)
+    return _per_token(config, sizes, kept, whole)
+
+
+def backward_bytes(config, sizes: dict[str, int]) -> float:
+    """Bytes per token a layer's backward pass holds beside the stash and the scores
+    (`BACKWARD`, and `TP_REDUCED` whole d_model units under tensor parallelism without sequence
+    parallelism)."""
+    units = BACKWARD
+    if sizes["tensor"] > 1 and not config.parallel.sequence_parallel:
+        units = (units[0] + TP_REDUCED,) + units[1:]
+    return _per_token(config, sizes, units, BACKWARD[0])
 
 
 def activation_bytes(config, sizes: dict[str, int]) -> float:
     """Bytes one device keeps for the backward pass at the peak: its layers' saved activations
-    (by remat policy) for the tokens the schedule holds, a recomputed layer's own while its
-    backward runs, the logits and their gradient.
+    (by remat policy) for the tokens the schedule holds, one layer's backward (what it rebuilds,
+    `backward_bytes`, its scores) on a microbatch, and the logits' gradient.
 
     Without a pipeline: every layer, the device's micro-batch. GPipe and interleaved keep every
-    tick's: `V M + P - 1` ticks of `L / (P V)` layers on a microbatch. 1F1B keeps the inputs of
-    its in-flight microbatches (`min(M, 2P - 1)` slots) and recomputes a stage's forward in the
-    backward: one microbatch's layers; its head runs per microbatch."""
+    tick's: `V M + P - 1` ticks of `L / (P V)` layers on a microbatch; where a tick runs more
+    than one layer, its layer scan's backward holds its residuals copied out of the stash and
+    its own gradient of the stage's layers; the interleaved schedule's checkpoint around a chunk
+    (`gpipe.CircularSchedule`) saves the chunk's gathered parameters (ZeRO-3/FSDP) each tick.
+    1F1B keeps the inputs of its in-flight microbatches (`min(M, 2P - 1)` slots) and recomputes
+    a stage's forward in the backward: one microbatch's layers; its head runs per microbatch."""
     m = config.model
     pp, t = sizes["pipeline"], tokens_per_device(config, sizes)
     layers = m.n_layers // pp
@@ -362,16 +386,23 @@ def activation_bytes(config, sizes: dict[str, int]) -> float:
             # the stash; a tick's stage gradient and the zeros a tick without a backward adds
             extra = (slots * micro * m.d_model * _DTYPE_BYTES[m.dtype] / _sp(config, sizes)
                      + 2 * state_bytes(config, sizes)["grads"])
+            if zero.regathers(abstract_layout(config, sizes), config.parallel.zero_stage):
+                extra += 2 * _gathered_parts(config, sizes)[1]  # the head's tables, gradients
         else:
             v = v if config.pipeline.schedule == "interleaved" else 1
-            layer_tokens = (v * mb + pp - 1) * layers / v * micro
+            ticks, chunk = v * mb + pp - 1, layers // v
+            layer_tokens = ticks * chunk * micro
+            if chunk > 1:
+                extra = chunk * micro * per_layer + _block_grads(config, sizes)
+            if v > 1 and zero.regathers(abstract_layout(config, sizes), config.parallel.zero_stage):
+                extra += ticks * chunk * _gathered_parts(config, sizes)[0] / layers
     logit_tokens = min(head_tokens, m.loss_chunk) if m.loss_chunk else head_tokens
-    logits = 2 * logit_tokens * m.vocab_size / sizes["tensor"] * 4
-    working = (micro * layer_bytes(config, sizes, recomputed=True)
+    logits = logit_tokens * m.vocab_size / sizes["tensor"] * 4
+    working = (micro * (layer_bytes(config, sizes, recomputed=True) + backward_bytes(config, sizes))
                + attention_scores_bytes(config, sizes, micro))
     if _sp(config, sizes) > 1:  # the vocabulary-split embedding table gathered whole, and its gradient
         extra += 2 * m.vocab_size * m.d_model * 4
-    return layer_tokens * per_layer + max(logits, working) + extra
+    return layer_tokens * per_layer + logits + working + extra
 
 
 # float32 copies of a layer's attention scores live while its backward pass runs, where XLA
@@ -394,20 +425,24 @@ def _sp(config, sizes: dict[str, int]) -> int:
     return sizes["tensor"] if config.parallel.sequence_parallel else 1
 
 
+@_memo("model", "optim", "parallel", "train")
+def _block_grads(config, sizes: dict[str, int]) -> float:
+    """Per-device bytes of the gradient of the stacks of blocks."""
+    _, trained, _ = shapes(config)
+    layout = abstract_layout(config, sizes)
+    return sum(leaf.size * leaf.dtype.itemsize / math.prod(sizes[a] for d in spec for a in as_tuple(d))
+               for path, spec, leaf in _leaves(zero.specs(layout, trained, config.parallel.zero_stage, 2),
+                                               trained) if _in_blocks(path))
+
+
 @_memo("model", "parallel")
-def gathered_bytes(config, sizes: dict[str, int]) -> float:
-    """Parameters a device holds gathered over the data-parallel axes at its peak (float32, split
-    by the model-parallel axes alone): under ZeRO-3/FSDP one layer's, next to its gradient before
-    the reduce-scatter; under ZeRO-2 all of them, gathered once before the forward pass and kept
-    to the end of the backward pass, where the whole gradient is reduce-scattered."""
+def _gathered_parts(config, sizes: dict[str, int]) -> tuple[float, float]:
+    """Bytes of the parameters split over data-parallel axes, gathered (float32, split by the
+    model-parallel axes alone): those in stacks of blocks, and the rest."""
     params, _, _ = shapes(config)
     layout = abstract_layout(config, sizes)
-    stage = config.parallel.zero_stage
-    regather = zero.regathers(layout, stage)
-    if not regather and stage < 2:
-        return 0.0
     block = rest = 0.0
-    for path, spec, leaf in _leaves(zero.specs(layout, params, stage, 2), params):
+    for path, spec, leaf in _leaves(zero.specs(layout, params, config.parallel.zero_stage, 2), params):
         axes = {a for d in spec for a in as_tuple(d)}
         if not {"data", "fsdp"} & {a for a in axes if sizes[a] > 1}:
             continue
@@ -417,6 +452,20 @@ def gathered_bytes(config, sizes: dict[str, int]) -> float:
             block += whole
         else:
             rest += whole
+    return block, rest
+
+
+@_memo("model", "parallel")
+def gathered_bytes(config, sizes: dict[str, int]) -> float:
+    """Parameters a device holds gathered over the data-parallel axes at its peak (float32, split
+    by the model-parallel axes alone): under ZeRO-3/FSDP one layer's, next to its gradient before
+    the reduce-scatter; under ZeRO-2 all of them, gathered once before the forward pass and kept
+    to the end of the backward pass, where the whole gradient is reduce-scattered."""
+    stage = config.parallel.zero_stage
+    regather = zero.regathers(abstract_layout(config, sizes), stage)
+    if not regather and stage < 2:
+        return 0.0
+    block, rest = _gathered_parts(config, sizes)
     if regather:
         return 2 * block / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
     return 2 * (block + rest)
