@@ -103,3 +103,9 @@ def train_steps(trainer, config, steps: int) -> tuple:
         state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
         losses.append(float(out["loss"]))
     return state, losses
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The tests marked slow first: pytest-xdist hands out the rest as its workers come free, so
+    no worker is left alone with a long test at the end of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
