@@ -112,8 +112,8 @@ def config_of(run: Run):
     c.model.moe.update(shape.pop("moe", {}))
     c.model.update(head_dim=shape["d_model"] // shape["n_heads"], max_seq_len=run.seq, remat=run.remat,
                    scan_layers=True, **shape)
-    if not run.cluster.chip.torus_dims:  # GPUs: the flash attention the published runs use (cuDNN)
-        c.model.attention = "cudnn"
+    # the flash attention the published runs use: cuDNN's on GPUs, the splash kernel on TPUs (MaxText)
+    c.model.attention = "splash" if run.cluster.chip.torus_dims else "cudnn"
     c.data.seq_len = run.seq
     c.train.global_batch_size = run.batch
     c.mesh.update({"data": 1, **run.mesh})
@@ -168,7 +168,8 @@ def main() -> None:
              "- Achievable compute fractions fitted on the two runs marked *fitted*: " + ", ".join(
                  f"{kind} {f:.3f}" for kind, f in fractions.items()) + " (v6e takes v5p's: no v6e "
              "run was used for fitting). Every other row is held out.",
-             "- Predicted: the published layout priced by the cost model (docs/plan.md). Rank: "
+             "- Predicted: the published layout priced by the cost model (docs/plan.md), with the "
+             "flash attention the frameworks run (cuDNN's on GPUs, the splash kernel on TPUs). Rank: "
              "where the published mesh and remat policy land among all the layouts the planner "
              "finds to fit, ordered by predicted step time (any ZeRO stage, sequence parallelism "
              "or accumulation); '-' where the planner predicts it does not fit in 90% of HBM.", "",

@@ -48,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.logits_dtype = "float32"  # bfloat16: the output layer writes bf16 logits (loss math f32)
     c.model.scan_layers = True  # False: unroll the layers (longer compile; faster on XLA:CPU)
     c.model.attention = "dot_product"  # jax.nn.dot_product_attention; "einsum" (faster on XLA:CPU);
-    # "cudnn" (cuDNN flash attention: NVIDIA GPUs, bfloat16)
+    # "cudnn" (cuDNN flash attention: NVIDIA GPUs, bfloat16); "splash" (Pallas splash attention:
+    # TPUs, data.seq_len a multiple of 128)
     c.model.max_documents = 8  # cudnn on Hopper+: documents a packed row may hold (packed layout)
     c.model.moe = ml_collections.ConfigDict()  # mixture of experts (llama family; docs/moe.md)
     c.model.moe.n_experts = 0  # 0: dense

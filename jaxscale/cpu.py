@@ -6,6 +6,8 @@
   for CPU as an `all_to_all` of chunks padded to the operand's length (lowered for CPU only).
 - `with_xla_cpu_flags`: an XLA:CPU flag set before jax starts; only the CPU backend reads it.
 - `libtpu_without_tpu`: libtpu installed (for TPU compiles) on a host without a TPU chip.
+- `interpret_kernels`: TPU Pallas kernels (`model.attention="splash"`) run in Pallas's interpret
+  mode, for the tests (off unless asked; a program traced for TPUs keeps the real kernel).
 - Host memory (docs/throughput.md), opt-in with `JAXSCALE_HOST_MEMORY=1`: XLA:CPU allocates each
   execution's temporaries afresh; glibc maps blocks that large anew each time and the kernel
   faults in and zeroes their pages (a third of the reference training step on 4 KiB pages, 9% on
@@ -17,6 +19,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import os
@@ -25,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from jaxscale.errors import UserError
@@ -190,6 +195,28 @@ def tpu_chips() -> bool:
 
     return any(Path(p).read_text().strip() == GOOGLE_PCI_VENDOR
                for p in glob.glob("/sys/bus/pci/devices/*/vendor"))
+
+
+# -- Pallas TPU kernels off TPUs ----------------------------------------------------------------
+
+_INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("interpret_kernels", default=False)
+
+
+@contextlib.contextmanager
+def interpret_kernels() -> Iterator[None]:
+    """Within this block (while tracing), TPU Pallas kernels traced for a platform other than TPU
+    run in Pallas's interpret mode (XLA operations doing what the kernel does, far slower than
+    XLA's own attention): how the tests run them on the CPU. Off by default."""
+    token = _INTERPRET.set(True)
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
+
+
+def kernels_interpreted() -> bool:
+    """Whether `interpret_kernels` is on here."""
+    return _INTERPRET.get()
 
 
 # -- host memory --------------------------------------------------------------------------------

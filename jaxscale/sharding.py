@@ -1,7 +1,8 @@
 """Logical axis names -> mesh axes: how a layout turns names into `PartitionSpec`s.
 
 Models name the axes of every parameter (`nnx.Param(..., logical_axes=("embed", "mlp"))`) and call
-`constrain(x, ("batch", "seq", "embed"))` on activations. `Layout` holds a mesh and a rules table
+`constrain(x, ("batch", "seq", "embed"))` on activations, or `per_shard` for a kernel that runs on
+each device's part of its arguments. `Layout` holds a mesh and a rules table
 and turns those names into `PartitionSpec`s. Each rule maps a logical name to a mesh axis, a tuple
 of mesh axes, or None. Within one array a mesh axis is used at most once: a dimension whose axes
 are already taken by an earlier dimension stays unsharded (so the activation `("batch", "seq",
@@ -184,14 +185,74 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if layout is None:
         return x
     mesh = jax.sharding.get_abstract_mesh()
+    spec = _auto_spec(layout, mesh, names, x.shape)
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(layout.mesh if mesh.empty else mesh, spec))
+
+
+def _auto_spec(layout: Layout, mesh, names: Sequence[str | None],
+               shape: Sequence[int]) -> PartitionSpec:
+    """`layout.spec(names)` without the mesh axes already manual and those that do not divide
+    their dimension of `shape`."""
     manual = set(mesh.manual_axes) if not mesh.empty else set()
     dims = []
     for i, d in enumerate(layout.spec(names)):
         axes = tuple(a for a in as_tuple(d) if a not in manual)
-        ok = axes and x.shape[i] % layout.size(axes) == 0
+        ok = axes and shape[i] % layout.size(axes) == 0
         dims.append((axes[0] if len(axes) == 1 else axes) if ok else None)
-    return jax.lax.with_sharding_constraint(
-        x, NamedSharding(layout.mesh if mesh.empty else mesh, PartitionSpec(*dims)))
+    return PartitionSpec(*dims)
+
+
+def platform() -> str:
+    """The platform of the devices the program being traced is for: the active layout's (a TPU
+    topology compiled for on any host is "tpu"), else JAX's default backend."""
+    layout = _ACTIVE.get()
+    return layout.mesh.devices.flat[0].platform if layout else jax.default_backend()
+
+
+def parts(name: str, size: int) -> int:
+    """Into how many parts the active layout splits a dimension `name` of `size` over mesh axes
+    not yet manual (1 outside `use_layout`, or where those axes do not divide it)."""
+    layout = _ACTIVE.get()
+    if layout is None:
+        return 1
+    spec = _auto_spec(layout, jax.sharding.get_abstract_mesh(), (name,), (size,))
+    return layout.size(as_tuple(spec[0]))
+
+
+def per_shard(f: Callable, in_names: Sequence[Sequence[str | None]],
+              out_names: Sequence[Sequence[str | None]]) -> Callable:
+    """`f` run on each device's part of its array arguments, as the active layout splits their
+    logical axes `in_names` (one tuple per argument; None: held whole) over the mesh axes not yet
+    manual: a `jax.shard_map` manual over every mesh axis, for kernels the partitioner cannot
+    split (Pallas's, which Mosaic lowers only where every axis is manual). `f` returns a tuple,
+    each output split as its `out_names` say (a name as the arguments' dimension of that name),
+    typed as varying over the manual axes the arguments vary over. Differentiate around it, not
+    through it (`jax.custom_vjp` with a `per_shard` forward and backward): inside a region
+    already manual over the batch's axes a Pallas kernel's outputs do not name those axes in
+    their types, which its backward pass rejects. Outside `use_layout`, `f` itself."""
+
+    def run(*args: jax.Array) -> tuple[jax.Array, ...]:
+        layout = _ACTIVE.get()
+        if layout is None:
+            return f(*args)
+        mesh = jax.sharding.get_abstract_mesh()
+        specs = [_auto_spec(layout, mesh, names, a.shape)
+                 for names, a in zip(in_names, args, strict=True)]
+        split = {n: d for names, spec in zip(in_names, specs, strict=True)
+                 for n, d in zip(names, spec, strict=True) if n is not None}
+        axes = set(mesh.axis_names) - set(mesh.manual_axes)  # Mosaic kernels: all manual
+        outs = tuple(PartitionSpec(*(split.get(n) for n in names)) for names in out_names)
+        out = jax.shard_map(f, mesh=mesh, in_specs=tuple(specs), out_specs=outs,
+                            axis_names=axes, check_vma=False)(*args)
+        varying = set().union(*(_varying(x) for x in args))
+        return tuple(jax.lax.pcast(x, tuple(varying - _varying(x)), to="varying") for x in out)
+
+    return run
+
+
+def _varying(x: jax.Array) -> frozenset[str]:
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
 def gather_batch(x: jax.Array) -> tuple[jax.Array, jax.Array | int]:

@@ -1,20 +1,27 @@
-"""Attention the models share: causal attention within packed documents (XLA's, einsum or cuDNN),
-grouped-query attention under an arbitrary mask, and the hook through which a parallelism
-strategy holds a row's sequence in parts across devices (`SequenceShards`)."""
+"""Attention the models share: causal attention within packed documents (XLA's, einsum, cuDNN or
+the Pallas TPU splash kernel), grouped-query attention under an arbitrary mask, and the hook
+through which a parallelism strategy holds a row's sequence in parts across devices
+(`SequenceShards`)."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import math
 from collections.abc import Iterator
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
+from jaxscale import cpu
 from jaxscale.errors import UserError
+from jaxscale.sharding import parts, per_shard, platform
 
-ATTENTION = ("dot_product", "einsum", "cudnn")
+ATTENTION = ("dot_product", "einsum", "cudnn", "splash")
+SPLASH_BLOCK = 128  # the splash kernel's smallest block along the sequence (a TPU vreg's lanes)
+SPLASH_MAX_BLOCK = 512  # its blocks when the sequence allows (MaxText's default)
 
 
 class SequenceShards(Protocol):
@@ -91,7 +98,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arr
     `max_documents` per row; the data pipeline refuses rows with more) instead of a
     [batch, 1, seq, seq] bias; "einsum" writes it out with heads-major batched matmuls (query
     groups of a KV head stacked as rows), a float32 softmax and a hand-written backward, which
-    XLA:CPU runs about twice as fast (docs/throughput.md).
+    XLA:CPU runs about twice as fast (docs/throughput.md); "splash" is the Pallas TPU splash
+    (flash) attention kernel (`splash_attention`), for TPUs, which keeps no [seq, seq] scores.
     """
     shards = _SEQUENCE.get()
     if shards is not None:
@@ -113,6 +121,8 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array
         return _cudnn_documents_attention(q, k, v, *documents(segments, max_documents))
     if kind == "dot_product":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    if kind == "splash":
+        return splash_attention(q, k, v, segments)
     t, s = q.shape[1], k.shape[1]
     allowed = jnp.tril(jnp.ones((t, s), bool))
     return grouped_attention(q, k, v, allowed if mask is None else allowed & mask)
@@ -146,6 +156,108 @@ def documents(segments: jax.Array, max_documents: int) -> tuple[jax.Array, jax.A
     present = lengths > 0
     offsets = jnp.pad(jnp.where(present, offsets, -1), ((0, 0), (0, 1)), constant_values=-1)
     return jnp.where(present, lengths, -1), offsets
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     segments: jax.Array | None) -> jax.Array:
+    """`full_attention` with the Pallas TPU splash kernel: causal, within each row's documents
+    (its segment ids), grouped-query heads read from their K/V head in the kernel (no repeated
+    K/V). The kernel has no partitioning rule, so it runs on each device's rows and heads as the
+    layout splits them (`sharding.per_shard`), each row's sequence whole; K/V heads are repeated
+    only up to a multiple of the devices the heads are split over. Off TPUs only inside
+    `cpu.interpret_kernels` (the tests')."""
+    b, t, h, d = q.shape
+    found = platform()
+    interpret = found != "tpu" and cpu.kernels_interpreted()
+    if found != "tpu" and not interpret:
+        raise UserError(f"model.attention='splash' needs a TPU (found {found}); use dot_product")
+    if t % SPLASH_BLOCK:
+        raise UserError(f"model.attention='splash' needs the sequence length ({t}) to be a multiple "
+                        f"of {SPLASH_BLOCK} (its smallest block); change data.seq_len or use dot_product")
+    n = parts("heads", h)
+    if k.shape[2] % n:  # each device's K/V heads: those of its query heads
+        k, v = (jnp.repeat(a, n // math.gcd(k.shape[2], n), axis=2) for a in (k, v))
+    if segments is None:
+        segments = jnp.zeros((b, t), jnp.int32)
+    return _splash(q * d**-0.5, k, v, segments.astype(jnp.int32), interpret)
+
+
+_ROWS = ("batch", None, "heads", None)  # q, k, v, out [batch, seq, heads, head_dim] for `per_shard`
+_SEGMENTS = ("batch", None)
+_STATS = ("batch", "heads", None)  # the softmax's log-sum-exp [batch, heads, seq]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
+            interpret: bool) -> jax.Array:
+    """The splash kernel's attention of scaled q over k, v: forward and backward passes each run
+    through `per_shard` (a Pallas kernel cannot be differentiated inside a region manual over
+    the batch's axes: its outputs' types name none of them)."""
+    return _splash_fwd(q, k, v, segments, interpret)[0]
+
+
+def _splash_fwd(q, k, v, segments, interpret):
+    run = functools.partial(_splash_rows, interpret=interpret)
+    out, lse = per_shard(run, (_ROWS, _ROWS, _ROWS, _SEGMENTS), (_ROWS, _STATS))(q, k, v, segments)
+    return out, (q, k, v, segments, out, lse)
+
+
+def _splash_bwd(interpret, res, d_out):
+    run = functools.partial(_splash_rows_bwd, interpret=interpret)
+    grads = per_shard(run, (_ROWS, _ROWS, _ROWS, _SEGMENTS, _ROWS, _STATS, _ROWS),
+                      (_ROWS, _ROWS, _ROWS))(*res, d_out)
+    return (*grads, None)
+
+
+_splash.defvjp(_splash_fwd, _splash_bwd)
+
+
+def _splash_rows(q, k, v, segments, *, interpret):
+    """Output [batch, seq, heads, head_dim] and log-sum-exp [batch, heads, seq] of the kernel on
+    rows held whole here."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    out, (lse,) = jax.vmap(lambda q, k, v, s: kernel(q, k, v, SegmentIds(s, s)))(q, k, v, segments)
+    return out.transpose(0, 2, 1, 3), lse
+
+
+def _splash_rows_bwd(q, k, v, segments, out, lse, d_out, *, interpret):
+    """dq, dk, dv [batch, seq, heads, head_dim] of `_splash_rows` through the kernel's own backward
+    (`splash_attention_kernel._splash_attention_bwd`: jax has no public name for it)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
+    kw = kernel.kwargs
+
+    def row(q, k, v, s, out, lse, d_out):
+        res = (q, k, v, SegmentIds(s, s), None, out, lse, kernel.dq_mask_info, kernel.dkv_mask_info)
+        grads = sk._splash_attention_bwd(False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"],
+                                         None, kw["mask_function"], kw["attn_logits_soft_cap"],
+                                         interpret, res, d_out)
+        return grads[3:6]
+
+    q, k, v, out, d_out = (a.transpose(0, 2, 1, 3) for a in (q, k, v, out, d_out))
+    grads = jax.vmap(row)(q, k, v, segments, out, lse, d_out)
+    return tuple(g.transpose(0, 2, 1, 3) for g in grads)
+
+
+def _splash_kernel(seq: int, heads: int, interpret: bool):
+    """The causal splash kernel for one row of `heads` query heads [heads, seq, head_dim], its
+    log-sum-exp kept for the backward pass: blocks of `SPLASH_MAX_BLOCK` where they divide the
+    sequence, else the largest power of two that does (`SPLASH_BLOCK` at least), the same for
+    the backward pass's kernels."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    block = math.gcd(seq, SPLASH_MAX_BLOCK)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((seq, seq))] * heads)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  save_residuals=True, interpret=interpret)
 
 
 def _cudnn_documents_attention(q, k, v, lengths, offsets):

@@ -58,7 +58,7 @@ class LlamaConfig:
     loss_chunk: int = 0  # > 0: output layer + cross-entropy in chunks of this many tokens
     logits_dtype: str = "float32"  # "bfloat16": the output layer rounds its logits to bf16
     scan_layers: bool = True  # False: unroll the layer loop
-    attention: str = "dot_product"  # or "einsum", "cudnn" (attention.causal_attention)
+    attention: str = "dot_product"  # or "einsum", "cudnn", "splash" (attention.causal_attention)
     max_documents: int = 8  # "cudnn": documents per packed row (its packed layout)
     moe: MoEConfig = MoEConfig()  # n_experts > 0: mixture-of-experts layers (models/moe.py)
 

@@ -21,7 +21,8 @@ and text tokens, say) and attend through `SequenceShards` (handed to them throug
   device's queries attend over them; the backward reduce-scatters their gradients.
 - `all_to_all` (Ulysses, DeepSpeed): q, k, v go from sequence-split to head-split and back
   (heads divisible by C; K/V heads repeated up to a multiple of C), and each device runs the
-  model's own attention (`model.attention`, cuDNN's included) over whole rows of its heads.
+  model's own attention (`model.attention`, cuDNN's and splash's included) over whole rows of its
+  heads. `ring` and `all_gather` attend with their own XLA code whatever `model.attention` says.
 
 Collectives per attention layer and step (`collective_bytes`), for a device's K (or V) of A
 bytes (tokens/C x kv_heads x head_dim x dtype bytes) and Q of Q bytes: `ring`, 2(C-1)

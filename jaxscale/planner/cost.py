@@ -407,15 +407,16 @@ def activation_bytes(config, sizes: dict[str, int]) -> float:
 
 # float32 copies of a layer's attention scores live while its backward pass runs, where XLA
 # writes the attention (scores, probabilities, their gradient; not all at once): measured on TPU
-# v5p at Llama-3.1-8B widths, seq 8192 (docs/plan.md). Flash attention (cuDNN) keeps none.
+# v5p at Llama-3.1-8B widths, seq 8192 (docs/plan.md). Flash attention (cuDNN, splash) keeps none.
 SCORE_COPIES = 2.5
 
 
 def attention_scores_bytes(config, sizes: dict[str, int], tokens: float) -> float:
     """Bytes of one layer's materialised attention scores for `tokens` of a device's rows while
-    the layer's backward runs: `SCORE_COPIES` float32 [heads, seq, seq] per row; 0 for cuDNN."""
+    the layer's backward runs: `SCORE_COPIES` float32 [heads, seq, seq] per row; 0 for the flash
+    kernels (cuDNN, splash)."""
     m = config.model
-    if m.attention == "cudnn":
+    if m.attention in ("cudnn", "splash"):
         return 0.0
     scores_per_token = m.n_heads / sizes["tensor"] * config.data.seq_len / sizes["context"]
     return SCORE_COPIES * 4 * tokens * scores_per_token
