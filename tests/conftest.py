@@ -106,6 +106,7 @@ def train_steps(trainer, config, steps: int) -> tuple:
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    """The tests marked slow first: pytest-xdist hands out the rest as its workers come free, so
-    no worker is left alone with a long test at the end of the run."""
+    """The tests marked slow first: under `--dist worksteal` (the README's command) the first
+    worker starts on them and the other takes the short tests off its queue, so neither is left
+    alone with a long test at the end of the run."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
