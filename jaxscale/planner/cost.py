@@ -1,4 +1,5 @@
-"""The planner's cost model of one layout: memory per device, collectives, compute and step time.
+"""The planner's cost model of one layout: memory per device (`memory.py`), collectives, compute
+and step time.
 
 Written down in docs/plan.md. In short:
 - state: parameters, gradients and optimizer state per device from the abstract model's
@@ -17,24 +18,29 @@ Written down in docs/plan.md. In short:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-
-import jax
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from jaxscale.hlo import sent_bytes
 from jaxscale.mesh import AXES
 from jaxscale.metrics import train_flops_per_token
-from jaxscale.models import DECODERS, abstract_model
-from jaxscale.parallel import context_parallel, make_layout, vocab_parallel, zero
+from jaxscale.models import DECODERS
+from jaxscale.parallel import context_parallel, vocab_parallel, zero
 from jaxscale.planner.clusters import Cluster
-from jaxscale.sharding import as_tuple, bytes_per_device
-from jaxscale.train import lora
-from jaxscale.train.optim import make_optimizer
-
-BATCH_AXES = ("data", "fsdp", "expert")  # the axes a step's rows are split over
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+from jaxscale.planner.memory import (
+    BATCH_AXES,
+    DTYPE_BYTES,
+    abstract_layout,
+    activation_bytes,
+    gathered_bytes,
+    in_blocks,
+    leaves,
+    memo,
+    shapes,
+    stack_of,
+    state_bytes,
+    tokens_per_device,
+)
+from jaxscale.sharding import as_tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,68 +82,7 @@ class Estimate:
     mfu: float
 
 
-_SHAPES: dict[str, tuple] = {}
-
-
-def shapes(config):
-    """Abstract parameters, trained parameters and optimizer state of the config's model (each
-    model and optimizer computed once)."""
-    key = config.model.to_json() + config.optim.to_json() + str(config.train.steps)
-    if key not in _SHAPES:
-        _, params = abstract_model(config.model)
-        trained = lora.split(params)[0] if lora.enabled(config.model) else params
-        tx, _ = make_optimizer(config.optim, config.train.steps)
-        _SHAPES[key] = (params, trained, jax.eval_shape(tx.init, trained))
-    return _SHAPES[key]
-
-
-def abstract_layout(config, sizes: dict[str, int]):
-    mesh = AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
-    return make_layout(config, mesh)
-
-
-def _leaves(specs, tree) -> list[tuple[str, PartitionSpec, jax.ShapeDtypeStruct]]:
-    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [("/".join(str(k.key) for k in path if getattr(k, "key", ".value") != ".value"), spec, leaf)
-            for (path, leaf), spec in zip(flat, flat_specs, strict=True)]
-
-
-def _memo(*sections: str):
-    """Cache `fn(config, sizes)` on the config `sections` it reads and the sizes (the search asks
-    for the same layouts' state and collectives many times over)."""
-
-    def wrap(fn):
-        cache: dict[str, object] = {}
-
-        def cached(config, sizes: dict[str, int]):
-            key = "".join(config[s].to_json() for s in sections) + str(sorted(sizes.items()))
-            if key not in cache:
-                cache[key] = fn(config, sizes)
-            return cache[key]
-
-        return functools.wraps(fn)(cached)
-
-    return wrap
-
-
-@_memo("model", "optim", "parallel", "train")
-def state_bytes(config, sizes: dict[str, int]) -> dict[str, float]:
-    """Per-device bytes of parameters, gradients and optimizer state (as `jaxscale info`)."""
-    params, trained, opt = shapes(config)
-    layout, stage = abstract_layout(config, sizes), config.parallel.zero_stage
-    return {"params": bytes_per_device(zero.specs(layout, params, stage, 2), params, sizes),
-            "grads": bytes_per_device(zero.specs(layout, trained, stage, 2), trained, sizes),
-            "optimizer": bytes_per_device(zero.specs(layout, opt, stage, 1), opt, sizes)}
-
-
-def tokens_per_device(config, sizes: dict[str, int]) -> float:
-    """Tokens of one micro-batch (one accumulation step) that one device's batch shard holds."""
-    rows = config.train.global_batch_size / config.train.grad_accum_steps
-    return rows / math.prod(sizes[a] for a in BATCH_AXES) * config.data.seq_len / sizes["context"]
-
-
-@_memo("model", "optim", "parallel", "train", "data", "pipeline")
+@memo("model", "optim", "parallel", "train", "data", "pipeline")
 def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     """Parameter and gradient traffic of one step, from each parameter's stored sharding.
 
@@ -151,8 +96,8 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     layout, stage = abstract_layout(config, sizes), config.parallel.zero_stage
     accum = config.train.grad_accum_steps
     regather = zero.regathers(layout, stage)
-    stored = _leaves(zero.specs(layout, trained, stage, 2), trained)
-    opt_split = _leaves(zero.specs(layout, trained, stage, 1), trained)
+    stored = leaves(zero.specs(layout, trained, stage, 2), trained)
+    opt_split = leaves(zero.specs(layout, trained, stage, 1), trained)
     batch = [a for a in BATCH_AXES + ("context",) if sizes[a] > 1]
     groups: dict[tuple, float] = {}
     flat: dict[tuple, float] = {}  # elements per device of each flat buffer gathered
@@ -170,7 +115,7 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         if gathered and "/" not in path and path in vocab_split:  # split by vocabulary, not gathered
             pass
         elif gathered:
-            block = _in_blocks(path)
+            block = in_blocks(path)
             # gathered again in the backward pass inside the layer scan (unrolled layers keep
             # the forward's gather: XLA reuses it); a pipeline stage's, each tick
             again = regather and block and config.model.scan_layers
@@ -180,7 +125,7 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
             add("all-gather", gathered, local * g / layers, ag, "parameters")
             add("reduce-scatter", gathered, local / layers, rs, "gradients")
             if sizes["tensor"] == 1:  # a flat buffer per gather (`zero.gather_all`)
-                part = _stack(path) if regather and block else ""  # a layer's, or the rest's
+                part = stack_of(path) if regather and block else ""  # a layer's, or the rest's
                 if not part:
                     ag, rs = (round(accum * r) for r in runs)
                 key = (gathered, leaf.dtype.itemsize, part, ag, rs)
@@ -239,22 +184,10 @@ def _vocab_parallel(config, sizes: dict[str, int], trained) -> dict[str, tuple[s
     return {key: axes for key in vocab_parallel.vocab_tables(trained)}
 
 
-def _stack(path: str) -> str:
-    """The stack of blocks (`blocks`, `first_blocks`, ...) a parameter path lies in, or ""."""
-    keys = path.split("/")
-    i = zero.stack_index(keys)
-    return "" if i is None else "/".join(keys[:i + 1])
-
-
-def _in_blocks(path: str) -> bool:
-    """Whether a parameter path lies in a stack of blocks."""
-    return bool(_stack(path))
-
-
 def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     """Activation traffic of one step: tensor (and sequence), pipeline, expert and context
     parallelism, from the shapes (per layer what the compiled steps hold, docs/plan.md)."""
-    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
+    m, b = config.model, DTYPE_BYTES[config.model.dtype]
     tp, pp, ep, cp = (sizes[a] for a in ("tensor", "pipeline", "expert", "context"))
     accum = config.train.grad_accum_steps
     t = tokens_per_device(config, sizes)
@@ -304,180 +237,6 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     return out
 
 
-# Activations a layer keeps per token for its backward pass, by remat policy, in units of
-# (d_model, d_ff, heads x head_dim, heads x seq_len). "none": the layer stash of XLA:CPU's DP
-# step (`--xla_dump_to`'s buffer assignment: 6, 6, 6, 2 at d_model 64 and 128; float32 copies
-# and intermediates beyond the textbook 4, 3, 2, 1; docs/plan.md); "save_dots" and "full" as
-# measured on TPU v5p (a Llama of d_model 256).
-KEPT = {"none": (6.0, 6.0, 6.0, 2.0), "save_dots": (14.5, 0.9, 3.5, 0.0), "full": (1.0, 0.0, 0.0, 0.0)}
-# Of a layer's kept d_model units, those sequence parallelism gathers whole: the inputs of the
-# attention's and the MLP's first matmuls, saved where the policy saves matmul inputs
-SP_GATHERED = {"none": 2.0, "save_dots": 2.0, "full": 0.0}
-# What a layer's backward pass holds beside the stash, per token, in the same units (the scores
-# are `attention_scores_bytes`'): activation gradients and the matmuls' operands (XLA:CPU's DP
-# step: 6 d_model, 2 d_ff, 1 head-width); under tensor parallelism without sequence parallelism
-# also the input gradients of wq, wk, wv, w_gate and w_up, whole and all-reduced together.
-BACKWARD = (6.0, 2.0, 1.0, 0.0)
-TP_REDUCED = 5.0
-# Of the score units a layer's stash holds (`KEPT`, measured with XLA's "dot_product"), the share
-# each attention kind keeps: "einsum"'s hand-written backward saves only the float32
-# probabilities (XLA:CPU, the default model: 4,677 against 5,717 float32 per token and layer,
-# one score unit of 1,024 less), the flash kernels none
-STASHED_SCORES = {"dot_product": 1.0, "einsum": 0.5, "cudnn": 0.0, "splash": 0.0}
-
-
-def _policy(config) -> str:
-    name = config.model.remat.split(":")[0]
-    return name if name in KEPT else "full"
-
-
-def _per_token(config, sizes: dict[str, int], units, whole: float) -> float:
-    """Bytes per token of a device's micro-batch of (d_model, d_ff, head-width, scores) `units`,
-    split by tensor parallelism; d_model by sequence parallelism but for `whole` of its units."""
-    m, b, tp = config.model, _DTYPE_BYTES[config.model.dtype], sizes["tensor"]
-    if not (config.parallel.sequence_parallel and tp > 1):
-        whole = units[0]
-    d = (units[0] - whole) * m.d_model / tp + whole * m.d_model
-    f, o = m.d_ff / tp, m.n_heads * m.head_dim / tp
-    scores = m.n_heads / tp * config.data.seq_len / sizes["context"]
-    return b * (d + units[1] * f + units[2] * o + units[3] * scores)
-
-
-def layer_bytes(config, sizes: dict[str, int], recomputed: bool = False) -> float:
-    """Bytes one layer keeps per token of a device's micro-batch under the config's remat policy
-    (`KEPT`, `_per_token`); with `recomputed`, what its backward pass rebuilds beyond them (the
-    units "none" keeps over the policy's; the scores are `attention_scores_bytes`')."""
-    policy = _policy(config)
-    kept, whole = KEPT[policy], SP_GATHERED[policy]
-    if recomputed:
-        kept = tuple(max(0.0, n - k) for n, k in zip(KEPT["none"][:3], kept, strict=False)) + (0.0,)
-        whole = max(0.0, SP_GATHERED["none"] - whole)
-    kept = kept[:3] + (kept[3] * STASHED_SCORES[config.model.attention],)
-    return _per_token(config, sizes, kept, whole)
-
-
-def backward_bytes(config, sizes: dict[str, int]) -> float:
-    """Bytes per token a layer's backward pass holds beside the stash and the scores
-    (`BACKWARD`, and `TP_REDUCED` whole d_model units under tensor parallelism without sequence
-    parallelism)."""
-    units = BACKWARD
-    if sizes["tensor"] > 1 and not config.parallel.sequence_parallel:
-        units = (units[0] + TP_REDUCED,) + units[1:]
-    return _per_token(config, sizes, units, BACKWARD[0])
-
-
-def activation_bytes(config, sizes: dict[str, int]) -> float:
-    """Bytes one device keeps for the backward pass at the peak: its layers' saved activations
-    (by remat policy) for the tokens the schedule holds, one layer's backward (what it rebuilds,
-    `backward_bytes`, its scores) on a microbatch, and the logits' gradient.
-
-    Without a pipeline: every layer, the device's micro-batch. GPipe and interleaved keep every
-    tick's: `V M + P - 1` ticks of `L / (P V)` layers on a microbatch; where a tick runs more
-    than one layer, its layer scan's backward holds its residuals copied out of the stash and
-    its own gradient of the stage's layers; the interleaved schedule's checkpoint around a chunk
-    (`gpipe.CircularSchedule`) saves the chunk's gathered parameters (ZeRO-3/FSDP) each tick.
-    1F1B keeps the inputs of its in-flight microbatches (`min(M, 2P - 1)` slots) and recomputes
-    a stage's forward in the backward: one microbatch's layers; its head runs per microbatch."""
-    m = config.model
-    pp, t = sizes["pipeline"], tokens_per_device(config, sizes)
-    layers = m.n_layers // pp
-    per_layer = layer_bytes(config, sizes)
-    layer_tokens, micro, head_tokens, extra = layers * t, t, t, 0.0
-    if pp > 1:
-        mb, v = config.pipeline.microbatches, config.pipeline.virtual_stages
-        micro = t / mb
-        if config.pipeline.schedule == "1f1b":
-            slots = min(mb, 2 * pp - 1)
-            layer_tokens, head_tokens = layers * micro, micro
-            # the stash; a tick's stage gradient and the zeros a tick without a backward adds
-            extra = (slots * micro * m.d_model * _DTYPE_BYTES[m.dtype] / _sp(config, sizes)
-                     + 2 * state_bytes(config, sizes)["grads"])
-            if zero.regathers(abstract_layout(config, sizes), config.parallel.zero_stage):
-                extra += 2 * _gathered_parts(config, sizes)[1]  # the head's tables, gradients
-        else:
-            v = v if config.pipeline.schedule == "interleaved" else 1
-            ticks, chunk = v * mb + pp - 1, layers // v
-            layer_tokens = ticks * chunk * micro
-            if chunk > 1:
-                extra = chunk * micro * per_layer + _block_grads(config, sizes)
-            if v > 1 and zero.regathers(abstract_layout(config, sizes), config.parallel.zero_stage):
-                extra += ticks * chunk * _gathered_parts(config, sizes)[0] / layers
-    logit_tokens = min(head_tokens, m.loss_chunk) if m.loss_chunk else head_tokens
-    logits = logit_tokens * m.vocab_size / sizes["tensor"] * 4
-    working = (micro * (layer_bytes(config, sizes, recomputed=True) + backward_bytes(config, sizes))
-               + attention_scores_bytes(config, sizes, micro))
-    if _sp(config, sizes) > 1:  # the vocabulary-split embedding table gathered whole, and its gradient
-        extra += 2 * m.vocab_size * m.d_model * 4
-    return layer_tokens * per_layer + logits + working + extra
-
-
-# float32 copies of a layer's attention scores live while its backward pass runs, where XLA
-# writes the attention (scores, probabilities, their gradient; not all at once): measured on TPU
-# v5p at Llama-3.1-8B widths, seq 8192 (docs/plan.md). Flash attention (cuDNN, splash) keeps none.
-SCORE_COPIES = 2.5
-
-
-def attention_scores_bytes(config, sizes: dict[str, int], tokens: float) -> float:
-    """Bytes of one layer's materialised attention scores for `tokens` of a device's rows while
-    the layer's backward runs: `SCORE_COPIES` float32 [heads, seq, seq] per row; 0 for the flash
-    kernels (cuDNN, splash)."""
-    m = config.model
-    if m.attention in ("cudnn", "splash"):
-        return 0.0
-    scores_per_token = m.n_heads / sizes["tensor"] * config.data.seq_len / sizes["context"]
-    return SCORE_COPIES * 4 * tokens * scores_per_token
-
-
-def _sp(config, sizes: dict[str, int]) -> int:
-    return sizes["tensor"] if config.parallel.sequence_parallel else 1
-
-
-@_memo("model", "optim", "parallel", "train")
-def _block_grads(config, sizes: dict[str, int]) -> float:
-    """Per-device bytes of the gradient of the stacks of blocks."""
-    _, trained, _ = shapes(config)
-    layout = abstract_layout(config, sizes)
-    return sum(leaf.size * leaf.dtype.itemsize / math.prod(sizes[a] for d in spec for a in as_tuple(d))
-               for path, spec, leaf in _leaves(zero.specs(layout, trained, config.parallel.zero_stage, 2),
-                                               trained) if _in_blocks(path))
-
-
-@_memo("model", "parallel")
-def _gathered_parts(config, sizes: dict[str, int]) -> tuple[float, float]:
-    """Bytes of the parameters split over data-parallel axes, gathered (float32, split by the
-    model-parallel axes alone): those in stacks of blocks, and the rest."""
-    params, _, _ = shapes(config)
-    layout = abstract_layout(config, sizes)
-    block = rest = 0.0
-    for path, spec, leaf in _leaves(zero.specs(layout, params, config.parallel.zero_stage, 2), params):
-        axes = {a for d in spec for a in as_tuple(d)}
-        if not {"data", "fsdp"} & {a for a in axes if sizes[a] > 1}:
-            continue
-        split = math.prod(sizes[a] for a in axes if a not in ("data", "fsdp"))
-        whole = leaf.size * leaf.dtype.itemsize / split
-        if _in_blocks(path):
-            block += whole
-        else:
-            rest += whole
-    return block, rest
-
-
-@_memo("model", "parallel")
-def gathered_bytes(config, sizes: dict[str, int]) -> float:
-    """Parameters a device holds gathered over the data-parallel axes at its peak (float32, split
-    by the model-parallel axes alone): under ZeRO-3/FSDP one layer's, next to its gradient before
-    the reduce-scatter; under ZeRO-2 all of them, gathered once before the forward pass and kept
-    to the end of the backward pass, where the whole gradient is reduce-scattered."""
-    stage = config.parallel.zero_stage
-    regather = zero.regathers(abstract_layout(config, sizes), stage)
-    if not regather and stage < 2:
-        return 0.0
-    block, rest = _gathered_parts(config, sizes)
-    if regather:
-        return 2 * block / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
-    return 2 * (block + rest)
-
-
 def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tuple[str, float]:
     """The link class a collective over `axes` crosses and the bytes/s one chip gets on it.
 
@@ -507,7 +266,7 @@ def hbm_bytes(config, sizes: dict[str, int]) -> float:
     fraction prices): per layer and token the norms, residual adds, rotary embedding, flash
     attention's inputs and output, the gated MLP's product (in `model.dtype`), per token the
     float32 logits and their gradient, and the optimizer's pass over its state."""
-    m, b = config.model, _DTYPE_BYTES[config.model.dtype]
+    m, b = config.model, DTYPE_BYTES[config.model.dtype]
     tp = sizes["tensor"]
     d = m.d_model / (tp if config.parallel.sequence_parallel else 1)
     q, kv, f = m.n_heads * m.head_dim / tp, m.n_kv_heads * m.head_dim / tp, m.d_ff / tp
