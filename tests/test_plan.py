@@ -12,7 +12,8 @@ from conftest import devices_or_skip, tiny_config
 from jaxscale.data.loader import batch_shapes
 from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, resolve_axis_sizes
-from jaxscale.planner import clusters, cost, search
+from jaxscale.metrics import train_flops_per_token
+from jaxscale.planner import clusters, cost, memory, remat, search
 from jaxscale.planner.compiled import compile_step
 
 # mesh, parallel and pipeline settings
@@ -113,6 +114,38 @@ def test_the_search_keeps_only_layouts_that_fit_fastest_first():
     assert times == sorted(times)
 
 
+def test_named_remat_policies_keep_offload_and_recompute_what_they_name():
+    """`save:`/`offload:` policies: the device keeps the layer input and the saved names (float32
+    results), an offload sends its names to the host and back beside the compute, the backward
+    runs again what no name spares; the search prices the config's own policy."""
+    config = tiny_config(data=8)
+    config.model.update(dtype="bfloat16", n_kv_heads=2, attention="dot_product")
+    sizes, cluster = sizes_of(config, 8), clusters.PRESETS["8xh100"]
+    m, t = config.model, memory.tokens_per_device(config, sizes)
+    per_token = {}
+    for policy in ("full", "save:qkv", "save:qkv,mlp_out", "offload:layer_input,qkv"):
+        config.model.remat = policy
+        per_token[policy] = memory.layer_bytes(config, sizes)
+    q_k_v = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+    assert per_token["save:qkv"] - per_token["full"] == pytest.approx(4 * q_k_v)  # float32
+    assert per_token["save:qkv,mlp_out"] == per_token["save:qkv"]  # never read back
+    assert per_token["offload:layer_input,qkv"] == 0
+    host = memory.host_bytes(config, sizes)
+    assert host == pytest.approx(m.n_layers * t * 2 * (m.d_model + q_k_v))  # bfloat16 values
+    estimate = cost.estimate(config, sizes, cluster)
+    assert estimate.comm_s["host"] == pytest.approx(2 * host / cluster.chip.host_bw)
+    forward = (train_flops_per_token(config) / 3 - 2 * m.d_model * m.vocab_size) / m.n_layers
+    attention = 4 * m.n_heads * m.head_dim * config.data.seq_len
+    w_down = m.d_model * m.d_ff * 2
+    for policy, spared in (("none", forward), ("save_dots", forward - attention), ("full", w_down),
+                           ("save:qkv,attn_out", w_down + 2 * m.d_model * q_k_v + attention / 2)):
+        config.model.remat = policy
+        assert remat.recompute_flops_per_token(config) == pytest.approx(m.n_layers * (forward - spared))
+    config.model.remat = "offload:qkv"
+    assert {dict(c.settings)["model.remat"] for c, _ in search.candidates(config, cluster)} == {
+        "none", "save_dots", "full", "offload:qkv"}
+
+
 def test_pipeline_bubble_and_slow_links():
     config = tiny_config(pipeline=2, data=4)
     config.model.n_layers = 4
@@ -154,13 +187,17 @@ def test_cluster_files_and_their_errors(tmp_path):
     path.write_text(json.dumps(good))
     cluster = clusters.load_cluster(str(path))
     assert (cluster.chips, cluster.domains, cluster.chip.kind) == (16, 2, "my chip")
+    path.write_text(json.dumps(dict(good, host_bw=5e10)))
+    assert clusters.load_cluster(str(path)).chip.host_bw == 5e10
+    path.write_text(json.dumps(good))
     toml = tmp_path / "cluster.toml"
     toml.write_text("\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in good.items()))
     assert clusters.load_cluster(str(toml)) == cluster  # both named for their stem
     for text, message in [(dict(good, chips=0), "chips must be a positive number"),
                           ({k: v for k, v in good.items() if k != "slow_bw"}, "lacks slow_bw"),
                           (dict(good, bandwidth=1), "unknown key 'bandwidth'"),
-                          (dict(good, fast_domain=3), "does not divide chips=16")]:
+                          (dict(good, fast_domain=3), "does not divide chips=16"),
+                          (dict(good, host_bw="fast"), "host_bw must be a positive number")]:
         path.write_text(json.dumps(text))
         with pytest.raises(UserError, match=message):
             clusters.load_cluster(str(path))

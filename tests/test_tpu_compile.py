@@ -14,7 +14,9 @@ import pytest
 from conftest import tiny_config
 
 from jaxscale.errors import UserError
+from jaxscale.mesh import AXES
 from jaxscale.models import abstract_model
+from jaxscale.planner import memory, remat
 from jaxscale.planner.compiled import compile_step, topology_devices
 
 pytestmark = pytest.mark.skipif(
@@ -144,3 +146,28 @@ def test_context_parallelism_passes_keys_and_values_around_the_ring(steps):
 def test_a_bad_topology_is_one_line():
     with pytest.raises(UserError, match=r"^cannot compile for TPU topology 'v5p:3x3x3x3'[^\n]*$"):
         topology_devices("v5p:3x3x3x3")
+
+
+def test_remat_policies_recompute_and_offload_what_the_planner_prices():
+    """The TPU compiler's step against `planner.remat`: the forward FLOPs a named policy runs
+    again in the backward pass (XLA counts the scanned layer once; within 3%: the recomputed
+    norms and rotary embedding are not matmuls), and the bytes an offload policy keeps in host
+    memory (exact at this shape; at 2 rows of 256 tokens per chip the compiler pads k and v in
+    host memory too, 1.6x)."""
+    flops, host = {}, {}
+    for policy in ("none", "save:qkv,attn_out", "offload:layer_input,qkv"):
+        config = tiny_config(fsdp=4)
+        config.model.update(vocab_size=512, d_model=512, n_heads=8, n_kv_heads=2, head_dim=64,
+                            d_ff=1536, max_seq_len=512, n_layers=2, scan_layers=True,
+                            dtype="bfloat16", attention="dot_product", remat=policy)
+        config.data.seq_len, config.train.global_batch_size = 512, 16
+        step = compile_step(config, topology_devices("v5p:2x2x1"))
+        sizes = {**dict.fromkeys(AXES, 1), "fsdp": 4}
+        tokens = memory.tokens_per_device(config, sizes)  # 2,048; a layer's (XLA counts one)
+        flops[policy] = (step.flops, remat.recompute_flops_per_token(config) * tokens / 2)
+        host[policy] = (step.host_temp_bytes, memory.host_bytes(config, sizes))
+    named = flops["save:qkv,attn_out"][0] - flops["none"][0]
+    assert named == pytest.approx(flops["save:qkv,attn_out"][1], rel=0.03)
+    assert flops["save:qkv,attn_out"][1] > 0 and host["save:qkv,attn_out"] == (0, 0)
+    assert host["offload:layer_input,qkv"][1] > 0
+    assert host["offload:layer_input,qkv"][0] == pytest.approx(host["offload:layer_input,qkv"][1], rel=0.01)

@@ -93,6 +93,7 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
                  attend: Attend | None = None) -> jax.Array:
         """One layer; `positions` are unused (they enter through the position embedding)."""
+        x = checkpoint_name(x, "layer_input")
         x = constrain(x + self.attn(self.ln1(x), segments, attend), RESIDUAL)
         return constrain(x + self.mlp(self.ln2(x)), RESIDUAL)
 

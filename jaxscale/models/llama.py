@@ -1,8 +1,8 @@
 """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
 
 Parameters and activations carry logical axis names only; how they map onto a mesh is decided
-by `jaxscale.sharding`. Activations tagged for `model.remat="save:..."`: `qkv`, `attn_out`,
-`mlp_hidden`, `mlp_out`. Blocks take an optional `attend(q, k, v)` that replaces causal attention
+by `jaxscale.sharding`. Activations tagged for `model.remat="save:..."`: `layer_input`, `qkv`,
+`attn_out`, `mlp_hidden`, `mlp_out`. Blocks take an optional `attend(q, k, v)` that replaces causal attention
 (decoding with a KV cache, `jaxscale.infer`).
 """
 
@@ -168,6 +168,7 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
                  attend: Attend | None = None) -> jax.Array | tuple[jax.Array, Stats]:
+        x = checkpoint_name(x, "layer_input")
         x = constrain(x + self.attn(self.attn_norm(x), positions, segments, attend), RESIDUAL)
         if not isinstance(self.mlp, MoE):
             return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)

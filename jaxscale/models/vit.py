@@ -9,7 +9,7 @@ model. `PerceiverResampler` (Flamingo) maps any number of visual tokens to `n_la
 As in `jaxscale.models.llama`, parameters and activations carry logical axis names only, blocks
 are stacked on a leading `layers` axis and run with `jax.lax.scan` (unrolled with
 `scan_layers=False`, as the decoder's `model.scan_layers`), and activations tagged for
-`remat="save:..."` are `qkv`, `attn_out`, `mlp_hidden` and `mlp_out`.
+`remat="save:..."` are `layer_input` (a ViT block's), `qkv`, `attn_out`, `mlp_hidden` and `mlp_out`.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ class ViTBlock(nnx.Module):
         self.mlp = MLP(c.d_model, c.d_ff, c.n_layers, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = checkpoint_name(x, "layer_input")
         h = self.attn_norm(x)
         x = constrain(x + self.attn(h, h), TOKENS)
         return constrain(x + self.mlp(self.mlp_norm(x)), TOKENS)

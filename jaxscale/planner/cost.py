@@ -11,8 +11,9 @@ Written down in docs/plan.md. In short:
 - collectives: parameter and gradient traffic from each parameter's stored sharding (what
   `parallel/zero.py` and `data_parallel.py` gather, reduce-scatter and all-reduce), activation
   traffic of tensor, sequence, pipeline, expert and context parallelism from the shapes;
-- time: FLOPs over the chip's achievable rate, stretched by the pipeline bubble; parameter and
-  gradient traffic overlaps compute (only what exceeds it shows), activation traffic does not.
+- time: FLOPs (with what the remat policy computes again, `remat.py`) over the chip's achievable
+  rate, stretched by the pipeline bubble; parameter and gradient traffic, and an offload policy's
+  host transfers, overlap compute (only what exceeds it shows), activation traffic does not.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jaxscale.mesh import AXES
 from jaxscale.metrics import train_flops_per_token
 from jaxscale.models import DECODERS
 from jaxscale.parallel import context_parallel, vocab_parallel, zero
+from jaxscale.planner import remat
 from jaxscale.planner.clusters import Cluster
 from jaxscale.planner.memory import (
     BATCH_AXES,
@@ -32,6 +34,7 @@ from jaxscale.planner.memory import (
     abstract_layout,
     activation_bytes,
     gathered_bytes,
+    host_bytes,
     in_blocks,
     leaves,
     memo,
@@ -75,7 +78,7 @@ class Estimate:
     collectives: tuple[Collective, ...]
     compute_s: float
     bubble: float
-    comm_s: dict[str, float]  # per link class: fast | slow
+    comm_s: dict[str, float]  # per link class: fast | slow | host (an offload policy's transfers)
     exposed_comm_s: float
     step_s: float
     tokens_per_s_per_chip: float
@@ -193,7 +196,7 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     t = tokens_per_device(config, sizes)
     act = t * m.d_model * b  # one [tokens, d_model] activation of a device's micro-batch
     layers = m.n_layers // pp
-    recompute = m.remat == "full"
+    recompute = remat.kind(config) not in ("none", "save_dots")
     out = []
     if tp > 1:
         passes = 2 + (2 if recompute else 0)  # forward (again when recomputed): wo, w_down outputs
@@ -271,7 +274,7 @@ def hbm_bytes(config, sizes: dict[str, int]) -> float:
     d = m.d_model / (tp if config.parallel.sequence_parallel else 1)
     q, kv, f = m.n_heads * m.head_dim / tp, m.n_kv_heads * m.head_dim / tp, m.d_ff / tp
     per_token = (10 * d + 4 * q + 4 * kv + 3 * f) * b  # one forward pass of one layer
-    passes = PASSES.get(m.remat.split(":")[0], PASSES["full"])
+    passes = PASSES.get(remat.kind(config), PASSES["full"])
     layers = m.n_layers // sizes["pipeline"]
     tokens = tokens_per_device(config, sizes) * config.train.grad_accum_steps
     logits = 3 * m.vocab_size / tp * 4  # written, read by the softmax, gradient written
@@ -307,7 +310,7 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
     chips = math.prod(sizes.values())
     tokens = config.train.global_batch_size * config.data.seq_len
     model_flops = train_flops_per_token(config) * tokens / chips
-    flops = model_flops * (4 / 3 if config.model.remat == "full" else 1)  # forward again
+    flops = model_flops + remat.recompute_flops_per_token(config) * tokens / chips
     compute = (flops / (cluster.chip.peak_flops * cluster.chip.compute_fraction)
                + hbm_bytes(config, sizes) / cluster.chip.hbm_bw)
     pp, schedule = sizes["pipeline"], config.pipeline.schedule
@@ -316,7 +319,8 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
         v = config.pipeline.virtual_stages if schedule == "interleaved" else 1
         bubble = (pp - 1) / (v * config.pipeline.microbatches + pp - 1)
     busy = compute / (1 - bubble)
-    comm = {"fast": 0.0, "slow": 0.0}
+    # an offload policy's activations out to the host and back, beside the compute (its own link)
+    comm = {"fast": 0.0, "slow": 0.0, "host": 2 * host_bytes(config, sizes) / cluster.chip.host_bw}
     hidden = exposed = 0.0
     for c in colls:
         kind, bw = link(c.axes, sizes, cluster)
@@ -326,7 +330,7 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
             hidden += seconds
         else:
             exposed += seconds
-    exposed += hidden_excess(busy, hidden)
+    exposed += hidden_excess(busy, hidden) + hidden_excess(busy, comm["host"])
     step = busy + exposed
     return Estimate(sizes, state, acts, state + acts, colls, compute, bubble, comm, exposed, step,
                     tokens / step / chips, model_flops / step / cluster.chip.peak_flops)

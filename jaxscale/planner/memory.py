@@ -17,6 +17,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from jaxscale.mesh import AXES
 from jaxscale.models import abstract_model
 from jaxscale.parallel import make_layout, zero
+from jaxscale.planner import remat
 from jaxscale.sharding import as_tuple, bytes_per_device
 from jaxscale.train import lora
 from jaxscale.train.optim import make_optimizer
@@ -98,31 +99,17 @@ def in_blocks(path: str) -> bool:
     return bool(stack_of(path))
 
 
-# Activations a layer keeps per token for its backward pass, by remat policy, in units of
-# (d_model, d_ff, heads x head_dim, heads x seq_len). "none": the layer stash of XLA:CPU's DP
-# step (`--xla_dump_to`'s buffer assignment: 6, 6, 6, 2 at d_model 64 and 128; float32 copies
-# and intermediates beyond the textbook 4, 3, 2, 1; docs/plan.md); "save_dots" and "full" as
-# measured on TPU v5p (a Llama of d_model 256).
-KEPT = {"none": (6.0, 6.0, 6.0, 2.0), "save_dots": (14.5, 0.9, 3.5, 0.0), "full": (1.0, 0.0, 0.0, 0.0)}
-# Of a layer's kept d_model units, those sequence parallelism gathers whole: the inputs of the
-# attention's and the MLP's first matmuls, saved where the policy saves matmul inputs
-SP_GATHERED = {"none": 2.0, "save_dots": 2.0, "full": 0.0}
-# What a layer's backward pass holds beside the stash, per token, in the same units (the scores
+# What a layer's backward pass holds beside the stash, per token, in `remat`'s units (the scores
 # are `attention_scores_bytes`'): activation gradients and the matmuls' operands (XLA:CPU's DP
 # step: 6 d_model, 2 d_ff, 1 head-width); under tensor parallelism without sequence parallelism
 # also the input gradients of wq, wk, wv, w_gate and w_up, whole and all-reduced together.
 BACKWARD = (6.0, 2.0, 1.0, 0.0)
 TP_REDUCED = 5.0
-# Of the score units a layer's stash holds (`KEPT`, measured with XLA's "dot_product"), the share
-# each attention kind keeps: "einsum"'s hand-written backward saves only the float32
+# Of the score units a layer's stash holds (`remat.KEPT`, measured with XLA's "dot_product"), the
+# share each attention kind keeps: "einsum"'s hand-written backward saves only the float32
 # probabilities (XLA:CPU, the default model: 4,677 against 5,717 float32 per token and layer,
 # one score unit of 1,024 less), the flash kernels none
 STASHED_SCORES = {"dot_product": 1.0, "einsum": 0.5, "cudnn": 0.0, "splash": 0.0}
-
-
-def _policy(config) -> str:
-    name = config.model.remat.split(":")[0]
-    return name if name in KEPT else "full"
 
 
 def _per_token(config, sizes: dict[str, int], units, whole: float) -> float:
@@ -139,13 +126,13 @@ def _per_token(config, sizes: dict[str, int], units, whole: float) -> float:
 
 def layer_bytes(config, sizes: dict[str, int], recomputed: bool = False) -> float:
     """Bytes one layer keeps per token of a device's micro-batch under the config's remat policy
-    (`KEPT`, `_per_token`); with `recomputed`, what its backward pass rebuilds beyond them (the
-    units "none" keeps over the policy's; the scores are `attention_scores_bytes`')."""
-    policy = _policy(config)
-    kept, whole = KEPT[policy], SP_GATHERED[policy]
+    (`remat.kept`, `_per_token`); with `recomputed`, what its backward pass rebuilds beyond them
+    (the units "none" keeps over the policy's; the scores are `attention_scores_bytes`')."""
+    kept, whole = remat.kept(config)
     if recomputed:
-        kept = tuple(max(0.0, n - k) for n, k in zip(KEPT["none"][:3], kept, strict=False)) + (0.0,)
-        whole = max(0.0, SP_GATHERED["none"] - whole)
+        none = remat.KEPT["none"]
+        kept = tuple(max(0.0, n - k) for n, k in zip(none[:3], kept, strict=False)) + (0.0,)
+        whole = max(0.0, remat.SP_GATHERED["none"] - whole)
     kept = kept[:3] + (kept[3] * STASHED_SCORES[config.model.attention],)
     return _per_token(config, sizes, kept, whole)
 
@@ -203,6 +190,14 @@ def activation_bytes(config, sizes: dict[str, int]) -> float:
     if _sp(config, sizes) > 1:  # the vocabulary-split embedding table gathered whole, and its gradient
         extra += 2 * m.vocab_size * m.d_model * 4
     return layer_tokens * per_layer + logits + working + extra
+
+
+def host_bytes(config, sizes: dict[str, int]) -> float:
+    """Bytes one device's layers send to host memory in a step under an `offload:` policy
+    (`remat.offloaded`), all its micro-batches'; each comes back once for the backward pass."""
+    layers = config.model.n_layers // sizes["pipeline"]
+    tokens = tokens_per_device(config, sizes) * config.train.grad_accum_steps
+    return layers * tokens * _per_token(config, sizes, remat.offloaded(config), 0.0)
 
 
 # float32 copies of a layer's attention scores live while its backward pass runs, where XLA

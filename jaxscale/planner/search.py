@@ -2,8 +2,8 @@
 
 A layout is the mesh (data, fsdp, tensor, pipeline, expert, context; multi-slice TPU clusters put
 the data-parallel axis across slices), the ZeRO stage, sequence parallelism, the pipeline schedule
-and its microbatches, the remat policy and the gradient accumulation that makes it fit, at the
-config's global batch and sequence. Each is priced by `cost.estimate`.
+and its microbatches, the remat policy (`REMATS` and the config's own) and the gradient
+accumulation that makes it fit, at the config's global batch and sequence. Each is priced by `cost.estimate`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def candidates(config, cluster: Cluster) -> Iterator[tuple[Candidate, dict[str, 
             p, layers = sizes["pipeline"], config.model.n_layers // sizes["pipeline"]
             pipes = [(s, mb, v) for mb in (p, 2 * p, 4 * p) if rows % mb == 0
                      for s, v in (("1f1b", 1), ("gpipe", 1), ("interleaved", 2)) if layers % v == 0]
-        for zero, sp, (schedule, mb, v), remat in itertools.product(zeros, sps, pipes, REMATS):
+        remats = REMATS + ((config.model.remat,) if config.model.remat not in REMATS else ())
+        for zero, sp, (schedule, mb, v), remat in itertools.product(zeros, sps, pipes, remats):
             yield Candidate(tuple(mesh) + (
                 ("parallel.zero_stage", zero), ("parallel.sequence_parallel", sp),
                 ("pipeline.schedule", schedule), ("pipeline.microbatches", mb),
