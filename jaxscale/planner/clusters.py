@@ -37,10 +37,10 @@ class Chip:
 # compute fractions fitted on torchtitan's Llama-3.1-8B (8 x H100) and MaxText's Llama-2-70B (v5p)
 # by experiments/plan_published.py (docs/results/plan.md); H200 and v6e take H100's and v5p's
 CHIPS = {
-    "h100": Chip("H100 SXM", 989e12, 80 * GB, 3.35e12, 450 * GB, 0, 0.356, 64 * GB),
-    "h200": Chip("H200 SXM", 989e12, 141 * GB, 4.8e12, 450 * GB, 0, 0.356, 64 * GB),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GB, 2.765e12, 100 * GB, 3, 0.693),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GB, 1.64e12, 112 * GB, 2, 0.693),
+    "h100": Chip("H100 SXM", 989e12, 80 * GB, 3.35e12, 450 * GB, 0, 0.382, 64 * GB),
+    "h200": Chip("H200 SXM", 989e12, 141 * GB, 4.8e12, 450 * GB, 0, 0.382, 64 * GB),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GB, 2.765e12, 100 * GB, 3, 0.844),
+    "v6e": Chip("TPU v6e", 918e12, 32 * GB, 1.64e12, 112 * GB, 2, 0.844),
 }
 
 
