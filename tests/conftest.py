@@ -46,6 +46,13 @@ def cpu_only() -> bool:
 if cpu_only():
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
+# Compiler options for the short parity runs whose HLO no test reads for loops: on a CPU host,
+# XLA:CPU's elemental emitters, which compile the same HLO fusions 2-3x faster than its MLIR
+# fusion emitters (a step of the cross-attention preset 5.8 -> 1.8 CPU-s, early fusion's on
+# data x fsdp x tensor 6.1 -> 2.7) but expand scatters (embedding gradients) into while loops;
+# elsewhere the platform's own.
+FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False} if cpu_only() else None
+
 # One persistent compilation cache per test session, shared by its xdist workers and the processes
 # tests start (they inherit the variable): tests that build the same programs (the one-device
 # references, the CLI's runs) compile them once. 320 -> 243 s for tests/test_parallel.py on 2 cores.

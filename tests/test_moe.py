@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import devices_or_skip, tiny_config
+from conftest import FAST_COMPILE, devices_or_skip, tiny_config
 from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -22,9 +22,6 @@ from jaxscale.train.loop import train
 from jaxscale.train.trainer import build_trainer
 
 STEPS = 5
-# tests/test_multimodal.py: XLA:CPU's faster-compiling emitters for the runs whose HLO is read
-# only for its collectives (scatters become while loops)
-FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 
 
 def moe_config(**settings):

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import devices_or_skip
+from conftest import FAST_COMPILE, devices_or_skip
 from flax import nnx
 
 from jaxscale.checkpoint import Checkpointer
@@ -37,11 +37,6 @@ TRAIN_STEPS = {"early_fusion": 400, "clip": 200, "cross_attention": 200}
 # conftest turns off on a CPU host (early fusion's 600 steps: 148 -> 106 s on 2 cores).
 TRAINING = {"xla_backend_optimization_level": 3}
 HELDOUT = 256
-# The 3-step parity runs that read no HLO: XLA:CPU's elemental emitters instead of its MLIR fusion
-# emitters compile the same HLO fusions 2-3x faster (a step of the cross-attention preset 5.8 ->
-# 1.8 CPU-s, early fusion's on data x fsdp x tensor 6.1 -> 2.7). They expand scatters (embedding
-# gradients) into while loops, so the tests that read the HLO compile as the `jaxscale` command does.
-FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 
 
 def mm_config(family, frames=1, scan=False, **mesh):
