@@ -18,12 +18,6 @@ KEPT = {"none": (6.0, 6.0, 6.0, 2.0), "save_dots": (14.5, 0.9, 3.5, 0.0), "full"
 # Of a layer's kept d_model units, those sequence parallelism gathers whole: the inputs of the
 # attention's and the MLP's first matmuls, saved where the policy saves matmul inputs
 SP_GATHERED = {"none": 2.0, "save_dots": 2.0, "full": 0.0}
-# The activations `save:`/`offload:` policies name (models/llama.py), and the matmul work saving
-# each spares the backward pass: q, k, v spare their projections, the attention's output (before
-# wo) its second product (XLA's attention: a flash kernel runs its whole forward again for its own
-# residuals). The MLP's hidden activation spares nothing (the gate and up products are needed for
-# its gradient), nor do the layer's input (kept anyway) and the MLP's output (never read back).
-NAMES = ("layer_input", "qkv", "attn_out", "mlp_hidden", "mlp_out")
 # The TPU compiler keeps a saved activation of a bfloat16 model as the float32 result its
 # producer computes (v5p, d_model 512: q/k/v 3,120 bytes a token against 1,536 in bfloat16, the
 # MLP's hidden 6,128 against 3,072, all five names 11,311 against 5,632; docs/plan.md); host
@@ -45,7 +39,8 @@ def named(config) -> tuple[str, ...]:
 
 
 def name_units(config, name: str) -> Units:
-    """What one named activation holds per token and layer."""
+    """What one activation a `save:`/`offload:` policy names (models/llama.py) holds per token and
+    layer. `mlp_out`, never read back by the backward pass, holds nothing (measured: 0 bytes)."""
     m = config.model
     if name == "qkv":
         return (0.0, 0.0, 1.0 + 2.0 * m.n_kv_heads / m.n_heads, 0.0)
@@ -71,8 +66,7 @@ def kept(config) -> tuple[Units, float]:
     names = named(config)
     base = () if policy == "offload" and "layer_input" in names else (KEPT["full"],)
     copy = SAVED_BYTES / (2 if config.model.dtype == "bfloat16" else 4)
-    saved = [tuple(copy * u for u in name_units(config, n)) for n in names
-             if n not in ("layer_input", "mlp_out")]
+    saved = [tuple(copy * u for u in name_units(config, n)) for n in names if n != "layer_input"]
     return _sum(list(base) + (saved if policy == "save" else [])), 0.0
 
 
@@ -80,25 +74,28 @@ def offloaded(config) -> Units:
     """The units one layer sends to host memory per token (an `offload:` policy's names)."""
     if kind(config) != "offload":
         return (0.0, 0.0, 0.0, 0.0)
-    return _sum([name_units(config, n) for n in named(config) if n != "mlp_out"] or [(0.0,) * 4])
+    return _sum([name_units(config, n) for n in named(config)])
 
 
 def recompute_flops_per_token(config) -> float:
     """Forward FLOPs per token, over all layers, that the backward pass runs again: none without
     remat; the attention's products under `save_dots` (they have batch dimensions); under `full`
     the layer's forward but its last matmul (w_down, whose output only the next layer reads);
-    under a named policy that, less what the names spare (`NAMES`). Exact against the TPU
-    compiler's cost analysis (docs/plan.md)."""
+    under a named policy that, less what the names spare: q, k, v their projections, the
+    attention's output (before wo) its second product (not under a flash kernel, which runs its
+    whole forward again for its own residuals). The MLP's hidden activation spares nothing: the
+    gate and up products are needed for its gradient. Within 1% of the TPU compiler's cost
+    analysis (docs/plan.md)."""
     policy, m = kind(config), config.model
+    attention = 4 * m.n_heads * m.head_dim * config.data.seq_len  # QK^T and AV, non-causal
     if policy == "none":
         return 0.0
-    qkv = 2 * m.d_model * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
-    out = 2 * m.n_heads * m.head_dim * m.d_model
-    attention = 4 * m.n_heads * m.head_dim * config.data.seq_len  # QK^T and AV, non-causal
-    head = 2 * m.d_model * m.vocab_size
-    layer = (train_flops_per_token(config) / 3 - head) / m.n_layers  # forward, per layer
     if policy == "save_dots":
         return m.n_layers * attention
+    qkv = 2 * m.d_model * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+    out = 2 * m.n_heads * m.head_dim * m.d_model
+    head = 2 * m.d_model * m.vocab_size
+    layer = (train_flops_per_token(config) / 3 - head) / m.n_layers  # forward, per layer
     mlp = layer - qkv - out - attention
     again = layer - mlp / (2 if m.family == "gpt2" else 3)  # w_down: a third of a gated MLP's
     names = named(config)
