@@ -25,6 +25,7 @@ from jaxscale.models.layers import (
     param,
     remat_policy,
     stack_layers,
+    take_rows,
 )
 from jaxscale.models.llama import LlamaConfig
 from jaxscale.models.lora import project
@@ -145,7 +146,7 @@ class GPT2(Decoder):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         wte = constrain(self.wte[...], ("vocab", None))
         wpe = constrain(self.wpe[...], ("positions", None))
-        x = embed_lookup(wte, tokens, vocab) + jnp.take(wpe, positions, axis=0)
+        x = embed_lookup(wte, tokens, vocab) + take_rows(wpe, positions)
         return constrain(x.astype(self.config.dtype), RESIDUAL)
 
     def final(self, x: jax.Array) -> jax.Array:

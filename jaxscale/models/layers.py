@@ -106,10 +106,19 @@ class VocabShards(Protocol):
                 local_n: int) -> tuple[jax.Array, jax.Array]: ...
 
 
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """The rows of `table` for `ids` [...] ([..., *table.shape[1:]]). Their gradient is summed
+    in float32 even for a bfloat16 table (a frequent token's many rows would round away in
+    bfloat16 sums) and rounded once."""
+    wide = jnp.promote_types(table.dtype, jnp.float32)
+    return jnp.take(table.astype(wide), ids, axis=0).astype(table.dtype)
+
+
 def embed_lookup(table: jax.Array, tokens: jax.Array, vocab: VocabShards | None = None) -> jax.Array:
-    """The rows of `table` [vocab, embed] for `tokens` [...] ([..., embed]); with `vocab`, `table`
-    is this device's slice of the vocabulary and `vocab.lookup` finds every token's row."""
-    return jnp.take(table, tokens, axis=0) if vocab is None else vocab.lookup(table, tokens)
+    """The rows of `table` [vocab, embed] for `tokens` [...] ([..., embed], `take_rows`); with
+    `vocab`, `table` is this device's slice of the vocabulary and `vocab.lookup` finds every
+    token's row."""
+    return take_rows(table, tokens) if vocab is None else vocab.lookup(table, tokens)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
