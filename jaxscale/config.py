@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.zero_stage = 0  # extra sharding over the `data` axis: 1 opt state, 2 +grads, 3 +params
+    # ZeRO/FSDP all-gather parameters in: compute (model.dtype) | float32 | bfloat16; their
+    # gradients are reduce-scattered in float32 either way
+    c.parallel.gather_dtype = "compute"
     c.parallel.sequence_parallel = False  # shard the residual stream's sequence over `tensor`
     c.parallel.expert_buffer = 0.0  # > 0: expert parallelism receives at most this x a device's
     # routed rows (overflow dropped and counted); 0: room for all the axis could send (dropless)

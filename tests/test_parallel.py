@@ -1,12 +1,13 @@
 """Every parallelism is a config change: same losses, sharded memory, the expected collectives."""
 
+import re
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import devices_or_skip, tiny_config
+from conftest import devices_or_skip, tiny_config, train_steps
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -157,6 +158,44 @@ def test_fsdp_and_zero23_gather_params_and_reduce_scatter_grads(layout):
     assert stats["all-gather"][1] >= param_bytes(trainer) - block_bytes * (layers - 1) / layers
     # gradients never travel whole: what is all-reduced is scalars (loss, token count, norm)
     assert stats["all-reduce"][1] < param_bytes(trainer) / 100
+
+
+def lowered_collective_types(trainer, op: str) -> set[str]:
+    """The element types of `op`'s results in the step lowered for TPUs (before any backend
+    pass: XLA:CPU sends bfloat16 collectives as float32)."""
+    text = trainer.lower("tpu").as_text()
+    return {re.search(r"-> tensor<[^>]*x(\w+)>", text[m.end():]).group(1)
+            for m in re.finditer(f'"stablehlo.{op}"', text)}
+
+
+@pytest.mark.parametrize("layout", [dict(fsdp=8), dict(data=8, zero_stage=2)])
+def test_zero_and_fsdp_gather_in_the_compute_dtype_and_reduce_gradients_in_float32(layout):
+    """Under bfloat16 compute the parameters travel in bfloat16 (PyTorch FSDP's mixed precision
+    `param_dtype`), their gradients in float32 (`reduce_dtype`); `parallel.gather_dtype=float32`
+    gathers them in float32. The models cast every matrix to bfloat16 before use, so the first
+    step is the float32 gather's bit for bit; the norm scales, rounded to bfloat16 once they
+    move from 1.0, make later steps differ slightly."""
+    devices = devices_or_skip(8)
+    runs = {}
+    for gather in ("compute", "float32"):
+        config = tiny_config(**layout)
+        config.model.dtype = "bfloat16"
+        config.parallel.gather_dtype = gather
+        trainer = build_trainer(config, mesh_from_config(config.mesh, devices))
+        assert lowered_collective_types(trainer, "reduce_scatter") == {"f32"}
+        runs[gather] = trainer, train_steps(trainer, config, 3)[1]
+    assert lowered_collective_types(runs["compute"][0], "all_gather") == {"bf16"}
+    assert lowered_collective_types(runs["float32"][0], "all_gather") == {"f32"}
+    (_, compute), (_, full) = runs["compute"], runs["float32"]
+    assert compute[0] == full[0] and compute[1:] != full[1:]
+    np.testing.assert_allclose(compute, full, rtol=1e-3)
+
+
+def test_a_bad_gather_dtype_is_refused():
+    config = tiny_config(fsdp=8)
+    config.parallel.gather_dtype = "fp8"
+    with pytest.raises(UserError, match="parallel.gather_dtype='fp8'; use compute"):
+        build_trainer(config, mesh_from_config(config.mesh, devices_or_skip(8)))
 
 
 def test_zero1_all_reduces_grads_then_gathers_updated_params():

@@ -116,6 +116,7 @@ def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_l
                   token_axes: tuple[str, ...], virtualized: tuple[str, ...],
                   replica_axis: str | None) -> Callable:
     """The loss run manual over `manual_axes`, or the model's own where there are none."""
+    gather = zero.gather_dtype(config)  # checked where nothing is gathered too
     if not manual_axes:
         return lambda p, batch: model_loss(graphdef, p, batch)
     manual = jax.tree.map(lambda s: data_parallel.manual_part(s, manual_axes, "a parameter rule"),
@@ -125,7 +126,8 @@ def _sharded_loss(graphdef, params, config, layout: Layout, param_specs, model_l
         graphdef, model_loss, layout, manual, param_specs, manual_axes,
         regather=zero.regathers(layout, config.parallel.zero_stage), virtualized=virtualized,
         tables=vocab_parallel.vocab_tables(params) if decoder else {},
-        order=order_collectives, towers=_takes(graphdef, params, "order"))
+        order=order_collectives, towers=_takes(graphdef, params, "order"),
+        gather=gather)
     return data_parallel.DataParallelLoss(local, layout, manual, manual_axes, batch_axes,
                                           token_axes, replica_axis)
 

@@ -9,18 +9,23 @@ Formulation: inside the data-parallel `shard_map` (`data_parallel.py`), written 
 backend compiles the same program: a parameter sharded over data-parallel axes is `all_gather`ed,
 and `jax.grad` turns each gather into a `psum_scatter` (reduce-scatter) of its gradient. Shards
 gathered over the same axes travel as one flat buffer (like PyTorch FSDP's flat parameters): one
-all-gather and one reduce-scatter per group instead of one per parameter. With regathering
+all-gather and one reduce-scatter per group instead of one per parameter. Mixed precision as
+PyTorch FSDP's: floating parameters are gathered in `parallel.gather_dtype` (by default the
+compute dtype, which the models cast every matrix to anyway) and their gradients reduce-scattered
+in float32. With regathering
 (`fsdp > 1` or stage 3) each block's parameters are gathered inside the block under a remat
 policy that saves everything but them, so the backward pass gathers them again.
 
 Collectives per step, for P bytes of parameters sharded over N devices: stage 1 an all-reduce of
 the gradients (data parallelism's) and the optimizer's own sharded update; stage 2 one
-all-gather of P and one reduce-scatter of the gradients ((N-1)/N x P each); stage 3 / FSDP one
-more all-gather of the blocks' parameters in the backward pass.
+all-gather of the parameters (P, or P/2 gathered in bfloat16) and one reduce-scatter of the
+gradients (P), (N-1)/N of each; stage 3 / FSDP one more all-gather of the blocks' parameters in
+the backward pass.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from jaxscale.errors import UserError
 from jaxscale.parallel import vocab_parallel
 from jaxscale.parallel.data_parallel import split_dims, vary
 from jaxscale.parallel.stages import under
@@ -39,6 +45,52 @@ RULES: Rules = (("embed", "fsdp"),)  # parameters: FSDP over `fsdp`
 # compiler writes a flat all-gather whose parts are not whole 1-D tiles (1,024 elements) as an
 # all-reduce of a zero-filled buffer, twice the bytes (docs/plan.md).
 FLAT_ALIGN = 1024
+GATHER_DTYPES = ("compute", "float32", "bfloat16")
+
+
+def gather_dtype(config) -> jnp.dtype:
+    """The dtype parameters are all-gathered in (`parallel.gather_dtype`; "compute": `model.dtype`,
+    PyTorch FSDP's `param_dtype` under mixed precision). Their gradients are reduce-scattered in
+    the parameters' own float32 (`reduce_dtype`) whatever it is."""
+    name = config.parallel.gather_dtype
+    if name not in GATHER_DTYPES:
+        raise UserError(f"parallel.gather_dtype={name!r}; use compute (model.dtype), float32 or "
+                        "bfloat16")
+    return jnp.dtype(config.model.dtype if name == "compute" else name)
+
+
+def sent_dtype(dtype: jnp.dtype, gather: jnp.dtype | None) -> jnp.dtype:
+    """What a parameter of `dtype` is gathered as: `gather` for floating parameters."""
+    return jnp.dtype(gather) if gather is not None and jnp.issubdtype(dtype, jnp.floating) else (
+        jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gather_as(x: jax.Array, axes: tuple[str, ...], axis: int, dtype: jnp.dtype) -> jax.Array:
+    """`x` cast to `dtype` and all-gathered (tiled) along `axis`; its gradient is cast back to
+    `x`'s dtype before the reduce-scatter, so the reduction runs at the parameter's precision."""
+    return jax.lax.all_gather(x.astype(dtype), axes, axis=axis, tiled=True)
+
+
+def _gather_as_fwd(x, axes, axis, dtype):
+    # the gather itself, not `_gather_as`: a remat policy sees its `all_gather` (`_not_gathered`)
+    gathered = jax.lax.all_gather(x.astype(dtype), axes, axis=axis, tiled=True)
+    return gathered, jnp.zeros((), x.dtype)  # (x's dtype for the bwd)
+
+
+def _gather_as_bwd(axes, axis, dtype, like, g):
+    return (jax.lax.psum_scatter(g.astype(like.dtype), axes, scatter_dimension=axis, tiled=True),)
+
+
+_gather_as.defvjp(_gather_as_fwd, _gather_as_bwd)
+
+
+def all_gather(x: jax.Array, axes: tuple[str, ...], axis: int, gather: jnp.dtype | None) -> jax.Array:
+    """`x` all-gathered (tiled) along `axis` over `axes`, sent as `sent_dtype(x.dtype, gather)`."""
+    dtype = sent_dtype(x.dtype, gather)
+    if dtype == x.dtype:
+        return jax.lax.all_gather(x, axes, axis=axis, tiled=True)
+    return _gather_as(x, axes, axis, dtype)
 
 
 def zero_spec(layout: Layout, spec: PartitionSpec, shape, names=()) -> PartitionSpec:
@@ -87,8 +139,11 @@ def _unstack(whole: jax.Array, shape: tuple[int, ...], dim: int) -> jax.Array:
         *shape[:dim], -1, *shape[dim + 1:])
 
 
-def gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool) -> list[jax.Array]:
-    """All-gather each `x` over the data-parallel axes in its spec (`pipeline` stays split).
+def gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool,
+               gather: jnp.dtype | None = None) -> list[jax.Array]:
+    """All-gather each `x` over the data-parallel axes in its spec (`pipeline` stays split), sent
+    in `gather` (floating parameters; `all_gather`). A parameter split over data-parallel axes in
+    two dimensions (rare) is gathered in its own dtype.
 
     With `flat`, shards gathered over the same axes travel as one flat buffer (each device's part
     padded to `FLAT_ALIGN` elements), gathered along its leading axis and moved into place
@@ -107,12 +162,12 @@ def gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool) -> l
     for (axes, _), members in groups.items():
         if not flat:
             for i, dim in members:
-                out[i] = jax.lax.all_gather(xs[i], axes, axis=dim, tiled=True)
+                out[i] = all_gather(xs[i], axes, dim, gather)
             continue
         flat_shards = jnp.concatenate([xs[i].reshape(-1) for i, _ in members])
         n = flat_shards.size
         padded = jnp.pad(flat_shards, (0, -n % FLAT_ALIGN))
-        whole = jax.lax.all_gather(padded, axes, tiled=True).reshape(-1, padded.size)[:, :n]
+        whole = all_gather(padded, axes, 0, gather).reshape(-1, padded.size)[:, :n]
         sizes = [xs[i].size for i, _ in members]
         pieces = jnp.split(whole, list(itertools.accumulate(sizes))[:-1], axis=1)
         for (i, dim), piece in zip(members, pieces, strict=True):
@@ -164,12 +219,13 @@ def _layer_specs(manual, virtualized: tuple[str, ...]) -> dict[frozenset, dict[s
 
 class RegatheredBlock:
     """`apply_block(block, *args)` that gathers the layer's parameter shards inside the layer and
-    again in the backward pass (remat policy `_not_gathered`) instead of keeping them."""
+    again in the backward pass (remat policy `_not_gathered`) instead of keeping them, sent in
+    `gather` (`gather_all`)."""
 
     def __init__(self, manual_specs, virtualized: tuple[str, ...], manual_axes: tuple[str, ...],
-                 flat: bool):
+                 flat: bool, gather: jnp.dtype | None = None):
         self.layer_specs = _layer_specs(manual_specs, virtualized)
-        self.manual_axes, self.flat = manual_axes, flat
+        self.manual_axes, self.flat, self.gather = manual_axes, flat, gather
 
     def __call__(self, block: nnx.Module, *args) -> jax.Array:
         graph, shards = nnx.split(block)
@@ -178,7 +234,8 @@ class RegatheredBlock:
         layer = self.layer_specs[frozenset(names)]
 
         def run(shards, *args):
-            gathered = gather_all(jax.tree.leaves(shards), [layer[n] for n in names], self.flat)
+            gathered = gather_all(jax.tree.leaves(shards), [layer[n] for n in names], self.flat,
+                                  self.gather)
             full = treedef.unflatten(gathered)
             return nnx.merge(graph, full)(*args)
 
@@ -190,24 +247,26 @@ class LocalLoss:
 
     Gathers the parameters (with regathering, those outside the stacked blocks: the blocks gather
     their own), or cuts the vocabulary tables into vocabulary slices (`vocab_parallel.py`), and
-    runs `model_loss(graphdef, params, batch, **kwargs)`. `order(first, then)` returns its
-    arguments with `then` sequenced after `first` where the backend needs it (`parallelize`
-    passes `jaxscale.cpu.order_collectives`); it sequences the gathers before the batch and the
-    layer loops, and is handed to models with independent towers (`towers`: a model whose
-    `loss_sums` takes `order`).
+    runs `model_loss(graphdef, params, batch, **kwargs)`. Floating parameters are gathered in
+    `gather` (`gather_dtype`), their gradients reduce-scattered in their own dtype.
+    `order(first, then)` returns its arguments with `then` sequenced after `first` where the
+    backend needs it (`parallelize` passes `jaxscale.cpu.order_collectives`); it sequences the
+    gathers before the batch and the layer loops, and is handed to models with independent
+    towers (`towers`: a model whose `loss_sums` takes `order`).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, model_loss: Callable, layout: Layout, manual_specs,
                  stored_specs, manual_axes: tuple[str, ...], *, regather: bool,
                  virtualized: tuple[str, ...], tables: dict[str, int], order: Callable | None,
-                 towers: bool = False):
+                 towers: bool = False, gather: jnp.dtype | None = None):
         self.graphdef, self.model_loss, self.layout = graphdef, model_loss, layout
         self.manual, self.stored, self.manual_axes = manual_specs, stored_specs, manual_axes
         self.regather, self.tables, self.order, self.towers = regather, tables, order, towers
+        self.gather = gather
         # flat buffers only where no other mesh axis splits the parameters (see `gather_all`)
         self.flat = all(n == 1 for a, n in layout.mesh.shape.items() if a not in manual_axes)
-        self.block = RegatheredBlock(manual_specs, virtualized, manual_axes, self.flat) if (
-            regather) else None
+        self.block = RegatheredBlock(manual_specs, virtualized, manual_axes, self.flat,
+                                     gather) if regather else None
 
     def __call__(self, params, batch):
         # marked varying as shards, so a gradient is all-reduced over the axes that do not split
@@ -243,7 +302,8 @@ class LocalLoss:
                 out[i] = vocab_parallel.vocab_slice(x, spec, self.tables[keys[0]], vocab)
             elif not (self.regather and block_part(path)):
                 todo.append(i)
-        gathered = gather_all([out[i] for i in todo], [specs[i] for i in todo], self.flat)
+        gathered = gather_all([out[i] for i in todo], [specs[i] for i in todo], self.flat,
+                              self.gather)
         for i, x in zip(todo, gathered, strict=True):
             out[i] = x
         return treedef.unflatten(out)
