@@ -16,7 +16,7 @@ from conftest import tiny_config
 from jaxscale.errors import UserError
 from jaxscale.mesh import AXES
 from jaxscale.models import abstract_model
-from jaxscale.planner import memory, remat
+from jaxscale.planner import cost, memory, remat
 from jaxscale.planner.compiled import compile_step, topology_devices
 
 pytestmark = pytest.mark.skipif(
@@ -105,6 +105,26 @@ def test_zero_and_fsdp_shard_the_state_and_move_gradients_and_params_once(name, 
     if name != "zero1":  # flat buffers gathered as such (`zero.FLAT_ALIGN`), not as all-reduces
         assert step.collectives[axis]["all-gather"][1] >= (n - 1) / n * params
         assert step.collectives[axis]["all-reduce"][1] <= 1.1 * 2 * (n - 1) / n * params
+
+
+def test_fsdp_in_bfloat16_gathers_bfloat16_and_reduces_float32_as_the_planner_prices():
+    """Under bfloat16 compute (`parallel.gather_dtype` "compute") the TPU program all-gathers
+    the planner's bytes, fewer than with `gather_dtype=float32` (where the TPU compiler already
+    sends the backward pass's regather in bfloat16: 0.63 of the bytes, not 0.5), and reduces
+    the same float32 gradients (TPU all-reduces). 32 rows: more tokens than the vocabulary, so
+    the tables are gathered too (`vocab_parallel.vocab_axes`)."""
+    found = {}
+    for gather in ("compute", "float32"):
+        c = layout_config("fsdp")
+        c.model.dtype, c.parallel.gather_dtype, c.train.global_batch_size = "bfloat16", gather, 32
+        found[gather] = compile_step(c, topology_devices("v5p:2x2x2")).collectives["fsdp"]
+    sizes = {a: 8 if a == "fsdp" else 1 for a in AXES}
+    c.parallel.gather_dtype = "compute"
+    predicted = sum(x.sent(sizes) for x in cost.param_collectives(c, sizes) if x.op == "all-gather")
+    half, full = found["compute"], found["float32"]
+    assert half["all-gather"][1] == pytest.approx(predicted, rel=0.01)
+    assert half["all-gather"][1] < 0.7 * full["all-gather"][1]
+    assert half["all-reduce"][1] == pytest.approx(full["all-reduce"][1], rel=0.001)
 
 
 def test_tensor_parallelism_all_reduces_every_block_over_tensor(steps):

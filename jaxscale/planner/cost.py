@@ -91,13 +91,15 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
 
     A parameter split over data-parallel axes (`fsdp`, and `data` from ZeRO-2) is all-gathered
     for the forward pass (blocks again in the backward pass under ZeRO-3/FSDP) and its gradient
-    reduce-scattered, once per accumulation step; over the other batch axes (and `pipeline` for
+    reduce-scattered, once per accumulation step (gathered in `parallel.gather_dtype`, reduced
+    in the parameter's own dtype); over the other batch axes (and `pipeline` for
     what every stage holds) its gradient is all-reduced; ZeRO-1 all-gathers the updated
     parameters over `data`. A pipeline stage's layers are gathered per tick (`_stage_runs`).
     """
     _, trained, _ = shapes(config)
     layout, stage = abstract_layout(config, sizes), config.parallel.zero_stage
     accum = config.train.grad_accum_steps
+    gather = zero.gather_dtype(config)
     regather = zero.regathers(layout, stage)
     stored = leaves(zero.specs(layout, trained, stage, 2), trained)
     opt_split = leaves(zero.specs(layout, trained, stage, 1), trained)
@@ -113,6 +115,7 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     for (path, spec, leaf), (_, opt_spec, _) in zip(stored, opt_split, strict=True):
         axes = {a for d in spec for a in as_tuple(d)}
         local = leaf.size * leaf.dtype.itemsize / math.prod(sizes[a] for a in axes)
+        sent = zero.sent_dtype(leaf.dtype, gather).itemsize
         gathered = tuple(a for a in ("data", "fsdp") if a in axes and sizes[a] > 1)
         g = math.prod(sizes[a] for a in gathered)
         if gathered and "/" not in path and path in vocab_split:  # split by vocabulary, not gathered
@@ -125,13 +128,14 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
             layers = leaf.shape[0] // (sizes["pipeline"] if "pipeline" in axes else 1) if block else 1
             runs = _stage_runs(config, sizes) if again and "pipeline" in axes else (2 if again else 1, 1)
             ag, rs = (round(accum * r * layers) for r in runs)  # one layer's (or the rest's) each
-            add("all-gather", gathered, local * g / layers, ag, "parameters")
+            add("all-gather", gathered, local * g / layers * sent / leaf.dtype.itemsize, ag,
+                "parameters")
             add("reduce-scatter", gathered, local / layers, rs, "gradients")
             if sizes["tensor"] == 1:  # a flat buffer per gather (`zero.gather_all`)
                 part = stack_of(path) if regather and block else ""  # a layer's, or the rest's
                 if not part:
                     ag, rs = (round(accum * r) for r in runs)
-                key = (gathered, leaf.dtype.itemsize, part, ag, rs)
+                key = (gathered, leaf.dtype.itemsize, sent, part, ag, rs)
                 flat[key] = flat.get(key, 0.0) + local / leaf.dtype.itemsize / (layers if part else 1)
         reduce = [a for a in batch if a not in axes]
         if sizes["pipeline"] > 1 and "pipeline" not in axes:
@@ -141,11 +145,11 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         opt_axes = {a for d in opt_spec for a in as_tuple(d)}
         if stage == 1 and "data" in opt_axes - axes and sizes["data"] > 1:
             add("all-gather", ("data",), local, 1, "parameters")
-    for (axes, itemsize, _, ag, rs), elements in flat.items():  # each part padded
-        pad = -round(elements) % zero.FLAT_ALIGN * itemsize
+    for (axes, itemsize, sent, _, ag, rs), elements in flat.items():  # each part padded
+        pad = -round(elements) % zero.FLAT_ALIGN
         n = math.prod(sizes[a] for a in axes)
-        add("all-gather", axes, pad * n, ag, "parameters")
-        add("reduce-scatter", axes, pad, rs, "gradients")
+        add("all-gather", axes, pad * sent * n, ag, "parameters")
+        add("reduce-scatter", axes, pad * itemsize, rs, "gradients")
     if vocab_split:  # the tokens travel instead (parallel/vocab_parallel.py)
         axes, t, d = next(iter(vocab_split.values())), tokens_per_device(config, sizes), config.model.d_model
         n = math.prod(sizes[a] for a in axes)

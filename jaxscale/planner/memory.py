@@ -174,7 +174,8 @@ def activation_bytes(config, sizes: dict[str, int]) -> float:
             extra = (slots * micro * m.d_model * DTYPE_BYTES[m.dtype] / _sp(config, sizes)
                      + 2 * state_bytes(config, sizes)["grads"])
             if zero.regathers(abstract_layout(config, sizes), config.parallel.zero_stage):
-                extra += 2 * _gathered_parts(config, sizes)[1]  # the head's tables, gradients
+                parts = _gathered_parts(config, sizes)
+                extra += parts[1] + parts[3]  # the head's tables, their gradients
         else:
             v = v if config.pipeline.schedule == "interleaved" else 1
             ticks, chunk = v * mb + pp - 1, layers // v
@@ -232,36 +233,35 @@ def _block_grads(config, sizes: dict[str, int]) -> float:
 
 
 @memo("model", "parallel")
-def _gathered_parts(config, sizes: dict[str, int]) -> tuple[float, float]:
-    """Bytes of the parameters split over data-parallel axes, gathered (float32, split by the
-    model-parallel axes alone): those in stacks of blocks, and the rest."""
+def _gathered_parts(config, sizes: dict[str, int]) -> tuple[float, float, float, float]:
+    """Bytes of the parameters split over data-parallel axes, gathered (in `parallel.gather_dtype`,
+    split by the model-parallel axes alone): those in stacks of blocks, and the rest; then the
+    same parameters' whole gradients (float32) before their reduce-scatter."""
     params, _, _ = shapes(config)
-    layout = abstract_layout(config, sizes)
-    block = rest = 0.0
+    layout, gather = abstract_layout(config, sizes), zero.gather_dtype(config)
+    parts = [0.0] * 4
     for path, spec, leaf in leaves(zero.specs(layout, params, config.parallel.zero_stage, 2), params):
         axes = {a for d in spec for a in as_tuple(d)}
         if not {"data", "fsdp"} & {a for a in axes if sizes[a] > 1}:
             continue
-        split = math.prod(sizes[a] for a in axes if a not in ("data", "fsdp"))
-        whole = leaf.size * leaf.dtype.itemsize / split
-        if in_blocks(path):
-            block += whole
-        else:
-            rest += whole
-    return block, rest
+        whole = leaf.size / math.prod(sizes[a] for a in axes if a not in ("data", "fsdp"))
+        rest = not in_blocks(path)
+        parts[rest] += whole * zero.sent_dtype(leaf.dtype, gather).itemsize
+        parts[2 + rest] += whole * leaf.dtype.itemsize
+    return tuple(parts)
 
 
 @memo("model", "parallel")
 def gathered_bytes(config, sizes: dict[str, int]) -> float:
-    """Parameters a device holds gathered over the data-parallel axes at its peak (float32, split
-    by the model-parallel axes alone): under ZeRO-3/FSDP one layer's, next to its gradient before
-    the reduce-scatter; under ZeRO-2 all of them, gathered once before the forward pass and kept
-    to the end of the backward pass, where the whole gradient is reduce-scattered."""
+    """Parameters a device holds gathered over the data-parallel axes at its peak (`_gathered_parts`):
+    under ZeRO-3/FSDP one layer's, next to its gradient before the reduce-scatter; under ZeRO-2
+    all of them, gathered once before the forward pass and kept to the end of the backward pass,
+    where the whole gradient is reduce-scattered."""
     stage = config.parallel.zero_stage
     regather = zero.regathers(abstract_layout(config, sizes), stage)
     if not regather and stage < 2:
         return 0.0
-    block, rest = _gathered_parts(config, sizes)
+    block, rest, block_grad, rest_grad = _gathered_parts(config, sizes)
     if regather:
-        return 2 * block / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
-    return 2 * (block + rest)
+        return (block + block_grad) / (config.model.n_layers // sizes["pipeline"]) / sizes["pipeline"]
+    return block + rest + block_grad + rest_grad
