@@ -1,5 +1,6 @@
 """`jaxscale plan`: the cost model against compiled programs, the search, the command."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -146,6 +147,25 @@ def test_named_remat_policies_keep_offload_and_recompute_what_they_name():
         "none", "save_dots", "full", "offload:qkv"}
 
 
+def test_offload_layouts_must_fit_the_hosts_memory_too():
+    """An offload policy's activations of one accumulation step live in host memory: the search
+    keeps a layout only where they fit `chip.host_bytes` (with the HBM margin), accumulating
+    more where that helps; a cluster file may leave host memory out (not checked)."""
+    config = tiny_config(data=8)
+    config.model.update(dtype="bfloat16", remat="offload:layer_input,qkv")
+    roomy = clusters.PRESETS["8xh100"]
+    need = cost.estimate(config, sizes_of(config, 8), roomy).host_memory_bytes
+    assert need == pytest.approx(memory.host_bytes(config, sizes_of(config, 8))) and need > 0
+    small = dataclasses.replace(roomy, chip=dataclasses.replace(roomy.chip, host_bytes=need / 2))
+    offloads = {name: [(dict(c.settings), e) for c, e in search.plan(config, cluster)[0]
+                       if dict(c.settings)["model.remat"].startswith("offload")]
+                for name, cluster in (("roomy", roomy), ("small", small))}
+    budget = need / 2 * search.MEMORY_FRACTION
+    assert offloads["small"] and all(e.host_memory_bytes <= budget for _, e in offloads["small"])
+    assert any(e.host_memory_bytes > budget for _, e in offloads["roomy"])
+    assert len(offloads["small"]) <= len(offloads["roomy"])
+
+
 def test_pipeline_bubble_and_slow_links():
     config = tiny_config(pipeline=2, data=4)
     config.model.n_layers = 4
@@ -187,8 +207,9 @@ def test_cluster_files_and_their_errors(tmp_path):
     path.write_text(json.dumps(good))
     cluster = clusters.load_cluster(str(path))
     assert (cluster.chips, cluster.domains, cluster.chip.kind) == (16, 2, "my chip")
-    path.write_text(json.dumps(dict(good, host_bw=5e10)))
+    path.write_text(json.dumps(dict(good, host_bw=5e10, host_bytes=2e11)))
     assert clusters.load_cluster(str(path)).chip.host_bw == 5e10
+    assert (clusters.load_cluster(str(path)).chip.host_bytes, cluster.chip.host_bytes) == (2e11, 0)
     path.write_text(json.dumps(good))
     toml = tmp_path / "cluster.toml"
     toml.write_text("\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in good.items()))
@@ -197,7 +218,8 @@ def test_cluster_files_and_their_errors(tmp_path):
                           ({k: v for k, v in good.items() if k != "slow_bw"}, "lacks slow_bw"),
                           (dict(good, bandwidth=1), "unknown key 'bandwidth'"),
                           (dict(good, fast_domain=3), "does not divide chips=16"),
-                          (dict(good, host_bw="fast"), "host_bw must be a positive number")]:
+                          (dict(good, host_bw="fast"), "host_bw must be a positive number"),
+                          (dict(good, host_bytes=-1), "host_bytes must be a positive number")]:
         path.write_text(json.dumps(text))
         with pytest.raises(UserError, match=message):
             clusters.load_cluster(str(path))

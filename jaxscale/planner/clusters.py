@@ -32,15 +32,16 @@ class Chip:
     torus_dims: int  # TPU: dimensions of the ICI torus (a group over several gets each one's links)
     compute_fraction: float  # share of peak the matmuls of a big training step reach
     host_bw: float = 32 * GB  # bytes/s each way between HBM and host memory (PCIe)
+    host_bytes: float = 0.0  # host memory per chip for offloaded activations (0: not checked)
 
 
 # compute fractions fitted on torchtitan's Llama-3.1-8B (8 x H100) and MaxText's Llama-2-70B (v5p)
 # by experiments/plan_published.py (docs/results/plan.md); H200 and v6e take H100's and v5p's
 CHIPS = {
-    "h100": Chip("H100 SXM", 989e12, 80 * GB, 3.35e12, 450 * GB, 0, 0.382, 64 * GB),
-    "h200": Chip("H200 SXM", 989e12, 141 * GB, 4.8e12, 450 * GB, 0, 0.382, 64 * GB),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GB, 2.765e12, 100 * GB, 3, 0.844),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GB, 1.64e12, 112 * GB, 2, 0.844),
+    "h100": Chip("H100 SXM", 989e12, 80 * GB, 3.35e12, 450 * GB, 0, 0.382, 64 * GB, 256 * GB),
+    "h200": Chip("H200 SXM", 989e12, 141 * GB, 4.8e12, 450 * GB, 0, 0.382, 64 * GB, 256 * GB),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GB, 2.765e12, 100 * GB, 3, 0.844, 32 * GB, 112 * GB),
+    "v6e": Chip("TPU v6e", 918e12, 32 * GB, 1.64e12, 112 * GB, 2, 0.844, 32 * GB, 180 * GB),
 }
 
 
@@ -89,7 +90,8 @@ FIELDS = ("chips", "peak_flops", "hbm_bytes", "hbm_bw", "fast_bw", "fast_domain"
 
 def load_cluster(spec: str) -> Cluster:
     """A preset name (`8xh100`, `v5p-512`, `2xv6e-256`, ...) or a `.toml`/`.json` file with the
-    keys of `FIELDS` (and optional `kind`, `torus_dims`, `compute_fraction`, `topology`, `host_bw`)."""
+    keys of `FIELDS` (and optional `kind`, `torus_dims`, `compute_fraction`, `topology`, `host_bw`,
+    `host_bytes`)."""
     if spec in PRESETS:
         return PRESETS[spec]
     path = Path(spec)
@@ -102,13 +104,14 @@ def load_cluster(spec: str) -> Cluster:
         raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"cluster file {spec} is not valid {path.suffix[1:].upper()}: {e}") from None
-    known = set(FIELDS) | {"kind", "torus_dims", "compute_fraction", "topology", "name", "host_bw"}
+    known = set(FIELDS) | {"kind", "torus_dims", "compute_fraction", "topology", "name", "host_bw",
+                           "host_bytes"}
     if missing := [k for k in FIELDS if k not in raw]:
         raise UserError(f"cluster file {spec} lacks {', '.join(missing)}; it needs {', '.join(FIELDS)}")
     if unknown := sorted(set(raw) - known):
         raise UserError(f"cluster file {spec} has unknown key {unknown[0]!r}; "
                         f"keys: {', '.join(sorted(known))}")
-    if bad := [k for k in (*FIELDS, "host_bw") if k in raw and (
+    if bad := [k for k in (*FIELDS, "host_bw", "host_bytes") if k in raw and (
             not isinstance(raw[k], int | float) or raw[k] <= 0)]:
         raise UserError(f"cluster file {spec}: {bad[0]} must be a positive number")
     if raw["chips"] % raw["fast_domain"]:
@@ -116,6 +119,7 @@ def load_cluster(spec: str) -> Cluster:
                         f"chips={raw['chips']}")
     chip = Chip(raw.get("kind", path.stem), float(raw["peak_flops"]), float(raw["hbm_bytes"]),
                 float(raw["hbm_bw"]), float(raw["fast_bw"]), int(raw.get("torus_dims", 0)),
-                float(raw.get("compute_fraction", 0.55)), float(raw.get("host_bw", 32 * GB)))
+                float(raw.get("compute_fraction", 0.55)), float(raw.get("host_bw", 32 * GB)),
+                float(raw.get("host_bytes", 0.0)))
     return Cluster(raw.get("name", path.stem), int(raw["chips"]), chip, int(raw["fast_domain"]),
                    float(raw["slow_bw"]), raw.get("topology", ""))

@@ -83,6 +83,7 @@ class Estimate:
     step_s: float
     tokens_per_s_per_chip: float
     mfu: float
+    host_memory_bytes: float = 0.0  # an offload policy's activations in host memory at once
 
 
 @memo("model", "optim", "parallel", "train", "data", "pipeline")
@@ -337,4 +338,5 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
     exposed += hidden_excess(busy, hidden) + hidden_excess(busy, comm["host"])
     step = busy + exposed
     return Estimate(sizes, state, acts, state + acts, colls, compute, bubble, comm, exposed, step,
-                    tokens / step / chips, model_flops / step / cluster.chip.peak_flops)
+                    tokens / step / chips, model_flops / step / cluster.chip.peak_flops,
+                    host_bytes(config, sizes) / config.train.grad_accum_steps)

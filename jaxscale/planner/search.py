@@ -124,7 +124,8 @@ def candidates(config, cluster: Cluster) -> Iterator[tuple[Candidate, dict[str, 
 def plan(config, cluster: Cluster, overlapped: tuple[str, ...] = ("parameters",)
          ) -> tuple[list[tuple[Candidate, cost.Estimate]], int]:
     """The layouts that fit, fastest first, and how many did not fit at any accumulation
-    (`overlapped`: as `cost.estimate`'s)."""
+    (`overlapped`: as `cost.estimate`'s). Fitting: `MEMORY_FRACTION` of the chip's HBM, and of
+    its host memory for an offload policy's activations (where the cluster gives it)."""
     fits, too_big = [], 0
     budget = cluster.chip.hbm_bytes * MEMORY_FRACTION
     c = copy.deepcopy(config)  # each candidate is written into it (copies are slow)
@@ -137,7 +138,8 @@ def plan(config, cluster: Cluster, overlapped: tuple[str, ...] = ("parameters",)
                 est = cost.estimate(c, sizes, cluster, overlapped)
             except UserError:  # a split the model's shapes do not allow
                 break
-            if est.memory_bytes <= budget:
+            if est.memory_bytes <= budget and (not cluster.chip.host_bytes or est.host_memory_bytes
+                                                <= cluster.chip.host_bytes * MEMORY_FRACTION):
                 settings = tuple((k, accum if k == "train.grad_accum_steps" else v)
                                  for k, v in candidate.settings)
                 fits.append((Candidate(settings), est))
