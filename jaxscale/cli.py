@@ -213,11 +213,13 @@ def _prepare(config, opts, inputs: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "jax" not in sys.modules:  # XLA reads its flags once, when the first backend starts
-        from jaxscale.cpu import with_xla_cpu_flags
+        from jaxscale.cpu import libtpu_without_tpu, with_xla_cpu_flags
 
         # `plan --check` compares on 8 devices: a CPU-only host emulates them
         check = argv[:1] == ["plan"] and "--check" in argv
         os.environ.update(with_xla_cpu_flags(os.environ, host_devices=8 if check else 0))
+        if not os.environ.get("JAX_PLATFORMS") and libtpu_without_tpu():
+            os.environ["JAX_PLATFORMS"] = "cpu"  # not libtpu's failed start on stderr first
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2

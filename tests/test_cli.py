@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import devices_or_skip
 
+from jaxscale.cpu import libtpu_without_tpu
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,6 +75,17 @@ def test_info_sizes_llama3_70b_without_allocating():
     # float32 params / 64 devices = 4.11 GiB; Adam's two moments twice that.
     assert "params / device     4.11 GiB" in result.stdout
     assert "optimizer / device  8.21 GiB" in result.stdout
+
+
+@pytest.mark.skipif(not libtpu_without_tpu(), reason="needs libtpu installed on a host without TPUs")
+def test_libtpu_without_a_tpu_starts_quietly_on_the_cpu():
+    """The test extra's libtpu on a host without TPU chips: the command runs on the CPU, without
+    libtpu's failed start on stderr (the tests' own JAX_PLATFORMS=cpu taken away)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = subprocess.run([sys.executable, "-m", "jaxscale.cli", "info"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "parameters" in result.stdout
+    assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr
 
 
 def test_info_sizes_a_realistic_multimodal_preset():
