@@ -43,15 +43,18 @@ def cpu_only() -> bool:
 # them faster than it slows them (whole suite on 2 cores: 973 s before, 772 and 809 s after).
 # The optimized HLO is unchanged. The few runs of hundreds of steps compile their step with
 # full optimisation (`Trainer.compile(compiler_options)`, tests/test_multimodal.py): 635 s.
-if cpu_only():
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-
-# Compiler options for the short parity runs whose HLO no test reads for loops: on a CPU host,
-# XLA:CPU's elemental emitters, which compile the same HLO fusions 2-3x faster than its MLIR
+# And XLA:CPU's elemental emitters, which compile the same HLO fusions 2-3x faster than its MLIR
 # fusion emitters (a step of the cross-attention preset 5.8 -> 1.8 CPU-s, early fusion's on
-# data x fsdp x tensor 6.1 -> 2.7) but expand scatters (embedding gradients) into while loops;
-# elsewhere the platform's own.
-FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False} if cpu_only() else None
+# data x fsdp x tensor 6.1 -> 2.7), but expand scatters (embedding gradients) into while loops:
+# the tests that read a compiled program's loops, memory or per-step collectives compile it as
+# the `jaxscale` command does, with `PRODUCTION` (or the `production_compiles` fixture).
+if cpu_only():
+    os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
+                                " --xla_cpu_use_fusion_emitters=false")
+
+# Compiler options that undo the flag above for one compile: XLA:CPU's MLIR fusion emitters, as
+# the `jaxscale` command compiles (on other platforms, the platform's own).
+PRODUCTION = {"xla_cpu_use_fusion_emitters": True} if cpu_only() else None
 
 # One persistent compilation cache per test session, shared by its xdist workers and the processes
 # tests start (they inherit the variable): tests that build the same programs (the one-device
@@ -110,6 +113,17 @@ def train_steps(trainer, config, steps: int) -> tuple:
         state, out = trainer.step(state, make_global_batch(next(data), trainer.batch_sharding))
         losses.append(float(out["loss"]))
     return state, losses
+
+
+@pytest.fixture
+def production_compiles(monkeypatch):
+    """`Trainer.compile` (and so `planner.compiled.compile_step`) with `PRODUCTION` unless given
+    other options: the programs these tests read are the ones the `jaxscale` command runs."""
+    from jaxscale.train.trainer import Trainer
+
+    compile = Trainer.compile
+    monkeypatch.setattr(Trainer, "compile",
+                        lambda self, compiler_options=None: compile(self, compiler_options or PRODUCTION))
 
 
 def pytest_collection_modifyitems(items: list) -> None:

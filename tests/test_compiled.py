@@ -12,6 +12,10 @@ from jaxscale.planner import compiled
 from jaxscale.planner.compiled import compile_step, step_collectives
 from jaxscale.train.trainer import build_trainer
 
+# the memory and the per-step collectives (loops by their trip counts) of the programs the
+# `jaxscale` command compiles
+pytestmark = pytest.mark.usefixtures("production_compiles")
+
 LAYOUTS = {
     "dp8": dict(data=8),
     "fsdp8": dict(fsdp=8),

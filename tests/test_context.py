@@ -128,6 +128,7 @@ def _compiled(config, devices):
     return build_trainer(config, mesh_from_config(config.mesh, devices)).compile()
 
 
+@pytest.mark.usefixtures("production_compiles")  # the memory of the command's programs
 def test_ring_temporary_memory_per_device_falls_with_the_context_axis():
     """Compiled temporary memory per device at sequence 8,192 (batch 1): the ring's is at most
     1.3 x (one device's / C)."""

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE, devices_or_skip, tiny_config
+from conftest import devices_or_skip, tiny_config
 from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -37,7 +37,7 @@ def moe_config(**settings):
     return c
 
 
-def run(config, devices, steps=STEPS, compiler_options=FAST_COMPILE):
+def run(config, devices, steps=STEPS, compiler_options=None):
     """Metrics of `steps` steps, the trainer and the last state."""
     trainer = build_trainer(config, mesh_from_config(config.mesh, devices))
     trainer.compile(compiler_options)  # the steps run it; its HLO is read without a new trace
@@ -354,9 +354,8 @@ def test_multimodal_decoders_take_moe_layers(family, layout):
         c.pipeline.update(schedule="1f1b", microbatches=2)
         return c
 
-    _, _, one = train_steps(config(), jax.devices()[:1], 3, compiler_options=FAST_COMPILE)
-    trainer, _, split = train_steps(config(**layout), devices_or_skip(8), 3,
-                                    compiler_options=FAST_COMPILE)
+    _, _, one = train_steps(config(), jax.devices()[:1], 3)
+    trainer, _, split = train_steps(config(**layout), devices_or_skip(8), 3)
     np.testing.assert_allclose(split, one, rtol=1e-5)
     assert one[-1] < one[0]
     assert "all-to-all" in trainer.compile().as_text()

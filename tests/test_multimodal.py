@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE, devices_or_skip
+from conftest import PRODUCTION, devices_or_skip
 from flax import nnx
 
 from jaxscale.checkpoint import Checkpointer
@@ -34,8 +34,9 @@ multimodal_config = load_module(Path(__file__).parents[1] / "configs/presets.py"
 # CLIP run of 150 steps, 0.097).
 TRAIN_STEPS = {"early_fusion": 400, "clip": 200, "cross_attention": 200}
 # The learning runs take hundreds of steps: their step is worth LLVM's full optimisation, which
-# conftest turns off on a CPU host (early fusion's 600 steps: 148 -> 106 s on 2 cores).
-TRAINING = {"xla_backend_optimization_level": 3}
+# conftest turns off on a CPU host (early fusion's 600 steps: 148 -> 106 s on 2 cores), and the
+# `jaxscale` command's fusion emitters (the accuracies above were measured with them).
+TRAINING = {"xla_backend_optimization_level": 3, **(PRODUCTION or {})}
 HELDOUT = 256
 
 
@@ -68,7 +69,8 @@ def train(config, devices, steps, start=None, compiler_options=None):
 def test_family_trains_alike_on_one_device_and_a_hybrid_mesh(family, frames, scan):
     *_, one = train(mm_config(family, frames, scan), jax.devices()[:1], 3)
     hybrid_mesh = dict(data=2, fsdp=2, tensor=2)
-    trainer, _, hybrid = train(mm_config(family, frames, scan, **hybrid_mesh), devices_or_skip(8), 3)
+    trainer, _, hybrid = train(mm_config(family, frames, scan, **hybrid_mesh), devices_or_skip(8), 3,
+                               compiler_options=PRODUCTION)  # its loops are read below
     np.testing.assert_allclose(hybrid, one, rtol=1e-5)
     assert one[-1] < one[0]
     hlo = trainer.compile().as_text()
@@ -146,8 +148,7 @@ def four_layer_references():
 
     def reference(family):
         if family not in cache:
-            _, state, losses = train(pipeline_config(family), jax.devices()[:1], 3,
-                                     compiler_options=FAST_COMPILE)
+            _, state, losses = train(pipeline_config(family), jax.devices()[:1], 3)
             cache[family] = losses, jax.device_get(state.params)
         return cache[family]
 
@@ -177,8 +178,7 @@ def test_fusion_decoders_pipeline_under_every_schedule(family, schedule, four_la
     connector run before the pipeline, their gradients through its input (and visual context)."""
     schedule = SCHEDULES[schedule]
     config = pipeline_config(family, **schedule)
-    trainer, state, losses = train(config, devices_or_skip(8 if "mesh" in schedule else 2), 3,
-                                   compiler_options=FAST_COMPILE)
+    trainer, state, losses = train(config, devices_or_skip(8 if "mesh" in schedule else 2), 3)
     reference_losses, reference = four_layer_references(family)
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
     # the encoder and connector trained alike (3 steps move them by ~1e-3): their gradients came

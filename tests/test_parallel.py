@@ -109,6 +109,7 @@ def compiled_collectives(devices, **layout):
     return collective_stats(trainer.compile().as_text()), trainer
 
 
+@pytest.mark.usefixtures("production_compiles")  # the loops of the command's programs
 @pytest.mark.parametrize("layout", [dict(data=2, fsdp=4), dict(fsdp=4, tensor=2),
                                     dict(data=8, zero_stage=3), dict(pipeline=2, fsdp=4)])
 def test_emulated_devices_run_their_collectives_in_one_order(layout):
@@ -374,6 +375,7 @@ def test_pipelines_train_in_bfloat16(schedule, bf16_pipeline_reference):
     np.testing.assert_allclose(losses, bf16_pipeline_reference, rtol=1e-2)
 
 
+@pytest.mark.usefixtures("production_compiles")  # the memory of the command's programs
 def test_1f1b_keeps_less_activation_memory_than_gpipe():
     """Compiled temporaries per device at the same M: 1F1B keeps <= 2P - 1 microbatches' stage
     inputs, GPipe every layer's activations of all M (plus the head on every stage). Interleaved

@@ -65,6 +65,7 @@ def predicted_bytes(config, sizes, platform: str) -> dict[str, dict[str, float]]
     return out
 
 
+@pytest.mark.usefixtures("production_compiles")  # the memory and loops of the command's programs
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_predicted_collective_bytes_and_memory_match_the_compiled_programs(name):
     """Every collective the compiled step runs per step (loops counted by their trip counts),
@@ -89,6 +90,7 @@ def test_predicted_collective_bytes_and_memory_match_the_compiled_programs(name)
         assert abs(got - predicted) <= 1024 + 0.002 * got, (label, op, got, predicted)
 
 
+@pytest.mark.usefixtures("production_compiles")
 def test_state_bytes_equal_the_compiled_arguments():
     """Parameters and optimizer state per device (the step's arguments, less the batch) as the
     cost model sizes them from the abstract shardings, for DP, ZeRO-1/3, FSDP, TP and a pipeline."""
