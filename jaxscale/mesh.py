@@ -59,7 +59,13 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     dcn = {a: int(n) for a, n in (dcn or {}).items() if int(n) != 1}
     if dcn:
         return Mesh(hybrid_devices(sizes, dcn, devices), AXES, axis_types=types)
-    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=types, devices=devices)
+    shape = tuple(sizes[a] for a in AXES)
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    except NotImplementedError:  # no whole physical axes make an axis (tensor=8 on a 16x16
+        # torus): split one, as MaxText's `allow_split_physical_axes` does, rather than refuse
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, AXES, axis_types=types)
 
 
 def hybrid_devices(sizes: Mapping[str, int], dcn: Mapping[str, int],
@@ -87,8 +93,13 @@ def hybrid_devices(sizes: Mapping[str, int], dcn: Mapping[str, int],
         raise UserError(f"mesh.dcn {across} spans {math.prod(dcn_shape)} {granules} but the "
                         f"devices are on {groups}; make the mesh.dcn sizes multiply to {groups}")
     ici_shape = tuple(sizes[a] // n for a, n in zip(AXES, dcn_shape, strict=True))
-    return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
-                                                process_is_granule=not by_slice)
+    try:
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                    process_is_granule=not by_slice)
+    except NotImplementedError:  # as in `make_mesh`
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                    process_is_granule=not by_slice,
+                                                    allow_split_physical_axes=True)
 
 
 def mesh_from_config(mesh_cfg: Mapping[str, int],

@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_config
 
 from jaxscale.errors import UserError
-from jaxscale.mesh import AXES
+from jaxscale.mesh import AXES, make_mesh
 from jaxscale.models import abstract_model
 from jaxscale.planner import cost, memory, remat
 from jaxscale.planner.compiled import compile_step, topology_devices
@@ -161,6 +161,15 @@ def test_expert_parallelism_exchanges_routed_tokens_over_expert(steps):
 def test_context_parallelism_passes_keys_and_values_around_the_ring(steps):
     count, sent = steps("cp").collectives["context"]["collective-permute"]
     assert count >= 2 * layout_config("cp").model.n_layers * (4 - 1) and sent > 0
+
+
+def test_a_mesh_axis_no_whole_torus_axes_make_still_lays_out():
+    """tensor=8 on a 4x4 v6e torus (as on the 16x16 slice `jaxscale plan` proposes such layouts
+    for): no product of whole physical axes is 8, so one is split rather than refused."""
+    devices = topology_devices("v6e:4x4")
+    mesh = make_mesh({**dict.fromkeys(AXES, 1), "data": 2, "tensor": 8}, devices)
+    assert (mesh.shape["data"], mesh.shape["tensor"]) == (2, 8)
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
 
 
 def test_a_bad_topology_is_one_line():
