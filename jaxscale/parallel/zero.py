@@ -69,7 +69,7 @@ def sent_dtype(dtype: jnp.dtype, gather: jnp.dtype | None) -> jnp.dtype:
 def _gather_as(x: jax.Array, axes: tuple[str, ...], axis: int, dtype: jnp.dtype) -> jax.Array:
     """`x` cast to `dtype` and all-gathered (tiled) along `axis`; its gradient is cast back to
     `x`'s dtype before the reduce-scatter, so the reduction runs at the parameter's precision."""
-    return jax.lax.all_gather(x.astype(dtype), axes, axis=axis, tiled=True)
+    return _gather_as_fwd(x, axes, axis, dtype)[0]
 
 
 def _gather_as_fwd(x, axes, axis, dtype):

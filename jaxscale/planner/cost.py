@@ -325,7 +325,8 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
         bubble = (pp - 1) / (v * config.pipeline.microbatches + pp - 1)
     busy = compute / (1 - bubble)
     # an offload policy's activations out to the host and back, beside the compute (its own link)
-    comm = {"fast": 0.0, "slow": 0.0, "host": 2 * host_bytes(config, sizes) / cluster.chip.host_bw}
+    host = host_bytes(config, sizes)
+    comm = {"fast": 0.0, "slow": 0.0, "host": 2 * host / cluster.chip.host_bw}
     hidden = exposed = 0.0
     for c in colls:
         kind, bw = link(c.axes, sizes, cluster)
@@ -339,4 +340,4 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
     step = busy + exposed
     return Estimate(sizes, state, acts, state + acts, colls, compute, bubble, comm, exposed, step,
                     tokens / step / chips, model_flops / step / cluster.chip.peak_flops,
-                    host_bytes(config, sizes) / config.train.grad_accum_steps)
+                    host / config.train.grad_accum_steps)
