@@ -117,6 +117,37 @@ def test_the_search_keeps_only_layouts_that_fit_fastest_first():
     assert times == sorted(times)
 
 
+@pytest.mark.usefixtures("production_compiles")
+def test_the_search_chunks_the_loss_where_the_logits_do_not_fit(monkeypatch):
+    """A model whose float32 logits are most of its step: chunked, the planner's memory is within
+    10% of the compiled step's, as unchunked; on chips that hold the chunked step only, the
+    search keeps the layout by chunking the loss (same FLOPs) before it accumulates."""
+    monkeypatch.setattr(search, "LOSS_CHUNK", 128)
+    config = tiny_config(data=8, global_batch_size=64)
+    config.model.update(vocab_size=4096, max_seq_len=128)
+    config.data.seq_len = 128  # 1,024 tokens a device: 16 MiB of logits
+    sizes, gpu = sizes_of(config, 8), clusters.PRESETS["8xh100"]
+    predicted = {}
+    for chunk in (0, 128):
+        config.model.loss_chunk = chunk
+        predicted[chunk] = cost.estimate(config, sizes, gpu).memory_bytes
+        compiled = compile_step(config, devices_or_skip(8)).peak_bytes
+        assert abs(predicted[chunk] - compiled) <= 0.1 * compiled, (chunk, predicted[chunk], compiled)
+    assert predicted[0] - predicted[128] > 12 * 2**20
+    config.model.loss_chunk = 0
+    between = (predicted[0] + predicted[128]) / 2 / search.MEMORY_FRACTION
+    chip = dataclasses.replace(gpu.chip, hbm_bytes=between)
+    fits, _ = search.plan(config, clusters.Cluster("8xsmall", 8, chip, 8, 10e9))
+    settings = [dict(c.settings) for c, _ in fits]
+    kept = next(s for s in settings if s["mesh.data"] == 8 and s["parallel.zero_stage"] == 0
+                and s["model.remat"] == "none")
+    assert (kept["model.loss_chunk"], kept["train.grad_accum_steps"]) == (128, 1)
+    assert {s["model.loss_chunk"] for s in settings} <= {0, 128}
+    best = fits[0][0]
+    chunked = "--config.model.loss_chunk=128" in best.overrides(config)
+    assert chunked == ("loss_chunk=128" in best.describe())
+
+
 def test_named_remat_policies_keep_offload_and_recompute_what_they_name():
     """`save:`/`offload:` policies: the device keeps the layer input and the saved names (float32
     results), an offload sends its names to the host and back beside the compute, the backward

@@ -3,7 +3,8 @@
 A layout is the mesh (data, fsdp, tensor, pipeline, expert, context; multi-slice TPU clusters put
 the data-parallel axis across slices), the ZeRO stage, sequence parallelism, the pipeline schedule
 and its microbatches, the remat policy (`REMATS` and the config's own) and the gradient
-accumulation that makes it fit, at the config's global batch and sequence. Each is priced by `cost.estimate`.
+accumulation and the loss chunking (`model.loss_chunk`) that make it fit, at the config's global
+batch and sequence. Each is priced by `cost.estimate`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from jaxscale.planner.clusters import Cluster
 
 REMATS = ("none", "save_dots", "full")
 MEMORY_FRACTION = 0.9  # of HBM a layout may plan to use (the rest: XLA's and the runtime's)
+# tokens a chunk of the fused output layer and cross-entropy takes, where the search chunks the
+# loss to fit (the logits of 4,096 tokens and a 128K vocabulary: 2 GiB in float32)
+LOSS_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,8 @@ class Candidate:
             extra.append(f"{s['pipeline.schedule']} m={s['pipeline.microbatches']}"
                          + (f" v={s['pipeline.virtual_stages']}" if s["pipeline.virtual_stages"] > 1 else ""))
         extra.append(f"remat={s['model.remat']}")
+        if s.get("model.loss_chunk"):
+            extra.append(f"loss_chunk={s['model.loss_chunk']}")
         if s.get("train.grad_accum_steps", 1) > 1:
             extra.append(f"accum={s['train.grad_accum_steps']}")
         return f"{mesh} ({', '.join(extra)})"
@@ -118,38 +124,56 @@ def candidates(config, cluster: Cluster) -> Iterator[tuple[Candidate, dict[str, 
                 ("parallel.zero_stage", zero), ("parallel.sequence_parallel", sp),
                 ("pipeline.schedule", schedule), ("pipeline.microbatches", mb),
                 ("pipeline.virtual_stages", v), ("model.remat", remat),
-                ("train.grad_accum_steps", 1))), sizes
+                ("model.loss_chunk", config.model.loss_chunk), ("train.grad_accum_steps", 1))), sizes
+
+
+def _chunkings(config, sizes: dict[str, int]) -> list[int]:
+    """The loss chunkings to try at one accumulation, cheapest first: the config's own, then
+    `LOSS_CHUNK` tokens where the config has none and a device's micro-batch holds more (the
+    same FLOPs; only the logits' memory changes, `memory.activation_bytes`)."""
+    own = config.model.loss_chunk
+    return [own] if own or cost.tokens_per_device(config, sizes) <= LOSS_CHUNK else [own, LOSS_CHUNK]
+
+
+def _fit_at(c, candidate: Candidate, sizes: dict[str, int], accum: int, cluster: Cluster,
+            overlapped: tuple[str, ...]):
+    """`candidate` at `accum` accumulation steps and the first of `_chunkings` that fits, written
+    into `c`: `(Candidate, Estimate)`, None where none fits, False where the model's shapes do
+    not split so."""
+    candidate.apply(c, in_place=True)
+    c.train.grad_accum_steps = accum
+    for chunk in _chunkings(c, sizes):
+        c.model.loss_chunk = chunk
+        try:
+            est = cost.estimate(c, sizes, cluster, overlapped)
+        except UserError:
+            return False
+        if est.memory_bytes <= cluster.chip.hbm_bytes * MEMORY_FRACTION and (
+                not cluster.chip.host_bytes
+                or est.host_memory_bytes <= cluster.chip.host_bytes * MEMORY_FRACTION):
+            chosen = {"train.grad_accum_steps": accum, "model.loss_chunk": chunk}
+            return Candidate(tuple((k, chosen.get(k, v)) for k, v in candidate.settings)), est
+    return None
 
 
 def plan(config, cluster: Cluster, overlapped: tuple[str, ...] = ("parameters",)
          ) -> tuple[list[tuple[Candidate, cost.Estimate]], int]:
-    """The layouts that fit, fastest first, and how many did not fit at any accumulation
-    (`overlapped`: as `cost.estimate`'s). Fitting: `MEMORY_FRACTION` of the chip's HBM, and of
-    its host memory for an offload policy's activations (where the cluster gives it)."""
+    """The layouts that fit, fastest first, and how many did not fit at any accumulation or loss
+    chunking (`overlapped`: as `cost.estimate`'s). Fitting: `MEMORY_FRACTION` of the chip's HBM,
+    and of its host memory for an offload policy's activations (where the cluster gives it)."""
     fits, too_big = [], 0
-    budget = cluster.chip.hbm_bytes * MEMORY_FRACTION
     c = copy.deepcopy(config)  # each candidate is written into it (copies are slow)
     for candidate, sizes in candidates(config, cluster):
         accum = 1
-        while True:
-            candidate.apply(c, in_place=True)
-            c.train.grad_accum_steps = accum
-            try:
-                est = cost.estimate(c, sizes, cluster, overlapped)
-            except UserError:  # a split the model's shapes do not allow
-                break
-            if est.memory_bytes <= budget and (not cluster.chip.host_bytes or est.host_memory_bytes
-                                                <= cluster.chip.host_bytes * MEMORY_FRACTION):
-                settings = tuple((k, accum if k == "train.grad_accum_steps" else v)
-                                 for k, v in candidate.settings)
-                fits.append((Candidate(settings), est))
-                break
+        while (found := _fit_at(c, candidate, sizes, accum, cluster, overlapped)) is None:
             rows = config.train.global_batch_size // accum // math.prod(sizes[a] for a in cost.BATCH_AXES)
             mb = c.pipeline.microbatches if sizes["pipeline"] > 1 else 1
             if rows < 2 * mb or rows % (2 * mb):
                 too_big += 1
                 break
             accum *= 2
+        if found:
+            fits.append(found)
     fits.sort(key=lambda r: (r[1].step_s, sum(r[1].comm_s.values()), r[1].memory_bytes))
     return fits, too_big
 
