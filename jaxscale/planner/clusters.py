@@ -35,13 +35,16 @@ class Chip:
     host_bytes: float = 0.0  # host memory per chip for offloaded activations (0: not checked)
 
 
+MIB, GIB = 2**20, 2**30
 # compute fractions fitted on torchtitan's Llama-3.1-8B (8 x H100) and MaxText's Llama-2-70B (v5p)
-# by experiments/plan_published.py (docs/results/plan.md); H200 and v6e take H100's and v5p's
+# by experiments/plan_published.py (docs/results/plan.md); H200 and v6e take H100's and v5p's.
+# HBM: the GPUs' total as nvidia-smi reports it; the TPUs' as their compiler makes it available
+# to a program (libtpu 0.0.42.1's "exceeds available HBM" figure)
 CHIPS = {
-    "h100": Chip("H100 SXM", 989e12, 80 * GB, 3.35e12, 450 * GB, 0, 0.382, 64 * GB, 256 * GB),
-    "h200": Chip("H200 SXM", 989e12, 141 * GB, 4.8e12, 450 * GB, 0, 0.382, 64 * GB, 256 * GB),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GB, 2.765e12, 100 * GB, 3, 0.844, 32 * GB, 112 * GB),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GB, 1.64e12, 112 * GB, 2, 0.844, 32 * GB, 180 * GB),
+    "h100": Chip("H100 SXM", 989e12, 81559 * MIB, 3.35e12, 450 * GB, 0, 0.382, 64 * GB, 256 * GB),
+    "h200": Chip("H200 SXM", 989e12, 143771 * MIB, 4.8e12, 450 * GB, 0, 0.382, 64 * GB, 256 * GB),
+    "v5p": Chip("TPU v5p", 459e12, 95.74 * GIB, 2.765e12, 100 * GB, 3, 0.844, 32 * GB, 112 * GB),
+    "v6e": Chip("TPU v6e", 918e12, 31.25 * GIB, 1.64e12, 112 * GB, 2, 0.844, 32 * GB, 180 * GB),
 }
 
 
