@@ -7,6 +7,7 @@ writes every reduce-scatter as an all-reduce (a bare `psum_scatter` too), so ZeR
 bytes are read from all-reduces.
 """
 
+import dataclasses
 import importlib.util
 
 import jax
@@ -16,8 +17,8 @@ from conftest import tiny_config
 from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, make_mesh
 from jaxscale.models import abstract_model
-from jaxscale.planner import cost, memory, remat
-from jaxscale.planner.compiled import compile_step, topology_devices
+from jaxscale.planner import clusters, cost, memory, remat, search
+from jaxscale.planner.compiled import DoesNotFit, compile_step, topology_devices
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -201,3 +202,41 @@ def test_remat_policies_recompute_and_offload_what_the_planner_prices():
     assert flops["save:qkv,attn_out"][1] > 0 and host["save:qkv,attn_out"] == (0, 0)
     assert host["offload:layer_input,qkv"][1] > 0
     assert host["offload:layer_input,qkv"][0] == pytest.approx(host["offload:layer_input,qkv"][1], rel=0.01)
+
+
+def test_plan_compiles_the_near_misses_that_the_cost_model_puts_over_the_chips_memory():
+    """`jaxscale plan --compile` on a TPU cluster whose chips the cost model says the fastest
+    layout overfills (a v5p:2x2x1 slice described with a tenth less HBM than that layout needs):
+    the layout is a near miss, compiled beside the best that fits, and the compiler (a v5p's
+    95.74 GiB) fits it, so the report gives its overrides."""
+    config = tiny_config()
+    config.model.update(SHAPE)
+    roomy = clusters.Cluster("v5p-4", 4, clusters.CHIPS["v5p"], 4, 3.125e9, "v5p:2x2x1")
+    _, fastest = search.plan(config, roomy)[0][0]
+    chip = dataclasses.replace(roomy.chip, hbm_bytes=fastest.memory_bytes / 1.1)
+    tight = dataclasses.replace(roomy, chip=chip)
+    fits, _ = search.plan(config, tight)
+    near = search.near_misses(config, tight, fits, 1)
+    assert len(near) == 1 and near[0][1].step_s < fits[0][1].step_s
+    assert near[0][1].memory_bytes > search.MEMORY_FRACTION * tight.chip.hbm_bytes
+    lines = search.report(config, tight, top=2, compile_top=1).splitlines()
+    row = next(line for line in lines if line.startswith("| near miss |"))
+    assert "tokens/s/chip" in row and "does not fit" not in row  # compiled, and priced
+    assert f"near miss the compiler fits: {near[0][0].overrides(config)}" in lines
+
+
+def test_a_layout_the_compiler_cannot_fit_is_one_row_saying_so():
+    """A cluster file that claims more HBM than the v5p has: the planner keeps a step whose
+    float32 logits alone (65,536 tokens a chip, a 2^19 vocabulary) are 128 GiB, and the compile
+    tier reports the TPU compiler's one-line refusal in its row instead of failing."""
+    config = tiny_config(data=4, global_batch_size=128)
+    config.model.update(SHAPE, vocab_size=2**19, max_seq_len=2048)
+    config.data.seq_len = 2048
+    big = clusters.Cluster("v5p-4", 4, dataclasses.replace(clusters.CHIPS["v5p"], hbm_bytes=1e12), 4,
+                           3.125e9, "v5p:2x2x1")
+    refusal = r"^Ran out of memory on HBM[^\n]* exceeds available HBM \(95\.74G\)\.?$"
+    with pytest.raises(DoesNotFit, match=refusal):
+        compile_step(config, topology_devices("v5p:2x2x1"))
+    lines = search.report(config, big, top=1, compile_top=1).splitlines()
+    row = next(line for line in lines if line.startswith("| 1 |") and "does not fit" in line)
+    assert "exceeds available HBM (95.74G)" in row

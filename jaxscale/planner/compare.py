@@ -16,7 +16,7 @@ from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.planner import cost
 from jaxscale.planner.clusters import Chip, Cluster
-from jaxscale.planner.compiled import CompiledStep, compile_step
+from jaxscale.planner.compiled import CompiledStep, DoesNotFit, compile_step
 from jaxscale.planner.search import Candidate
 
 GIB = 2.0**30
@@ -61,8 +61,10 @@ def compiled_step_time(step: CompiledStep, estimate: cost.Estimate, config, clus
     return busy + exposed + cost.hidden_excess(busy, overlapped)
 
 
-def compiled_rows(config, cluster: Cluster, ranked, n: int) -> list[str]:
-    """Table rows for the `n` best `ranked` layouts compiled for the cluster's slices."""
+def compiled_rows(config, cluster: Cluster, ranked, n: int, near=()) -> list[str]:
+    """Table rows for the `n` best `ranked` layouts and the `near` misses
+    (`search.near_misses`) compiled for the cluster's slices: the compiler's memory, or its
+    reason where the step does not fit."""
     devices = slice_devices(cluster)
     lines = ["", f"compiled for {cluster.topology}" + (f" x {cluster.domains} slices" if cluster.domains > 1
                                                       else "") + " (libtpu; no TPU needed):", "",
@@ -70,15 +72,23 @@ def compiled_rows(config, cluster: Cluster, ranked, n: int) -> list[str]:
              "step s with compiled bytes | compiled bytes sent per chip |",
              "|---:|---|---:|---:|---:|---:|---|"]
     tokens = config.train.global_batch_size * config.data.seq_len
-    for i, (cand, est) in enumerate(ranked[:n], 1):
-        step = compile_step(cand.apply(config), devices)
+    rows = [(str(i), r) for i, r in enumerate(ranked[:n], 1)] + [("near miss", r) for r in near]
+    rescued = []
+    for label, (cand, est) in rows:
+        head = f"| {label} | {cand.describe()} | {est.memory_bytes / GIB:.1f} |"
+        try:
+            step = compile_step(cand.apply(config), devices)
+        except DoesNotFit as e:
+            lines.append(f"{head} does not fit: {e} | {est.step_s:.3f} | | |")
+            continue
         seconds = compiled_step_time(step, est, config, cluster)
-        sent = ", ".join(f"{label or 'none'} {sum(b for _, b in ops.values()) / GIB:.2f} GiB"
-                         for label, ops in step.collectives.items())
-        lines.append(f"| {i} | {cand.describe()} | {est.memory_bytes / GIB:.1f} | "
-                     f"{step.peak_bytes / GIB:.1f} | {est.step_s:.3f} | {seconds:.3f} "
+        sent = ", ".join(f"{axes or 'none'} {sum(b for _, b in ops.values()) / GIB:.2f} GiB"
+                         for axes, ops in step.collectives.items())
+        lines.append(f"{head} {step.peak_bytes / GIB:.1f} | {est.step_s:.3f} | {seconds:.3f} "
                      f"({tokens / seconds / cluster.chips:,.0f} tokens/s/chip) | {sent} |")
-    return lines
+        if label == "near miss":
+            rescued.append(cand.overrides(config) or "the config's own layout")
+    return lines + [""] + [f"near miss the compiler fits: {o}" for o in rescued] if rescued else lines
 
 
 LAYOUTS = {  # the strategies `check` compares, as config overrides

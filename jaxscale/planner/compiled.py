@@ -74,12 +74,22 @@ class CompiledStep:
                 - self.host_temp_bytes)
 
 
+class DoesNotFit(UserError):
+    """The compiler found that a step does not fit the devices' memory (its one-line reason)."""
+
+
 def compile_step(config, devices: Sequence[jax.Device]) -> CompiledStep:
-    """Compile one training step of `config` on `mesh_from_config(config.mesh, devices)`."""
+    """Compile one training step of `config` on `mesh_from_config(config.mesh, devices)`; raises
+    `DoesNotFit` where the compiler runs out of device memory."""
     from jaxscale.train.trainer import build_trainer  # the planner's other modules need no trainer
 
     mesh = mesh_from_config(config.mesh, devices)
-    compiled = build_trainer(config, mesh).compile()
+    try:
+        compiled = build_trainer(config, mesh).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise DoesNotFit(str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")) from None
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}  # None from a GPU compile without a GPU
     cost = cost[0] if isinstance(cost, list) else cost
