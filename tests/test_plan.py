@@ -81,13 +81,32 @@ def test_predicted_collective_bytes_and_memory_match_the_compiled_programs(name)
     if devices[0].platform == "cpu":
         predicted = cost.estimate(config, sizes, clusters.PRESETS["8xh100"]).memory_bytes
         assert abs(predicted - step.peak_bytes) <= 0.1 * step.peak_bytes, (predicted, step.peak_bytes)
-    compiled = step.collectives
-    want = predicted_bytes(config, sizes, devices[0].platform)
+    assert_bytes_match(step.collectives, predicted_bytes(config, sizes, devices[0].platform))
+
+
+def assert_bytes_match(compiled: dict, want: dict) -> None:
+    """The same collectives per mesh axis and kind, and bytes within 1 KB and 0.2%."""
     found = {(label, op) for label, ops in compiled.items() for op, (_, b) in ops.items() if b > 1024}
     assert found == {(label, op) for label, ops in want.items() for op, b in ops.items() if b > 1024}
     for label, op in found:
         got, predicted = compiled[label][op][1], want[label][op]
         assert abs(got - predicted) <= 1024 + 0.002 * got, (label, op, got, predicted)
+
+
+@pytest.mark.usefixtures("production_compiles")
+@pytest.mark.parametrize("settings", [dict(data=2, tensor=4, zero_stage=3), dict(fsdp=2, tensor=4)],
+                         ids=["ZeRO-3 x TP", "FSDP x TP"])
+def test_zero_and_fsdp_under_tensor_parallelism_gather_each_devices_tensor_slice(settings):
+    """Parameters split over `tensor` and a data-parallel axis are gathered over the latter
+    only, each device its tensor slice (`zero.gather_all`'s nested shard_map): nothing is
+    gathered over `tensor`, and the bytes over `data`/`fsdp` are the cost model's (without the
+    nesting, XLA's partitioner gathered every parameter whole over `tensor` first: 2.6 times the
+    bytes over `data`, 2.1 times the gradients'). Memory is not compared: predicted 1.14 times
+    the compiled peak for ZeRO-3 x TP (docs/plan.md)."""
+    config = tiny_config(**settings)
+    step = compile_step(config, devices_or_skip(8))
+    assert "all-gather" not in step.collectives["tensor"]
+    assert_bytes_match(step.collectives, predicted_bytes(config, sizes_of(config, 8), "cpu"))
 
 
 @pytest.mark.usefixtures("production_compiles")

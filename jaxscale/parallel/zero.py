@@ -139,18 +139,51 @@ def _unstack(whole: jax.Array, shape: tuple[int, ...], dim: int) -> jax.Array:
         *shape[:dim], -1, *shape[dim + 1:])
 
 
+def auto_part(spec: PartitionSpec, manual_axes: tuple[str, ...], sizes: dict[str, int]) -> PartitionSpec:
+    """The part of `spec` over the mesh axes a `shard_map` manual over `manual_axes` leaves
+    automatic (tensor parallelism's), those of one device dropped."""
+    return PartitionSpec(*(tuple(a for a in as_tuple(d) if a not in manual_axes and sizes[a] > 1)
+                           or None for d in spec))
+
+
 def gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool,
-               gather: jnp.dtype | None = None) -> list[jax.Array]:
+               gather: jnp.dtype | None = None, auto: list[PartitionSpec] | None = None
+               ) -> list[jax.Array]:
     """All-gather each `x` over the data-parallel axes in its spec (`pipeline` stays split), sent
     in `gather` (floating parameters; `all_gather`). A parameter split over data-parallel axes in
     two dimensions (rare) is gathered in its own dtype.
 
+    `auto` gives each `x`'s spec over the automatic mesh axes (`auto_part`). Those split over
+    them (tensor parallelism's) are gathered in a `shard_map` manual over those axes too, so each
+    device gathers its own slice: in a collective over manual axes, XLA's partitioner first
+    gathers an operand split over automatic axes whole (under tensor=4, an all-gather over
+    `tensor` and 4 times the bytes over the data-parallel axes, gradients likewise).
+
     With `flat`, shards gathered over the same axes travel as one flat buffer (each device's part
     padded to `FLAT_ALIGN` elements), gathered along its leading axis and moved into place
     (XLA:CPU does that several times faster than gathering along an inner dimension). Without
-    `flat` (where other mesh axes, e.g. `tensor`, split the shards, which flattening would gather
-    over them too) each is gathered along its own dimension.
+    `flat` (where other mesh axes, e.g. `tensor`, split the shards) each is gathered along its
+    own dimension.
     """
+    out = list(xs)
+    nested = [i for i, spec in enumerate(auto or ()) if any(as_tuple(d) for d in spec)]
+    if nested:
+        inner = tuple(auto[i] for i in nested)
+        axes = frozenset(a for spec in inner for d in spec for a in as_tuple(d))
+        gathered = jax.shard_map(
+            lambda *ys: tuple(_gather_all(list(ys), [specs[i] for i in nested], False, gather)),
+            in_specs=inner, out_specs=inner, axis_names=axes)(*(xs[i] for i in nested))
+        for i, x in zip(nested, gathered, strict=True):
+            out[i] = x
+    rest = [i for i in range(len(xs)) if i not in nested]
+    for i, x in zip(rest, _gather_all([xs[i] for i in rest], [specs[i] for i in rest], flat, gather),
+                    strict=True):
+        out[i] = x
+    return out
+
+
+def _gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool,
+                gather: jnp.dtype | None) -> list[jax.Array]:
     out = list(xs)
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for i, (x, spec) in enumerate(zip(xs, specs, strict=True)):
@@ -220,11 +253,12 @@ def _layer_specs(manual, virtualized: tuple[str, ...]) -> dict[frozenset, dict[s
 class RegatheredBlock:
     """`apply_block(block, *args)` that gathers the layer's parameter shards inside the layer and
     again in the backward pass (remat policy `_not_gathered`) instead of keeping them, sent in
-    `gather` (`gather_all`)."""
+    `gather`, each device its slice of the automatic axes (`auto_specs`; `gather_all`)."""
 
     def __init__(self, manual_specs, virtualized: tuple[str, ...], manual_axes: tuple[str, ...],
-                 flat: bool, gather: jnp.dtype | None = None):
+                 flat: bool, gather: jnp.dtype | None = None, auto_specs=None):
         self.layer_specs = _layer_specs(manual_specs, virtualized)
+        self.layer_auto = _layer_specs(auto_specs, virtualized) if auto_specs is not None else None
         self.manual_axes, self.flat, self.gather = manual_axes, flat, gather
 
     def __call__(self, block: nnx.Module, *args) -> jax.Array:
@@ -232,10 +266,11 @@ class RegatheredBlock:
         flat, treedef = jax.tree_util.tree_flatten_with_path(shards)
         names = ["/".join(_keys(p)) for p, _ in flat]
         layer = self.layer_specs[frozenset(names)]
+        auto = [self.layer_auto[frozenset(names)][n] for n in names] if self.layer_auto else None
 
         def run(shards, *args):
             gathered = gather_all(jax.tree.leaves(shards), [layer[n] for n in names], self.flat,
-                                  self.gather)
+                                  self.gather, auto)
             full = treedef.unflatten(gathered)
             return nnx.merge(graph, full)(*args)
 
@@ -265,8 +300,11 @@ class LocalLoss:
         self.gather = gather
         # flat buffers only where no other mesh axis splits the parameters (see `gather_all`)
         self.flat = all(n == 1 for a, n in layout.mesh.shape.items() if a not in manual_axes)
+        sizes = dict(layout.mesh.shape)
+        self.auto = jax.tree.map(lambda s: auto_part(s, manual_axes, sizes), stored_specs,
+                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
         self.block = RegatheredBlock(manual_specs, virtualized, manual_axes, self.flat,
-                                     gather) if regather else None
+                                     gather, self.auto) if regather else None
 
     def __call__(self, params, batch):
         # marked varying as shards, so a gradient is all-reduced over the axes that do not split
@@ -294,6 +332,7 @@ class LocalLoss:
         `vocab`: the vocabulary tables cut into vocabulary slices instead)."""
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         specs = jax.tree.leaves(self.manual, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        auto = jax.tree.leaves(self.auto, is_leaf=lambda x: isinstance(x, PartitionSpec))
         out = [x for _, x in flat]
         todo = []
         for i, ((path, x), spec) in enumerate(zip(flat, specs, strict=True)):
@@ -303,7 +342,7 @@ class LocalLoss:
             elif not (self.regather and block_part(path)):
                 todo.append(i)
         gathered = gather_all([out[i] for i in todo], [specs[i] for i in todo], self.flat,
-                              self.gather)
+                              self.gather, [auto[i] for i in todo])
         for i, x in zip(todo, gathered, strict=True):
             out[i] = x
         return treedef.unflatten(out)

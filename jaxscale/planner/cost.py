@@ -180,7 +180,8 @@ def _stage_runs(config, sizes: dict[str, int]) -> tuple[float, float]:
 def _vocab_parallel(config, sizes: dict[str, int], trained) -> dict[str, tuple[str, ...]]:
     """The vocabulary tables that stay split by vocabulary under ZeRO/FSDP, and their axes: a
     decoder without a pipeline whose tokens, gathered over the axes, number at most the
-    vocabulary (`vocab_parallel.vocab_axes`)."""
+    vocabulary, and whose tables no other mesh axis (`tensor`) splits by vocabulary
+    (`vocab_parallel.vocab_axes`)."""
     if config.model.family not in DECODERS or sizes["pipeline"] > 1:
         return {}
     stage = config.parallel.zero_stage
@@ -189,7 +190,13 @@ def _vocab_parallel(config, sizes: dict[str, int], trained) -> dict[str, tuple[s
     vocab = config.model.vocab_size
     if not axes or vocab % n or tokens_per_device(config, sizes) * n > vocab:
         return {}
-    return {key: axes for key in vocab_parallel.vocab_tables(trained)}
+    tables = vocab_parallel.vocab_tables(trained)
+    specs = {path: spec for path, spec, _ in leaves(zero.specs(abstract_layout(config, sizes), trained,
+                                                               stage, 2), trained) if path in tables}
+    if any(sizes[a] > 1 and a not in axes for key, dim in tables.items()
+           for a in as_tuple(specs[key][dim] if dim < len(specs[key]) else None)):
+        return {}
+    return dict.fromkeys(tables, axes)
 
 
 def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
