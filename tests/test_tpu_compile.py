@@ -148,7 +148,16 @@ def test_pipelines_send_activations_and_gradients_over_pipeline_every_tick(name,
     assert steps(name).collectives["pipeline"]["collective-permute"] == (
         2 * ticks, 2 * ticks * activation)
     if name == "1f1b":  # fewer microbatches in flight than GPipe holds
-        assert steps("1f1b").temp_bytes < steps("gpipe").temp_bytes
+        assert steps("1f1b").peak_bytes < steps("gpipe").peak_bytes
+
+
+@pytest.mark.parametrize("name", ["dp", "1f1b"])
+def test_a_tpu_steps_memory_is_the_compilers_peak_not_its_temporaries_sum(name, steps):
+    """`temp_size_in_bytes` also counts the scoped VMEM and, under 1F1B, buffers never live
+    together (docs/plan.md); the peak is the compiler's own, arguments included."""
+    step = steps(name)
+    assert step.peak_bytes == step.compiler_peak_bytes > step.argument_bytes
+    assert step.peak_bytes < step.argument_bytes + step.output_bytes - step.alias_bytes + step.temp_bytes
 
 
 def test_expert_parallelism_exchanges_routed_tokens_over_expert(steps):
