@@ -210,15 +210,25 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     layers = m.n_layers // pp
     recompute = remat.kind(config) not in ("none", "save_dots")
     out = []
+    # the runs of a stage's layers and each run's activation: under a pipeline every tick runs
+    # its layers on a microbatch, GPipe's and the interleaved schedule's idle ticks too, 1F1B's
+    # conditional work as often as its compiled tick loop holds it (`hlo.executions`)
+    mb = config.pipeline.microbatches if pp > 1 else 1
+    ticks, chunk = _layer_ticks(config, sizes)
+    runs, run_act = ticks * chunk, act / mb
+    sp = tp if config.parallel.sequence_parallel else 1
     if tp > 1:
-        passes = 2 + (2 if recompute else 0)  # forward (again when recomputed): wo, w_down outputs
+        # forward (again when recomputed, and in 1F1B's backward ticks): wo, w_down outputs
+        passes = 2 + (2 if recompute else 0) + (2 if _one_f_one_b(config, sizes) else 0)
+        # where the loss head runs: once, or in each 1F1B tick on a microbatch
+        head = (run_act, accum * ticks) if _one_f_one_b(config, sizes) else (act, accum)
         stats = _times("all-reduce", ("tensor",), t * 4, accum * 2, "activations")  # softmax max, sum
         if config.parallel.sequence_parallel:  # the sequence gathered before, scattered after each
             table = m.vocab_size * m.d_model * 4  # block; the embedding table gathered whole
-            out += [_times("all-gather", ("tensor",), act, accum * (layers * (passes + 2) + 1),
-                               "activations"),
+            out += [_times("all-gather", ("tensor",), run_act, accum * runs * (passes + 2), "activations"),
+                    _times("all-gather", ("tensor",), *head, "activations"),  # the head's input
                     _times("all-gather", ("tensor",), table, accum, "parameters"),
-                    _times("reduce-scatter", ("tensor",), act / tp, accum * layers * (passes + 5),
+                    _times("reduce-scatter", ("tensor",), run_act / tp, accum * runs * (passes + 5),
                                "activations"),
                     _times("all-reduce", ("tensor",), act, accum, "activations"),  # d_hidden
                     # the norms' and the table's gradients, partial over the sequence
@@ -226,19 +236,15 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
                     _times("all-reduce", ("tensor",), table + m.d_model * 4, accum, "gradients"),
                     stats]
         else:  # backward: the input gradients of wq, wk, wv and w_gate, w_up, each all-reduced;
-            # the vocabulary-split embedding's output and the output layer's input gradient
-            out += [_times("all-reduce", ("tensor",), act, accum * (layers * (passes + 5) + 2),
-                               "activations"), stats]
-    if pp > 1:
-        mb = config.pipeline.microbatches
-        v = config.pipeline.virtual_stages if config.pipeline.schedule == "interleaved" else 1
-        if config.pipeline.schedule == "1f1b":  # M + 2P - 2 ticks, an activation and a cotangent each
-            out.append(_times("collective-permute", ("pipeline",), act / mb,
-                                  accum * 2 * (mb + 2 * pp - 2), "activations"))
-        else:  # V M + P - 1 ticks forward, as many backward; the embeddings' output and gradient
-            out += [_times("collective-permute", ("pipeline",), act / mb, accum * 2 * (v * mb + pp - 1),
-                               "activations"),
-                    _times("all-reduce", ("pipeline",), act, accum * 2, "activations")]
+            # the vocabulary-split embedding's output, the output layer's input gradient
+            out += [_times("all-reduce", ("tensor",), run_act, accum * runs * (passes + 5), "activations"),
+                    _times("all-reduce", ("tensor",), act, accum, "activations"),
+                    _times("all-reduce", ("tensor",), *head, "activations"), stats]
+    if pp > 1:  # an activation forward and a cotangent back each tick (split by SP's sequence)
+        out.append(_times("collective-permute", ("pipeline",), run_act / sp, accum * 2 * ticks,
+                          "activations"))
+        if config.pipeline.schedule != "1f1b":  # the embeddings' output and gradient
+            out.append(_times("all-reduce", ("pipeline",), act, accum * 2, "activations"))
     if ep > 1 and m.moe.n_experts:
         moe_layers = len(range(m.moe.first_dense, m.n_layers, m.moe.every)) // pp
         routed = act * m.moe.top_k
@@ -250,6 +256,21 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
                 config.parallel.context_attention, m, config.data.seq_len, rows, cp).items():
             out.append(Collective(op, ("context",), nbytes * accum, count * accum, "activations"))
     return out
+
+
+def _layer_ticks(config, sizes: dict[str, int]) -> tuple[int, int]:
+    """Ticks a pipeline stage runs per accumulation step and the layers each runs: 1 tick of all
+    of a device's layers without a pipeline; GPipe `M + P - 1` forward ticks of the stage's
+    `L / P`, as many backward; 1F1B `M + 2P - 2`, each with a forward and a backward;
+    interleaved `V M + P - 1` of a chunk, `L / (P V)`."""
+    layers, pp = config.model.n_layers // sizes["pipeline"], sizes["pipeline"]
+    if pp == 1:
+        return 1, layers
+    m = config.pipeline.microbatches
+    if config.pipeline.schedule == "1f1b":
+        return m + 2 * pp - 2, layers
+    v = config.pipeline.virtual_stages if config.pipeline.schedule == "interleaved" else 1
+    return v * m + pp - 1, layers // v
 
 
 def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tuple[str, float]:
@@ -276,17 +297,24 @@ def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tupl
 PASSES = {"none": 3.0, "save_dots": 4.0, "full": 4.0}
 
 
+def _one_f_one_b(config, sizes: dict[str, int]) -> bool:
+    """Whether the step runs the 1F1B schedule, which runs each stage's forward again in the
+    backward pass (`parallel/one_f_one_b.py`)."""
+    return sizes["pipeline"] > 1 and config.pipeline.schedule == "1f1b"
+
+
 def hbm_bytes(config, sizes: dict[str, int]) -> float:
     """Bytes one device moves through HBM per step outside the matmuls (which the compute
     fraction prices): per layer and token the norms, residual adds, rotary embedding, flash
     attention's inputs and output, the gated MLP's product (in `model.dtype`), per token the
-    float32 logits and their gradient, and the optimizer's pass over its state."""
+    float32 logits and their gradient, and the optimizer's pass over its state. 1F1B's
+    recomputed stage forward is one pass more."""
     m, b = config.model, DTYPE_BYTES[config.model.dtype]
     tp = sizes["tensor"]
     d = m.d_model / (tp if config.parallel.sequence_parallel else 1)
     q, kv, f = m.n_heads * m.head_dim / tp, m.n_kv_heads * m.head_dim / tp, m.d_ff / tp
     per_token = (10 * d + 4 * q + 4 * kv + 3 * f) * b  # one forward pass of one layer
-    passes = PASSES.get(remat.kind(config), PASSES["full"])
+    passes = PASSES.get(remat.kind(config), PASSES["full"]) + float(_one_f_one_b(config, sizes))
     layers = m.n_layers // sizes["pipeline"]
     tokens = tokens_per_device(config, sizes) * config.train.grad_accum_steps
     logits = 3 * m.vocab_size / tp * 4  # written, read by the softmax, gradient written
@@ -322,7 +350,8 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
     chips = math.prod(sizes.values())
     tokens = config.train.global_batch_size * config.data.seq_len
     model_flops = train_flops_per_token(config) * tokens / chips
-    flops = model_flops + remat.recompute_flops_per_token(config) * tokens / chips
+    again = remat.recompute_flops_per_token(config, _one_f_one_b(config, sizes))
+    flops = model_flops + again * tokens / chips
     compute = (flops / (cluster.chip.peak_flops * cluster.chip.compute_fraction)
                + hbm_bytes(config, sizes) / cluster.chip.hbm_bw)
     pp, schedule = sizes["pipeline"], config.pipeline.schedule

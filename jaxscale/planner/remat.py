@@ -77,7 +77,7 @@ def offloaded(config) -> Units:
     return _sum([name_units(config, n) for n in named(config)])
 
 
-def recompute_flops_per_token(config) -> float:
+def recompute_flops_per_token(config, pipelined_1f1b: bool = False) -> float:
     """Forward FLOPs per token, over all layers, that the backward pass runs again: none without
     remat; the attention's products under `save_dots` (they have batch dimensions); under `full`
     the layer's forward but its last matmul (w_down, whose output only the next layer reads);
@@ -85,16 +85,19 @@ def recompute_flops_per_token(config) -> float:
     attention's output (before wo) its second product (not under a flash kernel, which runs its
     whole forward again for its own residuals). The MLP's hidden activation spares nothing: the
     gate and up products are needed for its gradient. Within 1% of the TPU compiler's cost
-    analysis (docs/plan.md)."""
+    analysis (docs/plan.md). `pipelined_1f1b`: the 1F1B schedule also runs every layer's
+    forward once more, in the tick of a microbatch's backward (`parallel/one_f_one_b.py`), on
+    top of the policy's own recomputation there."""
     policy, m = kind(config), config.model
     attention = 4 * m.n_heads * m.head_dim * config.data.seq_len  # QK^T and AV, non-causal
+    head = 2 * m.d_model * m.vocab_size
+    stage = train_flops_per_token(config) / 3 - head if pipelined_1f1b else 0.0
     if policy == "none":
-        return 0.0
+        return stage
     if policy == "save_dots":
-        return m.n_layers * attention
+        return stage + m.n_layers * attention
     qkv = 2 * m.d_model * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
     out = 2 * m.n_heads * m.head_dim * m.d_model
-    head = 2 * m.d_model * m.vocab_size
     layer = (train_flops_per_token(config) / 3 - head) / m.n_layers  # forward, per layer
     mlp = layer - qkv - out - attention
     again = layer - mlp / (2 if m.family == "gpt2" else 3)  # w_down: a third of a gated MLP's
@@ -103,4 +106,4 @@ def recompute_flops_per_token(config) -> float:
         again -= qkv
     if "attn_out" in names and m.attention not in FLASH:
         again -= attention / 2
-    return m.n_layers * again
+    return stage + m.n_layers * again
