@@ -9,9 +9,11 @@ checked against these numbers.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 
 import jax
@@ -62,19 +64,18 @@ class CompiledStep:
     host_temp_bytes: int
     flops: float
     collectives: dict[str, dict[str, tuple[int, float]]]
-    compiler_peak_bytes: int = 0
+    device_space_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
-        """Device memory the step needs. On TPUs the compiler's own peak of the device buffers
-        live at once, arguments included (`compiler_peak_bytes`): its `temp_size_in_bytes` also
-        counts buffers never live together and host-memory temporaries (Llama-3.1-70B, 1F1B on
-        v6e:16x16: 36.17 GiB of temporaries, a 28.56 GiB peak, its memory-usage report's 28.58
-        GiB; the program compiles against the chip's 31.25 GiB). Elsewhere the arguments, the
-        outputs not aliased to them and the temporaries less the host ones (XLA:CPU's peak
-        counts about the arguments alone)."""
-        if self.compiler_peak_bytes:
-            return self.compiler_peak_bytes
+        """Device memory the step needs. On TPUs the compiler's own account of its device memory
+        space, arguments included (`device_space_bytes`, read by `_device_space_bytes`): its
+        `memory_analysis()` mixes spaces (Llama-3.1-70B on v6e:16x16, 1F1B: 36.17 GiB of
+        temporaries for 28.58 GiB of device memory; an offload step: a 59.33 GiB "peak" that is
+        its arguments and 56.25 GiB of host memory). Elsewhere the arguments, the outputs not
+        aliased to them and the temporaries less the host ones."""
+        if self.device_space_bytes:
+            return self.device_space_bytes
         return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
                 - self.host_temp_bytes)
 
@@ -89,12 +90,15 @@ def compile_step(config, devices: Sequence[jax.Device]) -> CompiledStep:
     from jaxscale.train.trainer import build_trainer  # the planner's other modules need no trainer
 
     mesh = mesh_from_config(config.mesh, devices)
-    try:
-        compiled = build_trainer(config, mesh).compile()
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        raise DoesNotFit(str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")) from None
+    tpu = devices[0].platform == "tpu"
+    with tempfile.TemporaryDirectory() as dump:
+        try:  # the TPU compiler writes its memory-usage report where it dumps
+            compiled = build_trainer(config, mesh).compile({"xla_dump_to": dump} if tpu else None)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise DoesNotFit(str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")) from None
+        device_bytes = _device_space_bytes(dump) if tpu else 0
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}  # None from a GPU compile without a GPU
     cost = cost[0] if isinstance(cost, list) else cost
@@ -104,8 +108,20 @@ def compile_step(config, devices: Sequence[jax.Device]) -> CompiledStep:
         memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes,
         memory.temp_size_in_bytes, getattr(memory, "host_argument_size_in_bytes", 0),
         getattr(memory, "host_temp_size_in_bytes", 0), float(cost.get("flops", 0.0)),
-        step_collectives(compiled.as_text(), positions, mesh.axis_names),
-        getattr(memory, "peak_memory_in_bytes", 0) if devices[0].platform == "tpu" else 0)
+        step_collectives(compiled.as_text(), positions, mesh.axis_names), device_bytes)
+
+
+_REPORT = re.compile(r"Memory Space: default \(color=0\)\s+Total bytes: (\d+)")
+
+
+def _device_space_bytes(dump: str) -> int:
+    """The bytes of the device's memory space in the step's memory-usage report (the TPU
+    compiler's buffers at their assigned offsets, arguments included); 0 without a report."""
+    for path in glob.glob(os.path.join(dump, "*jit_step*memory-usage-report.txt")):
+        with open(path) as f:
+            if m := _REPORT.search(f.read()):
+                return int(m.group(1))
+    return 0
 
 
 def step_collectives(hlo_text: str, positions: np.ndarray, axis_names: Sequence[str]
