@@ -281,7 +281,8 @@ def main() -> None:
              *_host.environment_lines(load), "",
              "Each strategy's training step is compiled ahead of time (`jaxscale.planner.compiled."
              "compile_step`): per-device memory from the compiler's `memory_analysis()` (peak = "
-             "arguments + outputs not aliased to them + temporaries), the bytes each device sends "
+             "arguments + outputs not aliased to them + temporaries; on a TPU slice the device "
+             "memory space of the TPU compiler's memory-usage report), the bytes each device sends "
              "per step through each mesh axis's collectives (ring all-reduce 2(n-1)/n of the array,"
              " all-gather and all-to-all (n-1)/n, reduce-scatter (n-1)/n of its input, "
              "collective-permute all of it; collectives in loops times their trip count), and the "
