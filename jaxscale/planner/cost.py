@@ -107,7 +107,7 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     batch = [a for a in BATCH_AXES + ("context",) if sizes[a] > 1]
     groups: dict[tuple, float] = {}
     flat: dict[tuple, float] = {}  # elements per device of each flat buffer gathered
-    vocab_split = _vocab_parallel(config, sizes, trained)
+    vocab_split = _vocab_parallel(config, sizes, trained, stored)
 
     def add(op, axes, nbytes, count, what):  # one flat buffer per group, `count` times
         key = (op, tuple(a for a in AXES if a in axes), count, what)
@@ -161,27 +161,42 @@ def param_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     return [_times(op, axes, nbytes, count, what) for (op, axes, count, what), nbytes in groups.items()]
 
 
+def _layer_ticks(config, sizes: dict[str, int]) -> tuple[int, int]:
+    """Ticks a pipeline stage runs per accumulation step and the layers each runs: 1 tick of all
+    of a device's layers without a pipeline; GPipe `M + P - 1` forward ticks of the stage's
+    `L / P`, as many backward; 1F1B `M + 2P - 2`, each with a forward and a backward;
+    interleaved `V M + P - 1` of a chunk, `L / (P V)`."""
+    layers, pp = config.model.n_layers // sizes["pipeline"], sizes["pipeline"]
+    if pp == 1:
+        return 1, layers
+    m = config.pipeline.microbatches
+    if config.pipeline.schedule == "1f1b":
+        return m + 2 * pp - 2, layers
+    v = config.pipeline.virtual_stages if config.pipeline.schedule == "interleaved" else 1
+    return v * m + pp - 1, layers // v
+
+
 def _stage_runs(config, sizes: dict[str, int]) -> tuple[float, float]:
     """Times per accumulation step a pipeline stage gathers each of its layers' parameters, and
     reduce-scatters its gradient, under ZeRO-3/FSDP: every tick that runs a layer gathers it
-    (the compiled schedules; a tick's conditional branches counted as taken). GPipe: the
-    `M + P - 1` forward ticks and once more in the backward, a gradient per tick; 1F1B: forward,
-    recomputed forward and backward in each of its `M + 2P - 2` ticks; interleaved: its
-    `V M + P - 1` ticks each run one chunk of the stage's `V`."""
-    m, p = config.pipeline.microbatches, sizes["pipeline"]
+    (the compiled schedules; a tick's conditional branches counted as taken; `_layer_ticks`).
+    GPipe: its forward ticks and once more in the backward, a gradient per tick; 1F1B: forward,
+    recomputed forward and backward in each tick; interleaved: each tick runs one chunk of the
+    stage's `V`."""
+    ticks, _ = _layer_ticks(config, sizes)
     if config.pipeline.schedule == "1f1b":
-        return 3 * (m + 2 * p - 2), m + 2 * p - 2
+        return 3 * ticks, ticks
     if config.pipeline.schedule == "interleaved":
         v = config.pipeline.virtual_stages
-        return (v * m + p - 1) / v, (v * m + p - 1) / v
-    return m + p, m + p - 1
+        return ticks / v, ticks / v
+    return ticks + 1, ticks
 
 
-def _vocab_parallel(config, sizes: dict[str, int], trained) -> dict[str, tuple[str, ...]]:
+def _vocab_parallel(config, sizes: dict[str, int], trained, stored) -> dict[str, tuple[str, ...]]:
     """The vocabulary tables that stay split by vocabulary under ZeRO/FSDP, and their axes: a
     decoder without a pipeline whose tokens, gathered over the axes, number at most the
     vocabulary, and whose tables no other mesh axis (`tensor`) splits by vocabulary
-    (`vocab_parallel.vocab_axes`)."""
+    (`vocab_parallel.vocab_axes`). `stored`: the parameters' stored specs (`leaves`)."""
     if config.model.family not in DECODERS or sizes["pipeline"] > 1:
         return {}
     stage = config.parallel.zero_stage
@@ -191,8 +206,7 @@ def _vocab_parallel(config, sizes: dict[str, int], trained) -> dict[str, tuple[s
     if not axes or vocab % n or tokens_per_device(config, sizes) * n > vocab:
         return {}
     tables = vocab_parallel.vocab_tables(trained)
-    specs = {path: spec for path, spec, _ in leaves(zero.specs(abstract_layout(config, sizes), trained,
-                                                               stage, 2), trained) if path in tables}
+    specs = {path: spec for path, spec, _ in stored if path in tables}
     if any(sizes[a] > 1 and a not in axes for key, dim in tables.items()
            for a in as_tuple(specs[key][dim] if dim < len(specs[key]) else None)):
         return {}
@@ -219,9 +233,10 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     sp = tp if config.parallel.sequence_parallel else 1
     if tp > 1:
         # forward (again when recomputed, and in 1F1B's backward ticks): wo, w_down outputs
-        passes = 2 + (2 if recompute else 0) + (2 if _one_f_one_b(config, sizes) else 0)
+        one_f_one_b = _one_f_one_b(config, sizes)
+        passes = 2 + (2 if recompute else 0) + (2 if one_f_one_b else 0)
         # where the loss head runs: once, or in each 1F1B tick on a microbatch
-        head = (run_act, accum * ticks) if _one_f_one_b(config, sizes) else (act, accum)
+        head = (run_act, accum * ticks) if one_f_one_b else (act, accum)
         stats = _times("all-reduce", ("tensor",), t * 4, accum * 2, "activations")  # softmax max, sum
         if config.parallel.sequence_parallel:  # the sequence gathered before, scattered after each
             table = m.vocab_size * m.d_model * 4  # block; the embedding table gathered whole
@@ -256,21 +271,6 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
                 config.parallel.context_attention, m, config.data.seq_len, rows, cp).items():
             out.append(Collective(op, ("context",), nbytes * accum, count * accum, "activations"))
     return out
-
-
-def _layer_ticks(config, sizes: dict[str, int]) -> tuple[int, int]:
-    """Ticks a pipeline stage runs per accumulation step and the layers each runs: 1 tick of all
-    of a device's layers without a pipeline; GPipe `M + P - 1` forward ticks of the stage's
-    `L / P`, as many backward; 1F1B `M + 2P - 2`, each with a forward and a backward;
-    interleaved `V M + P - 1` of a chunk, `L / (P V)`."""
-    layers, pp = config.model.n_layers // sizes["pipeline"], sizes["pipeline"]
-    if pp == 1:
-        return 1, layers
-    m = config.pipeline.microbatches
-    if config.pipeline.schedule == "1f1b":
-        return m + 2 * pp - 2, layers
-    v = config.pipeline.virtual_stages if config.pipeline.schedule == "interleaved" else 1
-    return v * m + pp - 1, layers // v
 
 
 def link(axes: tuple[str, ...], sizes: dict[str, int], cluster: Cluster) -> tuple[str, float]:

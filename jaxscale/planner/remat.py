@@ -90,15 +90,15 @@ def recompute_flops_per_token(config, pipelined_1f1b: bool = False) -> float:
     top of the policy's own recomputation there."""
     policy, m = kind(config), config.model
     attention = 4 * m.n_heads * m.head_dim * config.data.seq_len  # QK^T and AV, non-causal
-    head = 2 * m.d_model * m.vocab_size
-    stage = train_flops_per_token(config) / 3 - head if pipelined_1f1b else 0.0
+    forward = train_flops_per_token(config) / 3 - 2 * m.d_model * m.vocab_size  # the layers'
+    stage = forward if pipelined_1f1b else 0.0
     if policy == "none":
         return stage
     if policy == "save_dots":
         return stage + m.n_layers * attention
     qkv = 2 * m.d_model * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
     out = 2 * m.n_heads * m.head_dim * m.d_model
-    layer = (train_flops_per_token(config) / 3 - head) / m.n_layers  # forward, per layer
+    layer = forward / m.n_layers
     mlp = layer - qkv - out - attention
     again = layer - mlp / (2 if m.family == "gpt2" else 3)  # w_down: a third of a gated MLP's
     names = named(config)
