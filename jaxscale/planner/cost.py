@@ -213,6 +213,53 @@ def _vocab_parallel(config, sizes: dict[str, int], trained, stored) -> dict[str,
     return dict.fromkeys(tables, axes)
 
 
+def _sequence_parallel(config, sizes: dict[str, int], act: float, passes: int,
+                       head: tuple[float, int]) -> list[Collective]:
+    """Tensor-axis traffic under sequence parallelism (`act`: one `[tokens, d_model]` activation
+    of a device's micro-batch): each run of a layer gathers the sequence
+    before its `passes + 2` attention and MLP inputs and scatters after its outputs and input
+    gradients; the head's input (`head`: bytes, times) is gathered whole, and where the
+    vocabulary-split embedding table is gathered whole its gradient is all-reduced (without a
+    pipeline; in the pipelined step the stages' table gradient stays split). GPipe and the
+    interleaved schedule gather the last stage's output twice and the targets once; 1F1B runs
+    the head in every tick (its input gradient scattered there), gathers the embedding's output
+    once and the targets twice, and all-reduces the final norm's gradient in each tick.
+    XLA:CPU's compiled steps hold these (tests/test_plan.py). GPipe's backward reuses the
+    forward's gathered inputs on XLA:CPU; the TPU compiler gathers them again there too (not
+    priced: docs/plan.md)."""
+    m, tp, pp = config.model, sizes["tensor"], sizes["pipeline"]
+    accum, t = config.train.grad_accum_steps, tokens_per_device(config, sizes)
+    ticks, chunk = _layer_ticks(config, sizes)
+    runs, run_act = ticks * chunk, act / (config.pipeline.microbatches if pp > 1 else 1)
+    table, norm, per_token = m.vocab_size * m.d_model * 4, m.d_model * 4, t * 4
+    # 1F1B's recomputed stage and the interleaved schedule's checkpointed chunk keep the
+    # sequence split: their backward gathers the attention's and the MLP's inputs again
+    remat_stage = _one_f_one_b(config, sizes) or (
+        pp > 1 and config.pipeline.schedule == "interleaved" and config.pipeline.virtual_stages > 1)
+    again = 2 if remat_stage else 0
+    out = [_times("all-gather", ("tensor",), run_act, accum * runs * (passes + 2 + again), "activations"),
+           _times("all-gather", ("tensor",), *head, "activations"),  # the head's input
+           _times("reduce-scatter", ("tensor",), run_act / tp, accum * runs * (passes + 5), "activations"),
+           _times("all-reduce", ("tensor",), 2 * norm, accum * runs, "gradients"),  # each run's norms
+           _times("all-reduce", ("tensor",), t * 4, accum * 2, "activations")]  # softmax max, sum
+    if pp == 1:
+        return out + [
+            _times("all-gather", ("tensor",), table, accum, "parameters"),  # the embedding table
+            _times("all-reduce", ("tensor",), act + per_token, accum, "activations"),  # d_hidden
+            _times("all-reduce", ("tensor",), table + norm, accum, "gradients")]  # table, final norm
+    if _one_f_one_b(config, sizes):
+        return out + [
+            _times("reduce-scatter", ("tensor",), run_act / tp, accum * ticks, "activations"),
+            _times("all-gather", ("tensor",), act + 2 * per_token, accum, "activations"),
+            _times("all-reduce", ("tensor",), act, accum, "activations"),
+            _times("all-reduce", ("tensor",), norm, accum * ticks, "gradients")]
+    return out + [
+        _times("all-gather", ("tensor",), table, accum, "parameters"),
+        _times("all-gather", ("tensor",), act + per_token, accum, "activations"),
+        _times("all-reduce", ("tensor",), act + per_token, accum, "activations"),
+        _times("all-reduce", ("tensor",), norm, accum, "gradients")]
+
+
 def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     """Activation traffic of one step: tensor (and sequence), pipeline, expert and context
     parallelism, from the shapes (per layer what the compiled steps hold, docs/plan.md)."""
@@ -221,7 +268,6 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
     accum = config.train.grad_accum_steps
     t = tokens_per_device(config, sizes)
     act = t * m.d_model * b  # one [tokens, d_model] activation of a device's micro-batch
-    layers = m.n_layers // pp
     recompute = remat.kind(config) not in ("none", "save_dots")
     out = []
     # the runs of a stage's layers and each run's activation: under a pipeline every tick runs
@@ -237,29 +283,20 @@ def activation_collectives(config, sizes: dict[str, int]) -> list[Collective]:
         passes = 2 + (2 if recompute else 0) + (2 if one_f_one_b else 0)
         # where the loss head runs: once, or in each 1F1B tick on a microbatch
         head = (run_act, accum * ticks) if one_f_one_b else (act, accum)
-        stats = _times("all-reduce", ("tensor",), t * 4, accum * 2, "activations")  # softmax max, sum
         if config.parallel.sequence_parallel:  # the sequence gathered before, scattered after each
-            table = m.vocab_size * m.d_model * 4  # block; the embedding table gathered whole
-            out += [_times("all-gather", ("tensor",), run_act, accum * runs * (passes + 2), "activations"),
-                    _times("all-gather", ("tensor",), *head, "activations"),  # the head's input
-                    _times("all-gather", ("tensor",), table, accum, "parameters"),
-                    _times("reduce-scatter", ("tensor",), run_act / tp, accum * runs * (passes + 5),
-                               "activations"),
-                    _times("all-reduce", ("tensor",), act, accum, "activations"),  # d_hidden
-                    # the norms' and the table's gradients, partial over the sequence
-                    _times("all-reduce", ("tensor",), 2 * m.d_model * 4, accum * layers, "gradients"),
-                    _times("all-reduce", ("tensor",), table + m.d_model * 4, accum, "gradients"),
-                    stats]
+            out += _sequence_parallel(config, sizes, act, passes, head)  # block
         else:  # backward: the input gradients of wq, wk, wv and w_gate, w_up, each all-reduced;
             # the vocabulary-split embedding's output, the output layer's input gradient
             out += [_times("all-reduce", ("tensor",), run_act, accum * runs * (passes + 5), "activations"),
                     _times("all-reduce", ("tensor",), act, accum, "activations"),
-                    _times("all-reduce", ("tensor",), *head, "activations"), stats]
+                    _times("all-reduce", ("tensor",), *head, "activations"),
+                    _times("all-reduce", ("tensor",), t * 4, accum * 2, "activations")]  # softmax max, sum
     if pp > 1:  # an activation forward and a cotangent back each tick (split by SP's sequence)
         out.append(_times("collective-permute", ("pipeline",), run_act / sp, accum * 2 * ticks,
                           "activations"))
         if config.pipeline.schedule != "1f1b":  # the embeddings' output and gradient
-            out.append(_times("all-reduce", ("pipeline",), act, accum * 2, "activations"))
+            out += [_times("all-reduce", ("pipeline",), act / sp, accum * 2, "activations"),
+                    _times("all-reduce", ("pipeline",), t * 4, accum, "activations")]  # loss weights
     if ep > 1 and m.moe.n_experts:
         moe_layers = len(range(m.moe.first_dense, m.n_layers, m.moe.every)) // pp
         routed = act * m.moe.top_k
