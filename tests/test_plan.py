@@ -134,6 +134,24 @@ def test_pipelines_under_tensor_parallelism_all_reduce_in_every_tick(settings, s
     assert_bytes_match(step.collectives, predicted_bytes(config, sizes_of(config, 8), "cpu"))
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_1f1b_tensor_traffic_is_timed_over_the_ticks_of_its_critical_path(schedule):
+    """1F1B's tick loop holds each tick's work in conditionals: its tensor bytes count all
+    M + 2P - 2 ticks (as compiled, the test above), its time the M + P - 1 ticks of the critical
+    path; GPipe's idle ticks run their layers, so its time is all its bytes'."""
+    config = tiny_config(pipeline=2, tensor=4)
+    config.model.n_layers = 4
+    config.pipeline.update(schedule=schedule, microbatches=4)
+    sizes = sizes_of(config, 8)
+    chip = clusters.Chip("tiny", 100e12, 64e9, 1e12, 100e9, 0, 0.5)
+    est = cost.estimate(config, sizes, clusters.Cluster("8xtiny", 8, chip, 8, 10e9))
+    tensor = sum(c.sent(sizes) for c in est.collectives if cost.overlap_class(c) == "tensor")
+    rest = sum(c.sent(sizes) for c in est.collectives if cost.overlap_class(c) != "tensor")
+    share = (4 + 2 - 1) / (4 + 2 * 2 - 2) if schedule == "1f1b" else 1.0
+    assert tensor > rest > 0
+    assert est.comm_s["fast"] == pytest.approx((tensor * share + rest) / chip.fast_bw)
+
+
 @pytest.mark.usefixtures("production_compiles")
 def test_state_bytes_equal_the_compiled_arguments():
     """Parameters and optimizer state per device (the step's arguments, less the batch) as the
