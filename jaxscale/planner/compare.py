@@ -45,14 +45,16 @@ def slice_devices(cluster: Cluster) -> list[jax.Device]:
 def compiled_step_time(step: CompiledStep, estimate: cost.Estimate, config, cluster: Cluster) -> float:
     """`estimate`'s step time with the compiled program's collective bytes: per mesh-axis group,
     over its link class; collectives on `tensor`, `pipeline`, `expert` and `context` exposed,
-    data-parallel ones overlapped with compute (as `cost.estimate`)."""
+    data-parallel ones overlapped with compute, 1F1B's on `tensor` at their critical path's
+    share (as `cost.estimate`)."""
     exposed = overlapped = 0.0
+    ticked = cost.conditional_share(config, estimate.sizes)
     for label, ops in step.collectives.items():
         if not label:
             continue
         axes = tuple(label.split("+"))
         _, bw = cost.link(axes, estimate.sizes, cluster)
-        seconds = sum(b for _, b in ops.values()) / bw
+        seconds = sum(b for _, b in ops.values()) / bw * (ticked if axes == ("tensor",) else 1.0)
         if set(axes) <= {"data", "fsdp"}:
             overlapped += seconds
         else:

@@ -374,7 +374,7 @@ def overlap_class(c: Collective) -> str:
     return c.axes[0] if c.axes in (("tensor",), ("pipeline",)) else "activations"
 
 
-def _conditional_share(config, sizes: dict[str, int]) -> float:
+def conditional_share(config, sizes: dict[str, int]) -> float:
     """The share of its tensor-parallel traffic a step's time carries: 1F1B's tick loop holds
     each tick's forward, head and backward in conditionals, which the bytes count as taken in
     all `M + 2P - 2` ticks; a stage runs them in `M`, and the step's critical path spans
@@ -412,7 +412,7 @@ def estimate(config, sizes: dict[str, int], cluster: Cluster,
     host = host_bytes(config, sizes)
     comm = {"fast": 0.0, "slow": 0.0, "host": 2 * host / cluster.chip.host_bw}
     hidden = exposed = 0.0
-    ticked = _conditional_share(config, sizes)
+    ticked = conditional_share(config, sizes)
     for c in colls:
         kind, bw = link(c.axes, sizes, cluster)
         seconds = c.sent(sizes) / bw * (ticked if overlap_class(c) == "tensor" else 1.0)
