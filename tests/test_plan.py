@@ -14,7 +14,7 @@ from jaxscale.data.loader import batch_shapes
 from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.metrics import train_flops_per_token
-from jaxscale.planner import clusters, cost, memory, remat, search
+from jaxscale.planner import clusters, collectives, cost, memory, remat, search
 from jaxscale.planner.compiled import compile_step
 
 # mesh, parallel and pipeline settings
@@ -56,9 +56,9 @@ def predicted_bytes(config, sizes, platform: str) -> dict[str, dict[str, float]]
     reduce-scatters that sharding propagation makes (sequence parallelism's) as all-reduces of
     the whole input; the explicit ones (ZeRO/FSDP's) stay reduce-scatters."""
     out: dict[str, dict[str, float]] = {}
-    for c in cost.param_collectives(config, sizes) + cost.activation_collectives(config, sizes):
+    for c in collectives.param_collectives(config, sizes) + collectives.activation_collectives(config, sizes):
         if platform == "cpu" and c.op == "reduce-scatter" and c.axes == ("tensor",):
-            c = cost.Collective("all-reduce", c.axes, c.nbytes * sizes["tensor"], c.count, c.what)
+            c = collectives.Collective("all-reduce", c.axes, c.nbytes * sizes["tensor"], c.count, c.what)
         label = "+".join(a for a in AXES if a in c.axes)
         out.setdefault(label, {}).setdefault(c.op, 0.0)
         out[label][c.op] += c.sent(sizes)
@@ -162,7 +162,7 @@ def test_state_bytes_equal_the_compiled_arguments():
         sizes = sizes_of(config, n)
         state = cost.state_bytes(config, sizes)
         batch = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in
-                    batch_shapes(config).values()) / math.prod(sizes[a] for a in cost.BATCH_AXES)
+                    batch_shapes(config).values()) / math.prod(sizes[a] for a in memory.BATCH_AXES)
         got = compile_step(config, devices_or_skip(n)[:n]).argument_bytes - batch
         assert abs(state["params"] + state["optimizer"] - got) <= 0.001 * got, name
 

@@ -17,7 +17,8 @@ from conftest import tiny_config
 from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, make_mesh
 from jaxscale.models import abstract_model
-from jaxscale.planner import clusters, cost, memory, remat, search
+from jaxscale.planner import clusters, memory, remat, search
+from jaxscale.planner.collectives import param_collectives
 from jaxscale.planner.compiled import DoesNotFit, compile_step, topology_devices
 
 pytestmark = pytest.mark.skipif(
@@ -121,7 +122,7 @@ def test_fsdp_in_bfloat16_gathers_bfloat16_and_reduces_float32_as_the_planner_pr
         found[gather] = compile_step(c, topology_devices("v5p:2x2x2")).collectives["fsdp"]
     sizes = {a: 8 if a == "fsdp" else 1 for a in AXES}
     c.parallel.gather_dtype = "compute"
-    predicted = sum(x.sent(sizes) for x in cost.param_collectives(c, sizes) if x.op == "all-gather")
+    predicted = sum(x.sent(sizes) for x in param_collectives(c, sizes) if x.op == "all-gather")
     half, full = found["compute"], found["float32"]
     assert half["all-gather"][1] == pytest.approx(predicted, rel=0.01)
     assert half["all-gather"][1] < 0.7 * full["all-gather"][1]

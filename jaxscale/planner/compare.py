@@ -16,6 +16,7 @@ from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.planner import cost
 from jaxscale.planner.clusters import Chip, Cluster
+from jaxscale.planner.collectives import Collective
 from jaxscale.planner.compiled import CompiledStep, DoesNotFit, compile_step
 from jaxscale.planner.search import Candidate
 
@@ -126,7 +127,7 @@ def check(config) -> str:
         for coll in est.collectives:
             if devices[0].platform == "cpu" and coll.op == "reduce-scatter" and coll.axes == ("tensor",):
                 # XLA:CPU lowers sequence parallelism's reduce-scatters as all-reduces
-                coll = cost.Collective("all-reduce", coll.axes, coll.nbytes * sizes["tensor"], coll.count,
+                coll = Collective("all-reduce", coll.axes, coll.nbytes * sizes["tensor"], coll.count,
                                        coll.what)
             label = "+".join(a for a in AXES if a in coll.axes)
             predicted[label] = predicted.get(label, 0.0) + coll.sent(sizes)

@@ -20,6 +20,7 @@ from jaxscale.mesh import AXES
 from jaxscale.plan import counts
 from jaxscale.planner import cost
 from jaxscale.planner.clusters import Cluster
+from jaxscale.planner.memory import BATCH_AXES, shapes
 
 REMATS = ("none", "save_dots", "full")
 MEMORY_FRACTION = 0.9  # of HBM a layout may plan to use (the rest: XLA's and the runtime's)
@@ -104,7 +105,7 @@ def candidates(config, cluster: Cluster) -> Iterator[tuple[Candidate, dict[str, 
     """Every layout, without gradient accumulation (`plan` adds it where memory needs it)."""
     batch = config.train.global_batch_size
     for sizes in meshes(config, cluster):
-        split = math.prod(sizes[a] for a in cost.BATCH_AXES)
+        split = math.prod(sizes[a] for a in BATCH_AXES)
         if batch % split:
             continue
         rows = batch // split
@@ -170,7 +171,7 @@ def plan(config, cluster: Cluster, overlapped: tuple[str, ...] = ("parameters",)
     for candidate, sizes in candidates(config, cluster):
         accum = 1
         while (found := _fit_at(c, candidate, sizes, accum, cluster, overlapped)) is None:
-            rows = config.train.global_batch_size // accum // math.prod(sizes[a] for a in cost.BATCH_AXES)
+            rows = config.train.global_batch_size // accum // math.prod(sizes[a] for a in BATCH_AXES)
             mb = c.pipeline.microbatches if sizes["pipeline"] > 1 else 1
             if rows < 2 * mb or rows % (2 * mb):
                 too_big += 1
@@ -199,7 +200,7 @@ def report(config, cluster: Cluster, top: int = 10, compile_top: int = 0) -> str
     fits, too_big = plan(config, cluster)
     near = near_misses(config, cluster, fits, compile_top) if compile_top else []
     gib = 2.0**30
-    params = counts(cost.shapes(config)[0], config.model.moe)["params"]
+    params = counts(shapes(config)[0], config.model.moe)["params"]
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
     head = (f"{config.model.family} {size} parameters, batch "
             f"{config.train.global_batch_size} x {config.data.seq_len} tokens on {cluster.describe()}: "
