@@ -153,6 +153,18 @@ def layout_of(settings: dict) -> tuple:
     return (*(settings[f"mesh.{a}"] for a in AXES), settings["model.remat"])
 
 
+def ranked_as(c, fits, published: tuple) -> str:
+    """How the ranked variant of the published layout differs from the run in accumulation and
+    loss chunking (what the search adds to make it fit), '' where it does not."""
+    cand = next((cand for cand, _ in fits if layout_of(dict(cand.settings)) == published), None)
+    if cand is None:
+        return ""
+    s = dict(cand.settings)
+    return ", ".join(f"{name}={s[key]}" for key, name, own in (
+        ("train.grad_accum_steps", "accum", c.train.grad_accum_steps),
+        ("model.loss_chunk", "loss_chunk", c.model.loss_chunk)) if s[key] != own)
+
+
 def fit(run: Run) -> float:
     """The compute fraction at which the run's predicted throughput equals the published one."""
     lo, hi = 0.05, 1.0
@@ -181,7 +193,7 @@ def main() -> None:
         published = layout_of({**{f"mesh.{a}": c.mesh[a] for a in AXES}, "model.remat": run.remat})
         rank = layouts.index(published) + 1 if published in layouts else None
         best = fits[0] if fits else None
-        rows.append((run, est, rank, best, len(layouts)))
+        rows.append((run, est, rank, ranked_as(c, fits, published), best, len(layouts)))
         print(f"{run.name}: predicted {est.tokens_per_s_per_chip:.0f} vs {run.published:.0f}; rank {rank}",
               flush=True)
     lines = ["# `jaxscale plan` against published runs", "",
@@ -197,18 +209,21 @@ def main() -> None:
              "where the published mesh and remat policy land among the meshes and remat "
              "policies the planner finds to fit, each at its fastest ZeRO stage, sequence "
              "parallelism, schedule and accumulation, ordered by predicted step time; '-' where "
-             "the planner predicts it does not fit in 90% of HBM.", "",
+             "the planner predicts it does not fit in 90% of HBM in any variant; in brackets, "
+             "the accumulation and loss chunking of the ranked variant where the published run "
+             "has none (what the search adds to make it fit).", "",
              "| run | fitted | published tokens/s/chip | predicted | error | predicted memory GiB "
              "| published layout's rank | planner's best (predicted tokens/s/chip) | source |",
              "|---|---|---:|---:|---:|---:|---:|---|---|"]
     held = []
-    for run, est, rank, best, n in rows:
+    for run, est, rank, changed, best, n in rows:
         err = est.tokens_per_s_per_chip / run.published - 1
         if not run.fitted:
             held.append(abs(err))
         lines.append(f"| {run.name}{f' ({run.note})' if run.note else ''} | {'yes' if run.fitted else ''} | "
                      f"{run.published:,.0f} | {est.tokens_per_s_per_chip:,.0f} | {err:+.0%} | "
-                     f"{est.memory_bytes / 2**30:.1f} | {rank if rank else '-'} of {n} | "
+                     f"{est.memory_bytes / 2**30:.1f} | {rank if rank else '-'} of {n}"
+                     f"{f' ({changed})' if changed else ''} | "
                      f"{best[0].describe() + f' ({best[1].tokens_per_s_per_chip:,.0f})' if best else '-'} | "
                      f"{run.source} |")
     within = sum(e <= 0.25 for e in held)

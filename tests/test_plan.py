@@ -210,6 +210,26 @@ def test_the_search_chunks_the_loss_where_the_logits_do_not_fit(monkeypatch):
     assert chunked == ("loss_chunk=128" in best.describe())
 
 
+def test_the_search_accumulates_any_divisor_of_a_devices_rows():
+    """A per-device batch of 5 that fits only one row at a time (MaxText's 70B on v6e-256): the
+    search keeps it at 5 accumulation steps; powers of two left it none."""
+    config = tiny_config(data=8, global_batch_size=40)
+    config.model.loss_chunk = 32  # what the logits hold does not change with the search's chunking
+    sizes, gpu = sizes_of(config, 8), clusters.PRESETS["8xh100"]
+    need = {}
+    for accum in (1, 5):
+        config.train.grad_accum_steps = accum
+        need[accum] = cost.estimate(config, sizes, gpu).memory_bytes
+    config.train.grad_accum_steps = 1
+    assert need[5] < need[1]
+    chip = dataclasses.replace(gpu.chip, hbm_bytes=(need[1] + need[5]) / 2 / search.MEMORY_FRACTION)
+    fits, _ = search.plan(config, clusters.Cluster("8xsmall", 8, chip, 8, 10e9))
+    kept = {dict(c.settings)["train.grad_accum_steps"] for c, _ in fits
+            if dict(c.settings)["mesh.data"] == 8 and dict(c.settings)["model.remat"] == "none"
+            and dict(c.settings)["parallel.zero_stage"] == 0}
+    assert kept == {5}
+
+
 def test_named_remat_policies_keep_offload_and_recompute_what_they_name():
     """`save:`/`offload:` policies: the device keeps the layer input and the saved names (float32
     results), an offload sends its names to the host and back beside the compute, the backward

@@ -161,6 +161,15 @@ def _fit_at(c, candidate: Candidate, sizes: dict[str, int], accum: int, cluster:
     return None
 
 
+def _accumulations(config, candidate: Candidate, sizes: dict[str, int]) -> list[int]:
+    """The gradient accumulations a layout can take, fewest steps first: each divisor of a
+    device's rows that leaves its micro-batch whole pipeline microbatches (a per-device batch of
+    5 accumulates 5 rows of 1, as of 2 and 4 for a batch of 8)."""
+    rows = config.train.global_batch_size // math.prod(sizes[a] for a in BATCH_AXES)
+    mb = dict(candidate.settings)["pipeline.microbatches"] if sizes["pipeline"] > 1 else 1
+    return [a for a in range(1, rows // mb + 1) if rows % a == 0 and (rows // a) % mb == 0]
+
+
 def plan(config, cluster: Cluster, overlapped: tuple[str, ...] = ("parameters",)
          ) -> tuple[list[tuple[Candidate, cost.Estimate]], int]:
     """The layouts that fit, fastest first, and how many did not fit at any accumulation or loss
@@ -169,16 +178,14 @@ def plan(config, cluster: Cluster, overlapped: tuple[str, ...] = ("parameters",)
     fits, too_big = [], 0
     c = copy.deepcopy(config)  # each candidate is written into it (copies are slow)
     for candidate, sizes in candidates(config, cluster):
-        accum = 1
-        while (found := _fit_at(c, candidate, sizes, accum, cluster, overlapped)) is None:
-            rows = config.train.global_batch_size // accum // math.prod(sizes[a] for a in BATCH_AXES)
-            mb = c.pipeline.microbatches if sizes["pipeline"] > 1 else 1
-            if rows < 2 * mb or rows % (2 * mb):
-                too_big += 1
+        found = None
+        for accum in _accumulations(config, candidate, sizes):
+            if (found := _fit_at(c, candidate, sizes, accum, cluster, overlapped)) is not None:
                 break
-            accum *= 2
         if found:
             fits.append(found)
+        elif found is None:
+            too_big += 1
     fits.sort(key=lambda r: (r[1].step_s, sum(r[1].comm_s.values()), r[1].memory_bytes))
     return fits, too_big
 
