@@ -192,6 +192,25 @@ def test_zero_and_fsdp_gather_in_the_compute_dtype_and_reduce_gradients_in_float
     np.testing.assert_allclose(compute, full, rtol=1e-3)
 
 
+def test_flat_buffers_are_capped_at_bucket_bytes_and_train_the_same(monkeypatch):
+    """FSDP's shards travel in flat buffers of at most `zero.BUCKET_BYTES` of whole float32
+    gradient: capped below every shard, each parameter is gathered and reduce-scattered on its
+    own, and the losses are the same."""
+    from jaxscale.parallel import zero
+
+    devices, runs, default = devices_or_skip(8), {}, zero.BUCKET_BYTES
+    for cap in (default, 1):
+        monkeypatch.setattr(zero, "BUCKET_BYTES", cap)
+        config = tiny_config(fsdp=8)
+        trainer = build_trainer(config, mesh_from_config(config.mesh, devices))
+        text = trainer.lower().as_text()
+        runs[cap] = (text.count('"stablehlo.all_gather"'), text.count('"stablehlo.reduce_scatter"'),
+                     train_steps(trainer, config, 2)[1])
+    (gathers, scatters, losses), (alone_g, alone_s, alone) = runs[default], runs[1]
+    assert 0 < gathers < alone_g and 0 < scatters < alone_s
+    np.testing.assert_allclose(alone, losses, rtol=1e-6)
+
+
 def test_a_bad_gather_dtype_is_refused():
     config = tiny_config(fsdp=8)
     config.parallel.gather_dtype = "fp8"

@@ -45,6 +45,11 @@ RULES: Rules = (("embed", "fsdp"),)  # parameters: FSDP over `fsdp`
 # compiler writes a flat all-gather whose parts are not whole 1-D tiles (1,024 elements) as an
 # all-reduce of a zero-filled buffer, twice the bytes (docs/plan.md).
 FLAT_ALIGN = 1024
+# Shards travel in flat buffers whose whole float32 gradient is at most this many bytes (a larger
+# parameter alone), as PyTorch FSDP and DDP cap theirs: the whole buffer lives once gathered and
+# once reduced. Uncapped, Llama-3.1-70B's step on v6e:16x16 (FSDP, 5 accumulation steps) held
+# its two 128K tables' 8.4 GB gradient twice and did not fit; capped it does (docs/plan.md).
+BUCKET_BYTES = 2**30
 GATHER_DTYPES = ("compute", "float32", "bfloat16")
 
 
@@ -197,15 +202,32 @@ def _gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool,
             for i, dim in members:
                 out[i] = all_gather(xs[i], axes, dim, gather)
             continue
-        flat_shards = jnp.concatenate([xs[i].reshape(-1) for i, _ in members])
-        n = flat_shards.size
-        padded = jnp.pad(flat_shards, (0, -n % FLAT_ALIGN))
-        whole = all_gather(padded, axes, 0, gather).reshape(-1, padded.size)[:, :n]
-        sizes = [xs[i].size for i, _ in members]
-        pieces = jnp.split(whole, list(itertools.accumulate(sizes))[:-1], axis=1)
-        for (i, dim), piece in zip(members, pieces, strict=True):
-            out[i] = _unstack(piece, xs[i].shape, dim)
+        for bucket in _buckets([xs[i].size for i, _ in members], jax.lax.axis_size(axes)):
+            chosen = [members[k] for k in bucket]
+            flat_shards = jnp.concatenate([xs[i].reshape(-1) for i, _ in chosen])
+            n = flat_shards.size
+            padded = jnp.pad(flat_shards, (0, -n % FLAT_ALIGN))
+            whole = all_gather(padded, axes, 0, gather).reshape(-1, padded.size)[:, :n]
+            sizes = [xs[i].size for i, _ in chosen]
+            pieces = jnp.split(whole, list(itertools.accumulate(sizes))[:-1], axis=1)
+            for (i, dim), piece in zip(chosen, pieces, strict=True):
+                out[i] = _unstack(piece, xs[i].shape, dim)
     return out
+
+
+def _buckets(sizes: list[int], devices: int) -> list[list[int]]:
+    """Consecutive shards (their element counts on one device) in flat buffers of at most
+    `BUCKET_BYTES` of whole float32 gradient over `devices`; a larger shard alone."""
+    buckets: list[list[int]] = []
+    total = 0
+    for k, size in enumerate(sizes):
+        whole = size * devices * 4
+        if not buckets or total + whole > BUCKET_BYTES:
+            buckets.append([])
+            total = 0
+        buckets[-1].append(k)
+        total += whole
+    return buckets
 
 
 def _not_gathered(prim, *_, **__) -> bool:
