@@ -202,14 +202,15 @@ def _gather_all(xs: list[jax.Array], specs: list[PartitionSpec], flat: bool,
             for i, dim in members:
                 out[i] = all_gather(xs[i], axes, dim, gather)
             continue
-        for bucket in _buckets([xs[i].size for i, _ in members], jax.lax.axis_size(axes)):
+        sizes = [xs[i].size for i, _ in members]
+        for bucket in _buckets(sizes, jax.lax.axis_size(axes)):
             chosen = [members[k] for k in bucket]
             flat_shards = jnp.concatenate([xs[i].reshape(-1) for i, _ in chosen])
             n = flat_shards.size
             padded = jnp.pad(flat_shards, (0, -n % FLAT_ALIGN))
             whole = all_gather(padded, axes, 0, gather).reshape(-1, padded.size)[:, :n]
-            sizes = [xs[i].size for i, _ in chosen]
-            pieces = jnp.split(whole, list(itertools.accumulate(sizes))[:-1], axis=1)
+            ends = list(itertools.accumulate(sizes[k] for k in bucket))[:-1]
+            pieces = jnp.split(whole, ends, axis=1)
             for (i, dim), piece in zip(chosen, pieces, strict=True):
                 out[i] = _unstack(piece, xs[i].shape, dim)
     return out
